@@ -1,0 +1,157 @@
+"""The ``scenario`` command: one entry point, one subcommand per job.
+
+Errors end with a one-line reason and a non-zero exit (2: bad input, 1: the job failed); ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .scenario import ScenarioError, load_scenario
+
+
+class CommandError(RuntimeError):
+    """A job could not be done; the message is the reason shown to the user."""
+
+
+class NotYetAvailable(CommandError):
+    """A subcommand whose implementation has not landed yet."""
+
+
+def _not_yet(what: str) -> None:
+    raise NotYetAvailable(f"`scenario {what}` is not available in this version yet")
+
+
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    for path in args.scenarios:
+        s = load_scenario(path)
+        console.print(f"[green]ok[/] {path}: {s.name}, {s.world_size} nodes, link {s.link.describe()}, "
+                      f"{len(s.methods)} methods ({', '.join(m.name for m in s.methods)}), "
+                      f"{s.steps} steps, warmup {s.warmup.mode} x{s.warmup.steps}")
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace, console: Console) -> int:
+    from ..netem.profiles import named_profiles
+
+    table = Table(title="link profiles (netem/profiles.yaml)")
+    for col in ("name", "rate", "delay (one-way)", "jitter", "loss"):
+        table.add_column(col)
+    for name, p in named_profiles().items():
+        table.add_row(name, "unlimited" if p.rate_mbit is None else f"{p.rate_mbit:g} Mbit/s",
+                      f"{p.delay_ms:g} ms", f"{p.jitter_ms:g} ms", f"{p.loss_pct:g} %")
+    console.print(table)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    load_scenario(args.scenario)
+    _not_yet("run")
+    return 1
+
+
+def cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    load_scenario(args.scenario)
+    _not_yet("predict")
+    return 1
+
+
+def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
+    missing = [p for p in args.results if not Path(p).exists()]
+    if missing:
+        raise CommandError(f"no such results folder: {missing[0]}")
+    _not_yet("calibrate")
+    return 1
+
+
+def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
+    _not_yet("dashboard")
+    return 1
+
+
+def cmd_netem(args: argparse.Namespace, console: Console) -> int:
+    _not_yet(f"netem {args.netem_cmd}")
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scenario",
+        description="Emulate, simulate and compare residual-compressed parallel DiT inference on slow links.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run every method of a scenario on an emulated cluster, write a results folder",
+                       description="Build the emulated cluster (network namespaces + shaped links), run each "
+                                   "method with real xDiT ranks, and write per-step records, a summary table "
+                                   "and plots to the scenario's output folder.")
+    s.add_argument("scenario", help="scenario YAML file, e.g. scenarios/edge_4node.yaml")
+    s.add_argument("--output", help="results folder (default: the scenario's `output`)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("validate", help="check scenario files against the schema",
+                       description="Validate scenario YAML files and print a one-line summary of each.")
+    s.add_argument("scenarios", nargs="+")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("predict", help="predict a scenario's latency table with the calibrated simulator",
+                       description="Run the SimPy model for any node count, link mix and model size and print "
+                                   "the same table `scenario run` prints, predicted.")
+    s.add_argument("scenario")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("calibrate", help="fit the simulator's compute, codec and link models from measured runs",
+                       description="Read results folders written by `scenario run` and write calibration data "
+                                   "files (CSV/JSON) for the simulator.")
+    s.add_argument("results", nargs="+", help="results folders")
+    s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("dashboard", help="start the Dash app (what-if explorer and measured results) on localhost",
+                       description="Serve the dashboard on 127.0.0.1.")
+    s.add_argument("results", nargs="*", help="results folders to browse")
+    s.add_argument("--port", type=int, default=8050)
+    s.set_defaults(func=cmd_dashboard)
+
+    s = sub.add_parser("netem", help="link emulation: backend check, profiles, cleanup",
+                       description="`check`: which shaping backend this kernel supports and why; `profiles`: "
+                                   "the named link profiles; `cleanup`: remove leftovers of this project only.")
+    s.add_argument("netem_cmd", choices=["check", "profiles", "cleanup"])
+    s.set_defaults(func=lambda a, c: cmd_profiles(a, c) if a.netem_cmd == "profiles" else cmd_netem(a, c))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console(stderr=False, highlight=False)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return args.func(args, console)
+    except (ScenarioError, CommandError, FileNotFoundError, PermissionError) as e:
+        if args.debug:
+            raise
+        text = str(e)
+        first, _, rest = text.partition("\n")
+        err.print(f"[red]error:[/] {first}", markup=True, soft_wrap=True)
+        if rest:  # schema errors: one line per field
+            err.print(rest, markup=False, soft_wrap=True)
+        return 2 if isinstance(e, ScenarioError) else 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as e:  # a bug: still one line, traceback on request
+        if args.debug:
+            raise
+        err.print(f"[red]internal error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                  markup=True, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

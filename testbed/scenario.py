@@ -1,0 +1,280 @@
+"""The scenario file format: one typed schema that reads ``scenarios/*.yaml``.
+
+Every other module receives the validated :class:`Scenario` (or a piece of it), never raw YAML.
+Bad input raises :class:`ScenarioError` with one line per problem, naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator)
+
+from ..kernels.spec import CodecSpec, CompressorSpec
+from ..netem.profiles import LinkSpec, named_profiles, resolve_link
+
+MAX_SCENARIO_BYTES = 1_000_000
+MAX_EMULATED_NODES = 64
+MAX_PREDICTED_NODES = 4096
+
+Comm = Literal["ring", "ulysses", "usp", "patch", "distrifusion"]
+WarmupMode = Literal["sync", "local"]
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message says which field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSpec(_Strict):
+    """One node (rank). ``link`` is its access link (both directions) unless a ``links`` entry overrides it;
+    ``host`` is the address of a real machine (the ``hosts:`` form), empty for emulated nodes;
+    ``compute_scale`` slows (>1) or speeds up (<1) this node in predictions (heterogeneous clusters)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,15}$")
+    link: LinkSpec | None = None
+    host: str | None = Field(None, pattern=r"^[A-Za-z0-9.:_-]{1,253}$")
+    compute_scale: float = Field(1.0, gt=0, le=1000)
+
+    @field_validator("link", mode="before")
+    @classmethod
+    def _link(cls, v: Any) -> Any:
+        return None if v is None else resolve_link(v)
+
+
+class LinkOverride(_Strict):
+    """Impairments of one directed link ``src -> dst`` (node names or indices)."""
+
+    src: str | int
+    dst: str | int
+    spec: LinkSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "spec" not in v:
+            v = dict(v)
+            src, dst = v.pop("src", None), v.pop("dst", None)
+            return {"src": src, "dst": dst, "spec": resolve_link(v)}
+        return v
+
+
+class ModelSpec(_Strict):
+    """``name: tiny_flux_mnist`` is the shipped model; ``path`` loads a local diffusers folder instead."""
+
+    name: str = "tiny_flux_mnist"
+    path: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class ParallelSpec(_Strict):
+    """Degrees of xDiT's unified sequence parallelism (``usp`` methods); their product is the node count."""
+
+    ulysses_degree: int = Field(1, ge=1, le=MAX_PREDICTED_NODES)
+    ring_degree: int | None = Field(None, ge=1, le=MAX_PREDICTED_NODES)
+
+
+class WarmupSpec(_Strict):
+    """``sync``: the first ``steps`` steps send full precision over the network; ``local``: every rank
+    computes the whole sequence for those steps with no communication and seeds all bases itself."""
+
+    mode: WarmupMode = "sync"
+    steps: int = Field(1, ge=0, le=100)
+
+
+class MethodSpec(_Strict):
+    """One method to compare: a communication pattern plus, for compressed methods, a codec."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.:-]{0,39}$")
+    comm: Comm
+    codec: CodecSpec | None = None
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec is not None and self.codec.compressor.kind != "identity"
+
+
+def _codec(kind: str, residual: str = "ef", **kw: Any) -> CodecSpec:
+    return CodecSpec(compressor=CompressorSpec(kind=kind, **kw), residual=residual)
+
+
+METHOD_PRESETS: dict[str, MethodSpec] = {m.name: m for m in [
+    MethodSpec(name="ring", comm="ring"),
+    MethodSpec(name="ulysses", comm="ulysses"),
+    MethodSpec(name="usp", comm="usp"),
+    MethodSpec(name="patch", comm="patch"),
+    MethodSpec(name="distrifusion", comm="distrifusion"),
+    MethodSpec(name="compact-1bit", comm="ring", codec=_codec("1bit")),
+    MethodSpec(name="compact-2bit", comm="ring", codec=_codec("2bit")),
+    MethodSpec(name="compact-lowrank", comm="ring", codec=_codec("lowrank", rank=8)),
+    MethodSpec(name="compact-lowrank-int4", comm="ring", codec=_codec("lowrank", rank=32, int4=True)),
+    MethodSpec(name="compact-sparse", comm="ring", codec=_codec("sparse", keep=1, group=4)),
+    MethodSpec(name="compact-1bit-patch", comm="patch", codec=_codec("1bit")),
+    MethodSpec(name="compact-1bit-ulysses", comm="ulysses", codec=_codec("1bit")),
+    MethodSpec(name="compact-1bit-noef", comm="ring", codec=_codec("1bit", "no_ef")),
+    MethodSpec(name="compact-1bit-naive", comm="ring", codec=_codec("1bit", "naive")),
+]}
+
+
+class Scenario(_Strict):
+    """A complete, reproducible description of one comparison."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    description: str = Field("", max_length=2000)
+    nodes: list[NodeSpec] = Field(min_length=1, max_length=MAX_PREDICTED_NODES)
+    link: LinkSpec = Field(default_factory=lambda: named_profiles()["ethernet_1g"])
+    links: list[LinkOverride] = Field(default_factory=list, max_length=100_000)
+    model: ModelSpec = ModelSpec()
+    resolution: int = Field(16, ge=4, le=8192, description="image side in pixels (tiny model: 16)")
+    labels: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1, max_length=1024)
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(1.5, ge=0, le=50)
+    parallel: ParallelSpec = ParallelSpec()
+    methods: list[MethodSpec] = Field(min_length=1, max_length=64)
+    warmup: WarmupSpec = WarmupSpec()
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
+    output: str = Field("results", max_length=400)
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="limit on any single collective")
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _nodes(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("nodes is a count or a list of nodes")
+        if isinstance(v, int):
+            if not 1 <= v <= MAX_PREDICTED_NODES:
+                raise ValueError(f"node count must be between 1 and {MAX_PREDICTED_NODES}, got {v}")
+            return [{"name": f"node{i}"} for i in range(v)]
+        return v
+
+    @field_validator("link", mode="before")
+    @classmethod
+    def _link(cls, v: Any) -> Any:
+        return resolve_link(v)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                if item not in METHOD_PRESETS:
+                    raise ValueError(f"unknown method {item!r}; presets: {', '.join(METHOD_PRESETS)} "
+                                     f"(or a mapping with name, comm, codec)")
+                out.append(METHOD_PRESETS[item])
+            else:
+                out.append(item)
+        return out
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[int]) -> list[int]:
+        bad = [x for x in v if not 0 <= x <= 9]
+        if bad:
+            raise ValueError(f"labels are digit classes 0-9, got {bad[:5]}")
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        p = PurePosixPath(v)
+        if p.is_absolute() or ".." in p.parts or "\\" in v or "\x00" in v:
+            raise ValueError("output must be a relative path inside the working directory, without '..' "
+                             "(use `scenario run --output DIR` for another place)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Scenario":
+        n = len(self.nodes)
+        names = [m.name for m in self.methods]
+        dup = sorted({x for x in names if names.count(x) > 1})
+        if dup:
+            raise ValueError(f"method names must be unique, repeated: {', '.join(dup)}")
+        node_names = [x.name for x in self.nodes]
+        if len(set(node_names)) != n:
+            raise ValueError("node names must be unique")
+        for o in self.links:
+            for end in (o.src, o.dst):
+                if isinstance(end, int) and not 0 <= end < n or isinstance(end, str) and end not in node_names:
+                    raise ValueError(f"links: node {end!r} is not one of the {n} nodes")
+        ring = self.parallel.ring_degree or max(1, n // self.parallel.ulysses_degree)
+        if any(m.comm == "usp" for m in self.methods) and self.parallel.ulysses_degree * ring != n:
+            raise ValueError(f"parallel: ulysses_degree x ring_degree = {self.parallel.ulysses_degree} x {ring} "
+                             f"must equal the node count {n}")
+        if self.resolution % 2:
+            raise ValueError(f"resolution must be even (2x2 patches), got {self.resolution}")
+        return self
+
+    # --- derived values -------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return len(self.nodes)
+
+    def degrees(self, method: MethodSpec) -> tuple[int, int]:
+        """(ulysses_degree, ring_degree) that ``method`` runs with."""
+        n = self.world_size
+        if method.comm == "usp":
+            return self.parallel.ulysses_degree, self.parallel.ring_degree or n // self.parallel.ulysses_degree
+        if method.comm == "ulysses":
+            return n, 1
+        return 1, n
+
+    def link_between(self, src: int, dst: int) -> LinkSpec:
+        """Impairments of the directed link src -> dst: an override, else the sender's access link,
+        else the receiver's, else the scenario default."""
+        names = [x.name for x in self.nodes]
+        for o in reversed(self.links):
+            s = o.src if isinstance(o.src, int) else names.index(o.src)
+            d = o.dst if isinstance(o.dst, int) else names.index(o.dst)
+            if (s, d) == (src, dst):
+                return o.spec
+        return self.nodes[src].link or self.nodes[dst].link or self.link
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-", "tagged-union")))
+        msg = e["msg"].removeprefix("Value error, ")
+        given = e.get("input")
+        shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r:.60})"
+        lines.append(f"{loc or '<top>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
+    """Validate already-loaded YAML data."""
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}: a scenario is a mapping of fields, got {type(data).__name__}")
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as e:
+        raise ScenarioError(f"{source}: invalid scenario\n{_format_errors(e)}") from None
+    except ValueError as e:  # raised by resolve_link outside pydantic's wrapping
+        raise ScenarioError(f"{source}: {e}") from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario YAML file (safe loader: no tags, size-limited)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(f"{path}: no such scenario file")
+    if path.stat().st_size > MAX_SCENARIO_BYTES:
+        raise ScenarioError(f"{path}: larger than {MAX_SCENARIO_BYTES} bytes; not a scenario")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ScenarioError(f"{path}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{path}: not a UTF-8 text file") from None
+    return parse_scenario(data, str(path))

@@ -1,0 +1,59 @@
+"""The `scenario` console script: help for every subcommand, one-line errors with non-zero exits."""
+
+import subprocess
+import sys
+
+import pytest
+
+from compactbed.testbed.cli import build_parser, main
+
+SUBCOMMANDS = ["run", "validate", "predict", "calibrate", "dashboard", "netem"]
+
+
+def test_help_lists_and_explains_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in SUBCOMMANDS:
+        assert cmd in out
+    for cmd in SUBCOMMANDS:
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert capsys.readouterr().out.strip().startswith("usage: scenario " + cmd)
+
+
+def test_validate_ok(repo, capsys):
+    assert main(["validate", str(repo / "scenarios" / "edge_4node.yaml")]) == 0
+    assert "edge_4node, 4 nodes" in capsys.readouterr().out
+
+
+def test_bad_scenario_one_reason_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nnodes: 2\nmethods: [ring]\nsteps: -3\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "steps: Input should be greater than or equal to 1" in err
+    assert "Traceback" not in err
+
+
+def test_missing_file_and_missing_results(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert main(["calibrate", str(tmp_path / "no_results")]) == 1
+    err = capsys.readouterr().err
+    assert "no such scenario file" in err and "no such results folder" in err
+
+
+def test_console_script_is_installed_and_exits_nonzero_on_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nnodes: 2\nmethods: [ring]\nbogus: true\n")
+    r = subprocess.run([sys.executable, "-m", "compactbed.testbed.cli", "validate", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "bogus: Extra inputs are not permitted" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_subcommand_is_a_usage_error():
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["fly"])
+    assert e.value.code == 2

@@ -1,0 +1,134 @@
+"""The scenario schema: shipped files validate; bad files fail with a message naming the field."""
+
+import pytest
+import yaml
+
+from compactbed.netem.profiles import LinkSpec, named_profiles, resolve_link
+from compactbed.testbed.scenario import METHOD_PRESETS, ScenarioError, load_scenario, parse_scenario
+
+BASE = dict(name="t", nodes=4, methods=["ring", "compact-1bit"])
+
+
+def parse(**overrides):
+    return parse_scenario(BASE | overrides, "t.yaml")
+
+
+def error_of(**overrides) -> str:
+    with pytest.raises(ScenarioError) as e:
+        parse(**overrides)
+    return str(e.value)
+
+
+def test_every_shipped_scenario_validates(repo):
+    files = sorted((repo / "scenarios").glob("*.yaml"))
+    assert files, "no scenarios shipped"
+    for f in files:
+        s = load_scenario(f)
+        assert s.world_size >= 1 and s.methods
+
+
+def test_edge_4node_is_what_the_issue_describes(repo):
+    s = load_scenario(repo / "scenarios" / "edge_4node.yaml")
+    assert s.world_size == 4
+    link = s.link_between(0, 3)
+    assert (link.rate_mbit, link.delay_ms) == (100, 10)
+    names = [m.name for m in s.methods]
+    assert {"ring", "patch", "distrifusion", "compact-1bit", "compact-2bit"} <= set(names)
+    assert s.warmup.mode == "local"
+
+
+def test_node_count_expands_and_presets_resolve():
+    s = parse()
+    assert [n.name for n in s.nodes] == ["node0", "node1", "node2", "node3"]
+    assert s.methods[1].codec.compressor.kind == "1bit" and s.methods[1].codec.residual == "ef"
+    assert s.methods[0].codec is None and not s.methods[0].compressed
+
+
+def test_custom_method_mapping():
+    s = parse(methods=[{"name": "lr16", "comm": "patch",
+                        "codec": {"compressor": {"kind": "lowrank", "rank": 16, "int4": True}}}])
+    c = s.methods[0].codec.compressor
+    assert (c.kind, c.rank, c.int4, s.methods[0].comm) == ("lowrank", 16, True, "patch")
+
+
+def test_link_resolution_profile_override_and_per_link():
+    s = parse(link={"profile": "wifi", "delay_ms": 7},
+              nodes=[{"name": "a"}, {"name": "b", "link": "satellite"}, {"name": "c"}],
+              links=[{"src": "a", "dst": 2, "rate_mbit": 5}])
+    wifi = named_profiles()["wifi"]
+    assert s.link.delay_ms == 7 and s.link.rate_mbit == wifi.rate_mbit and s.link.jitter_ms == wifi.jitter_ms
+    assert s.link_between(0, 2).rate_mbit == 5          # explicit override
+    assert s.link_between(1, 0) == named_profiles()["satellite"]  # sender's access link
+    assert s.link_between(0, 1) == named_profiles()["satellite"]  # receiver's access link
+    assert s.link_between(2, 0) == s.link                          # default
+
+
+def test_usp_degrees_must_multiply_to_node_count():
+    assert "ulysses_degree x ring_degree" in error_of(methods=["usp"], parallel={"ulysses_degree": 3})
+    s = parse(methods=["usp", "ring", "ulysses"], parallel={"ulysses_degree": 2})
+    assert [s.degrees(m) for m in s.methods] == [(2, 2), (1, 4), (4, 1)]
+
+
+@pytest.mark.parametrize("overrides, field, hint", [
+    (dict(methods=["tribit"]), "methods", "presets: ring"),
+    (dict(methods=[{"name": "x", "comm": "carrier-pigeon"}]), "methods.0.comm", "'ring'"),
+    (dict(methods=[{"name": "x", "comm": "ring", "codec": {"compressor": {"kind": "3bit"}}}]),
+     "methods.0.codec.compressor.kind", "'1bit'"),
+    (dict(link="fiber_to_mars"), "link", "known: "),
+    (dict(link={"rate_mbit": -5}), "link.rate_mbit", "greater than 0"),
+    (dict(link={"loss_pct": 100}), "link.loss_pct", "less than 100"),
+    (dict(nodes=0), "nodes", "between 1 and"),
+    (dict(nodes=10**9), "nodes", "between 1 and"),
+    (dict(steps=10**7), "steps", "less than or equal to 1000"),
+    (dict(resolution=17), "<top>", "resolution must be even"),
+    (dict(labels=[3, 12]), "labels", "digit classes 0-9"),
+    (dict(output="../../etc"), "output", "relative path"),
+    (dict(output="/etc/cron.d"), "output", "relative path"),
+    (dict(warmup={"mode": "lazy"}), "warmup.mode", "'sync' or 'local'"),
+    (dict(unknown_key=1), "unknown_key", "Extra inputs are not permitted"),
+    (dict(links=[{"src": 0, "dst": 9, "rate_mbit": 1}]), "<top>", "not one of the 4 nodes"),
+    (dict(methods=["ring", "ring"]), "<top>", "repeated: ring"),
+    (dict(methods=[{"name": "s", "comm": "ring", "codec": {"compressor": {"kind": "sparse", "keep": 4}}}]),
+     "methods.0.codec.compressor", "keep (4) must be smaller than group (4)"),
+])
+def test_bad_fields_are_named_with_allowed_values(overrides, field, hint):
+    msg = error_of(**overrides)
+    assert msg.startswith("t.yaml: ")
+    line = next((l for l in msg.splitlines()[1:] if l.startswith(field + ":")), None) or msg
+    assert field in msg and hint in line, msg
+
+
+def test_yaml_level_problems(tmp_path):
+    cases = {
+        "tag.yaml": "name: !!python/object/apply:os.system ['true']\n",
+        "broken.yaml": "name: [unclosed\n",
+        "list.yaml": "- 1\n- 2\n",
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ScenarioError) as e:
+            load_scenario(tmp_path / name)
+        assert str(e.value).startswith(str(tmp_path / name))
+    with pytest.raises(ScenarioError, match="no such scenario file"):
+        load_scenario(tmp_path / "missing.yaml")
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * 1_100_000)
+    with pytest.raises(ScenarioError, match="larger than"):
+        load_scenario(big)
+
+
+def test_profiles_are_valid_and_complete():
+    p = named_profiles()
+    for required in ["datacenter_10g", "ethernet_1g", "ethernet_100m", "wifi", "5g", "wan", "satellite"]:
+        assert isinstance(p[required], LinkSpec)
+    assert p["unlimited"].rate_mbit is None and p["unlimited"].rate_bytes_per_s is None
+    assert p["ethernet_100m"].rate_bytes_per_s == 12.5e6
+    assert resolve_link({"rate_mbit": 3}).delay_ms == 0
+
+
+def test_presets_cover_the_methods_the_issues_name():
+    kinds = {m.codec.compressor.kind for m in METHOD_PRESETS.values() if m.codec}
+    assert kinds == {"1bit", "2bit", "lowrank", "sparse"}
+    residuals = {m.codec.residual for m in METHOD_PRESETS.values() if m.codec}
+    assert residuals == {"ef", "no_ef", "naive"}
+    assert {m.comm for m in METHOD_PRESETS.values()} == {"ring", "ulysses", "usp", "patch", "distrifusion"}
