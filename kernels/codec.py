@@ -32,10 +32,12 @@ class StreamKey(NamedTuple):
 
 
 class Fused(NamedTuple):
-    """A fused backend's two entry points (see ``triton_codec``)."""
+    """A fused backend (``cpu_codec``, ``triton_codec``): entry points and what it accepts."""
 
-    encode: object  # (x, base, kind) -> buf, updates base in place
-    decode: object  # (buf, base, kind) -> base updated in place
+    name: str
+    encode: object    # (x, base, kind) -> buf, updates base in place
+    decode: object    # (buf, base, kind) -> base updated in place
+    supports: object  # (base) -> bool; other tensors use the PyTorch reference
 
 
 class ResidualCodec:
@@ -63,7 +65,8 @@ class ResidualCodec:
         if self.spec.residual == "naive":
             return self.compressor.compress(x)
         base = self._base(key, x)
-        if self.fused is not None and self.spec.residual == "ef":
+        if self.fused is not None and self.spec.residual == "ef" and self.fused.supports(base) \
+                and x.dtype == base.dtype and x.is_contiguous():
             return self.fused.encode(x, base, self.spec.compressor.kind)
         buf = self.compressor.compress(x.float() - base.float())
         if self.spec.residual == "ef":
@@ -86,7 +89,7 @@ class ResidualCodec:
         base = self.bases.get(key)
         if base is None:
             raise RuntimeError(f"stream {key}: no base; a warmup (sync or local) step must come first")
-        if self.fused is not None:
+        if self.fused is not None and self.fused.supports(base):
             self.fused.decode(buf, base, self.spec.compressor.kind)
         else:
             self._apply(base, buf)

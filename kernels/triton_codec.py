@@ -58,7 +58,7 @@ def _quant_pack_update(x_ptr, base_ptr, row_ptr, col_ptr, out_ptr, N, C,
         code = code | (big.to(tl.uint8) << 1)
         level = tl.where(big, 2.0 * s, 0.5 * s)
     recon = base + tl.where(pos, level, -level)
-    tl.store(base_ptr + offs, recon.to(base_ptr.dtype.element_ty), mask=mask)
+    tl.store(base_ptr + offs, recon.to(base_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
     shift = (tl.arange(0, BC) % PER).to(tl.uint8) * WIDTH
     packed = tl.sum(tl.reshape(code << shift[None, :], (BN, BC // PER, PER)), axis=2).to(tl.uint8)
     pcols = tl.program_id(1) * (BC // PER) + tl.arange(0, BC // PER)
@@ -84,7 +84,7 @@ def _unpack_update(buf_ptr, base_ptr, row_ptr, col_ptr, N, C,
         level = tl.where((code & 2) != 0, 2.0 * s, 0.5 * s)
     base = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     recon = base + tl.where((code & 1) != 0, level, -level)
-    tl.store(base_ptr + offs, recon.to(base_ptr.dtype.element_ty), mask=mask)
+    tl.store(base_ptr + offs, recon.to(base_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def _grid(n: int, c: int):
@@ -129,4 +129,8 @@ def decode(buf: torch.Tensor, base: torch.Tensor, kind: str) -> torch.Tensor:
     return base
 
 
-FUSED = Fused(encode=encode, decode=decode)
+def supports(base: torch.Tensor) -> bool:
+    return base.shape[1] % 8 == 0 and base.is_contiguous()
+
+
+FUSED = Fused(name="triton", encode=encode, decode=decode, supports=supports)

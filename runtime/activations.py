@@ -1,0 +1,41 @@
+"""Record the keys and values every attention layer computes along a sampling trajectory (single process).
+
+These are the tensors parallel methods exchange; the recording feeds codec tests, the temporal-redundancy
+figures and the simulator's error model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .sampling import euler_sample, initial_noise, make_velocity
+from .tiny_model import TinyModel
+
+
+def attention_modules(transformer) -> list[torch.nn.Module]:
+    """The attention module of every double- then single-stream block, in execution order."""
+    return [b.attn for b in transformer.transformer_blocks] + [b.attn for b in transformer.single_transformer_blocks]
+
+
+@torch.no_grad()
+def record_kv(model: TinyModel, labels: torch.Tensor, steps: int, seed: int = 0,
+              guidance: float = 1.0) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """{(layer, "k"|"v"): [step0, step1, ...]} with each entry a [tokens, channels] float32 tensor
+    (batch folded into tokens; keys after their RMS norm, image-stream projections)."""
+    size = model.meta.get("size", 16)
+    out: dict[tuple[int, str], list[torch.Tensor]] = defaultdict(list)
+    hooks = []
+    for i, attn in enumerate(attention_modules(model.transformer)):
+        hooks.append(attn.norm_k.register_forward_hook(
+            lambda m, a, y, i=i: out[(i, "k")].append(y.detach().float().reshape(-1, y.shape[-2] * y.shape[-1]))))
+        hooks.append(attn.to_v.register_forward_hook(
+            lambda m, a, y, i=i: out[(i, "v")].append(y.detach().float().reshape(-1, y.shape[-1]))))
+    try:
+        vel = make_velocity(model, model.transformer, labels, size, guidance)
+        euler_sample(vel, initial_noise(labels, size, seed), steps)
+    finally:
+        for h in hooks:
+            h.remove()
+    return dict(out)
