@@ -1,0 +1,98 @@
+"""Flux attention processors whose keys/values for the whole sequence come from an exchange strategy.
+
+Used with xfuser's Flux wrapper (which splits the sequence over ranks and gathers the output):
+  ``patch``         all-gather every rank's fresh K/V each layer (synchronous patch parallelism)
+  ``distrifusion``  use the *previous* step's K/V of other ranks (stale), gathered asynchronously while the
+                    current step computes (DistriFusion, Li et al. CVPR 2024); fresh K/V for the own patch
+  ``local``         the full sequence on one rank, no communication; records K/V (local warmup)
+Projections, norms and RoPE follow xfuser's own Flux processor (non-fused path) exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+from .comm import CommHooks
+
+Mode = Literal["patch", "distrifusion", "local"]
+
+
+def qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """Queries, keys, values [B, S, H, D] of the joint [text; image] sequence, normed and rotated."""
+    q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+    q, k, v = (t.unflatten(-1, (attn.heads, -1)) for t in (q, k, v))
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    if attn.added_kv_proj_dim is not None:
+        eq, ek, ev = (t.unflatten(-1, (attn.heads, -1)) for t in (eq, ek, ev))
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+    if image_rotary_emb is not None:
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+    return q, k, v
+
+
+class ExchangeAttnProcessor:
+    """One layer's attention with K/V exchanged by ``mode``; ``hooks`` does the (compressed) gathers."""
+
+    def __init__(self, layer: int, mode: Mode, hooks: CommHooks | None = None, group=None):
+        self.layer, self.mode, self.hooks, self.group = layer, mode, hooks, group
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None   # local mode: full-sequence K/V
+        self.stale: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # distrifusion: last step's K/V
+        self._pending = None
+        self.fresh = True    # distrifusion: synchronous gather this step (warmup)
+
+    def _gather(self, k, v):
+        if self.hooks is not None:
+            self.hooks.layer = self.layer
+        return self.hooks.all_gather_kv(k, v, self.group)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        q, k, v = qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B,H,S,D]
+        if self.mode == "local":
+            self.recorded = (k, v)
+            keys, values = k, v
+        elif self.mode == "patch" or self.fresh or self.stale is None:
+            parts = self._gather(k, v)
+            if self.mode == "distrifusion":
+                self.stale = parts
+            keys, values = torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+        else:
+            parts = self.hooks.wait(self._pending) if self._pending is not None else self.stale
+            rank = dist.get_rank(self.group)
+            parts = [(k, v) if i == rank else p for i, p in enumerate(parts)]
+            keys, values = torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
+            self.stale = None
+            self._pending = self._launch(k, v)     # refresh for the next step, overlapping this step
+        out = F.scaled_dot_product_attention(q, keys, values).transpose(1, 2).flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is not None:
+            txt = encoder_hidden_states.shape[1]
+            enc, img = out[:, :txt], out[:, txt:]
+            return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(enc)
+        return out
+
+    def _launch(self, k, v):
+        """Start the stale-K/V gather for the next step; returns a callable that waits for it."""
+        hooks = self.hooks
+        hooks.layer = self.layer
+        payload = hooks.encode_kv(k, v)
+        hooks.count_send(payload, hops=hooks.world - 1)
+        gathered = [torch.empty_like(payload) for _ in range(hooks.world)]
+        work = dist.all_gather(gathered, payload.contiguous(), group=self.group, async_op=True)
+        rank, layer, shapes, dtype = hooks.rank, self.layer, (k.shape, v.shape), k.dtype
+
+        def finish():
+            work.wait()
+            hooks.layer = layer
+            return [(None, None) if i == rank else hooks.decode_kv(p, i, *shapes, dtype)
+                    for i, p in enumerate(gathered)]
+
+        return finish

@@ -1,0 +1,256 @@
+"""One rank of one method run: real xDiT sequence parallelism with compressed communication.
+
+Started by torchrun (one process per node) as ``python -m compactbed.runtime.engine JOB.json``; the job file
+holds the validated scenario, the method name, the seed and the output folder. Each rank writes
+``rank{r}.jsonl`` (one record per step); rank 0 also writes ``images.npy`` and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
+
+from ..kernels.backend import Backend, make_codec, select_fused
+from ..kernels.codec import ResidualCodec, StreamKey
+from ..testbed.scenario import MethodSpec, Scenario
+from .comm import CommHooks, kv_2d
+from .sampling import conditioning, initial_noise, sigmas
+from .tiny_model import TINY_MODEL_DIR, image_ids, pack, text_ids, unpack
+
+
+class Job(BaseModel):
+    """What every rank of one launch runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scenario: Scenario
+    method: MethodSpec
+    seed: int
+    out_dir: str
+    backend: Backend = "auto"
+
+
+def model_dir(scenario: Scenario) -> Path:
+    if scenario.model.path:
+        return Path(scenario.model.path)
+    if scenario.model.name != "tiny_flux_mnist":
+        raise ValueError(f"unknown shipped model {scenario.model.name!r} (only tiny_flux_mnist ships; "
+                         f"use model.path for a local diffusers folder)")
+    return TINY_MODEL_DIR
+
+
+class RankRun:
+    """Builds the parallel model for ``job`` on this rank and samples with it, recording every step."""
+
+    def __init__(self, job: Job):
+        self.job, self.sc, self.method = job, job.scenario, job.method
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.dtype = getattr(torch, self.sc.model.dtype)
+        compressed = job.method.compressed
+        self.codec: ResidualCodec | None = make_codec(job.method.codec, job.backend, self.device) if compressed else None
+        self.backend_reason = select_fused(job.backend, self.device)[1] if compressed else "uncompressed"
+        self.hooks = CommHooks(self.codec, self.rank, self.world)
+        self.warmup_steps = self.sc.warmup.steps if (compressed or self.method.comm == "distrifusion") else 0
+        self.records: list[dict] = []
+
+    # --- setup --------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        from xfuser.config import xFuserArgs
+        from xfuser.core.distributed import (get_runtime_state, init_distributed_environment,
+                                             initialize_runtime_state)
+        from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
+
+        from .attention import ExchangeAttnProcessor
+        from .tiny_model import load_tiny_model
+
+        ulysses, ring = self.sc.degrees(self.method)
+        # the process group exists already (with the scenario's timeout); this builds xfuser's world group
+        init_distributed_environment(rank=self.rank, world_size=self.world)
+        args = xFuserArgs(model=str(model_dir(self.sc)), ulysses_degree=ulysses, ring_degree=ring,
+                          attention_backend="SDPA_FLASH" if self.device.type == "cpu" else None)
+        engine_config, _ = args.create_config()
+        self.tiny = load_tiny_model(model_dir(self.sc), self.dtype, transformer_cls=xFuserFlux1Transformer2DWrapper)
+        self.model = self.tiny.transformer.to(self.device)
+        initialize_runtime_state(types.SimpleNamespace(transformer=self.model, vae_scale_factor=8), engine_config)
+        b = len(self.sc.labels) * (2 if self.sc.guidance != 1.0 else 1)
+        get_runtime_state().set_input_parameters(
+            height=self.sc.resolution * 8, width=self.sc.resolution * 8, batch_size=b,
+            num_inference_steps=self.sc.steps, max_condition_sequence_length=self.tiny.label_encoder.text_tokens,
+            split_text_embed_in_sp=True)
+        self.attn_modules = [blk.attn for blk in (*self.model.transformer_blocks, *self.model.single_transformer_blocks)]
+        self.xdit_processors = [a.processor for a in self.attn_modules]
+        self.exchange_processors = None
+        if self.method.comm in ("patch", "distrifusion"):
+            self.exchange_processors = [ExchangeAttnProcessor(i, self.method.comm, self.hooks, dist.group.WORLD)
+                                        for i in range(len(self.attn_modules))]
+            self._set_processors(self.exchange_processors)
+        self.local_processors = [ExchangeAttnProcessor(i, "local") for i in range(len(self.attn_modules))]
+        self._layer_t0: dict[int, float] = {}
+        for i, blk in enumerate((*self.model.transformer_blocks, *self.model.single_transformer_blocks)):
+            blk.register_forward_pre_hook(lambda m, a, i=i: self._enter_layer(i))
+            blk.register_forward_hook(lambda m, a, o, i=i: self._leave_layer(i))
+
+    def _set_processors(self, procs) -> None:
+        for a, p in zip(self.attn_modules, procs):
+            a.processor = p
+
+    def _enter_layer(self, i: int) -> None:
+        self.hooks.layer = i
+        self._layer_t0[i] = (time.perf_counter(), self.hooks.counters.comm_wait_s + self.hooks.counters.codec_s)
+
+    def _leave_layer(self, i: int) -> None:
+        t0, c0 = self._layer_t0.pop(i)
+        c = self.hooks.counters
+        busy = time.perf_counter() - t0 - (c.comm_wait_s + c.codec_s - c0)
+        c.layer_compute_s[i] = c.layer_compute_s.get(i, 0.0) + busy
+
+    # --- sampling -------------------------------------------------------------------------------------------
+    def _velocity_inputs(self):
+        labels = torch.tensor(self.sc.labels)
+        enc, pooled = conditioning(self.tiny, labels, self.sc.guidance)
+        size = self.sc.resolution
+        return dict(encoder_hidden_states=enc.to(self.device, self.dtype), pooled_projections=pooled.to(self.device, self.dtype),
+                    img_ids=image_ids(size).to(self.device, self.dtype),
+                    txt_ids=text_ids(enc.shape[1]).to(self.device, self.dtype), return_dict=False)
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, kw: dict, local: bool) -> torch.Tensor:
+        guided = self.sc.guidance != 1.0
+        xin = torch.cat([x, x]) if guided else x
+        t = sigma.expand(len(xin)).to(self.device, self.dtype)
+        if local:   # local warmup: the whole sequence on this rank, plain diffusers forward, no communication
+            from diffusers import FluxTransformer2DModel
+
+            self._set_processors(self.local_processors)
+            try:
+                v = FluxTransformer2DModel.forward(self.model, xin.to(self.dtype), timestep=t, **kw)[0]
+            finally:
+                self._set_processors(self.exchange_processors or self.xdit_processors)
+            self._seed_bases(kw)
+        else:
+            with self.hooks.installed():
+                v = self.model(xin.to(self.dtype), timestep=t, **kw)[0]
+        v = v.float()
+        if guided:
+            vc, vu = v.chunk(2)
+            v = vu + self.sc.guidance * (vc - vu)
+        return v
+
+    def _seed_bases(self, kw: dict) -> None:
+        """Local warmup: split each layer's full-sequence K/V into every rank's shard, as the parallel
+        model lays it out ([text chunk r; image chunk r]), and seed that rank's bases on every rank."""
+        if self.codec is None and self.method.comm != "distrifusion":
+            return
+        txt = kw["encoder_hidden_states"].shape[1]
+        for layer, proc in enumerate(self.local_processors):
+            k, v = proc.recorded
+            shards = []
+            for r in range(self.world):
+                def shard(t):
+                    tt, ii = t[:, :, :txt], t[:, :, txt:]
+                    return torch.cat([tt.chunk(self.world, 2)[r], ii.chunk(self.world, 2)[r]], 2)
+                shards.append((shard(k), shard(v)))
+            if self.codec is not None:
+                for r, (ks, vs) in enumerate(shards):
+                    self.codec.seed(StreamKey(layer, r, "k"), kv_2d(ks).contiguous())
+                    self.codec.seed(StreamKey(layer, r, "v"), kv_2d(vs).contiguous())
+            if self.exchange_processors is not None:
+                self.exchange_processors[layer].stale = shards
+            proc.recorded = None
+
+    def sample(self) -> np.ndarray:
+        kw = self._velocity_inputs()
+        labels = torch.tensor(self.sc.labels)
+        x = pack(initial_noise(labels, self.sc.resolution, self.job.seed)).to(self.device)
+        sig = sigmas(self.sc.steps)
+        dist.barrier()
+        t_start = time.perf_counter()
+        for k in range(self.sc.steps):
+            warm = k < self.warmup_steps
+            local = warm and self.sc.warmup.mode == "local"
+            self.hooks.start_step(k, full_precision=warm and not local)
+            if self.exchange_processors is not None:
+                for p in self.exchange_processors:
+                    p.fresh = warm and not local
+            t0 = time.perf_counter()
+            v = self._forward(x, sig[k], kw, local)
+            x = x + (sig[k + 1] - sig[k]) * v
+            c = self.hooks.counters
+            self.records.append(dict(
+                rank=self.rank, step=k, warmup=("local" if local else "sync") if warm else None,
+                wall_s=time.perf_counter() - t0, comm_wait_s=c.comm_wait_s, codec_s=c.codec_s,
+                compute_s=sum(c.layer_compute_s.values()), bytes_sent=c.bytes_sent,
+                bytes_uncompressed=c.bytes_uncompressed, exchanges=c.exchanges,
+                layer_compute_s={str(i): round(s, 6) for i, s in sorted(c.layer_compute_s.items())}))
+        dist.barrier()
+        self.latency_s = time.perf_counter() - t_start
+        return unpack(x.cpu(), self.sc.resolution).clamp(-1, 1).numpy()
+
+    def check_bases(self) -> dict:
+        """Cross-rank consistency: every stream's base digest must agree on all ranks (EF mode)."""
+        if self.codec is None or self.method.codec.residual != "ef":
+            return {"checked": 0, "mismatched": 0}
+        mine = {f"{k.layer}/{k.src}/{k.name}": self.codec.digest(k) for k in sorted(self.codec.bases)}
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        keys = set().union(*everyone)
+        bad = [k for k in keys if len({d.get(k) for d in everyone if k in d}) > 1]
+        return {"checked": len(keys), "mismatched": len(bad), "examples": sorted(bad)[:5]}
+
+
+def run(job: Job) -> None:
+    out = Path(job.out_dir)
+    rank = dist.get_rank()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rr = RankRun(job)
+    rr.build()
+    images = rr.sample()
+    consistency = rr.check_bases()
+    with open(out / f"rank{rank}.jsonl", "w") as f:
+        for rec in rr.records:
+            f.write(json.dumps(rec) + "\n")
+    if rank == 0:
+        np.save(out / "images.npy", images)
+        (out / "run.json").write_text(json.dumps(dict(
+            method=job.method.model_dump(), seed=job.seed, world=rr.world, degrees=job.scenario.degrees(job.method),
+            latency_s=rr.latency_s, warmup_steps=rr.warmup_steps, warmup_mode=job.scenario.warmup.mode,
+            codec_backend=rr.backend_reason, base_consistency=consistency,
+            torch=torch.__version__, device=str(rr.device)), indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="one rank of a method run (started by torchrun)")
+    ap.add_argument("job", type=Path)
+    a = ap.parse_args(argv)
+    job = Job.model_validate_json(a.job.read_text())
+    from .xdit import import_xfuser
+
+    import_xfuser()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=job.scenario.timeout_s))
+    try:
+        with torch.no_grad():
+            run(job)
+        return 0
+    except Exception:
+        (Path(job.out_dir) / f"rank{dist.get_rank()}.error").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
