@@ -84,7 +84,7 @@ class ExchangeAttnProcessor:
         hooks = self.hooks
         hooks.layer = self.layer
         payload = hooks.encode_kv(k, v)
-        hooks.count_send(payload, hops=hooks.world - 1)
+        hooks.count_send(payload, hops=hooks.world - 1, raw_nbytes=(k.numel() + v.numel()) * k.element_size())
         gathered = [torch.empty_like(payload) for _ in range(hooks.world)]
         work = dist.all_gather(gathered, payload.contiguous(), group=self.group, async_op=True)
         rank, layer, shapes, dtype = hooks.rank, self.layer, (k.shape, v.shape), k.dtype

@@ -34,6 +34,26 @@ class StepCounters:
     layer_compute_s: dict[int, float] = field(default_factory=dict)
 
 
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _a2a_2d(chunk: torch.Tensor) -> torch.Tensor:
+    """One all-to-all chunk as [tokens, channels]: combined QKV chunks [n, b, h/P, s, d] -> [b*s, n*h/P*d];
+    sequence-major chunks (the output exchange, [s/P, b, h/P, d]) -> [s/P*b, h/P*d]."""
+    if chunk.dim() == 5:
+        n, b, h, s, d = chunk.shape
+        return chunk.permute(1, 3, 0, 2, 4).reshape(b * s, n * h * d)
+    return chunk.reshape(-1, chunk.shape[-2] * chunk.shape[-1])
+
+
+def _a2a_from_2d(y: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:
+    if x.dim() == 6:
+        _, n, b, h, s, d = x.shape
+        return y.view(b, s, n, h, d).permute(2, 0, 3, 1, 4)
+    return y
+
+
 def kv_2d(t: torch.Tensor) -> torch.Tensor:
     """[B, H, S, D] attention layout -> [B*S, H*D] (tokens x channels) for the codec."""
     b, h, s, d = t.shape
@@ -56,16 +76,54 @@ class CommHooks:
         self.full_precision = False      # sync warmup steps: send uncompressed to seed the bases
         self.counters = StepCounters()
         self._kv_shapes: tuple[torch.Size, torch.Size] | None = None
+        self._a2a_index = 0
 
     # --- step bookkeeping -------------------------------------------------------------------------------
     def start_step(self, step: int, full_precision: bool) -> None:
         self.step, self.full_precision = step, full_precision
         self.counters = StepCounters()
 
+    def enter_layer(self, layer: int) -> None:
+        self.layer = layer
+        self._a2a_index = 0
+
+    # --- Ulysses all-to-all ---------------------------------------------------------------------------------
+    def all_to_all(self, x: torch.Tensor, exchange) -> torch.Tensor:
+        """``exchange`` (xfuser's all-to-all of a flat tensor split in ``world`` equal chunks, chunk j to rank
+        j) with every chunk that crosses the wire compressed as its own residual stream."""
+        p = self.world
+        if self.codec is None or p == 1:
+            self.count_send(x, hops=1, raw_nbytes=None, wire_fraction=(p - 1) / p)
+            return self.wait(lambda: exchange(x))
+        index, self._a2a_index = self._a2a_index, self._a2a_index + 1
+        chunks = x.reshape(p, -1)
+        views = [_a2a_2d(c.view(x.shape[1:]) if x.dim() == 6 else c.view(x.shape[0] // p, *x.shape[1:]))
+                 for c in chunks]
+        n, c = views[0].shape
+        size = self.codec.wire_nbytes((n, c), x.dtype, self.full_precision)
+        t0 = time.perf_counter()
+        parts = [torch.zeros(size, dtype=torch.uint8) if dst == self.rank else
+                 self.codec.encode(StreamKey(self.layer, self.rank, f"a2a{index}>{dst}"), views[dst].contiguous(),
+                                   warmup=self.full_precision) for dst in range(p)]
+        self.counters.codec_s += time.perf_counter() - t0
+        payload = torch.cat(parts)
+        self.count_send(payload, hops=1, raw_nbytes=x.numel() * x.element_size(), wire_fraction=(p - 1) / p)
+        received = self.wait(lambda: exchange(payload)).reshape(p, size)
+        t0 = time.perf_counter()
+        out = torch.empty_like(x).reshape(p, -1)
+        for src in range(p):
+            if src == self.rank:
+                out[src] = chunks[src]
+                continue
+            y = self.codec.decode(StreamKey(self.layer, src, f"a2a{index}>{self.rank}"), received[src], (n, c),
+                                  x.dtype, warmup=self.full_precision)
+            out[src] = _a2a_from_2d(y, x, p).reshape(-1)
+        self.counters.codec_s += time.perf_counter() - t0
+        return out.reshape(x.shape)
+
     # --- K/V payloads -------------------------------------------------------------------------------------
     def encode_kv(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """This rank's K/V ([B, H, S, D] each) -> one wire payload."""
-        self.counters.bytes_uncompressed += (key.numel() + value.numel()) * key.element_size()
         if self.codec is None:
             return torch.cat([key.flatten(), value.flatten()])
         t0 = time.perf_counter()
@@ -93,8 +151,14 @@ class CommHooks:
         self.counters.codec_s += time.perf_counter() - t0
         return out[0], out[1]
 
-    def count_send(self, payload: torch.Tensor, hops: int = 1) -> None:
-        self.counters.bytes_sent += payload.numel() * payload.element_size() * hops
+    def count_send(self, payload: torch.Tensor, hops: int = 1, raw_nbytes: int | None = None,
+                   wire_fraction: float = 1.0) -> None:
+        """``payload`` leaves this rank ``hops`` times (``wire_fraction`` of it: an all-to-all keeps the
+        own chunk); ``raw_nbytes``: what an uncompressed send would be."""
+        sent = payload.numel() * payload.element_size()
+        raw = sent if raw_nbytes is None else raw_nbytes
+        self.counters.bytes_sent += round(sent * hops * wire_fraction)
+        self.counters.bytes_uncompressed += round(raw * hops * wire_fraction)
         self.counters.exchanges += hops
 
     def wait(self, fn):
@@ -107,7 +171,7 @@ class CommHooks:
     def all_gather_kv(self, key: torch.Tensor, value: torch.Tensor, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every rank's (K, V) in rank order; K/V compressed by the codec when there is one."""
         payload = self.encode_kv(key, value)
-        self.count_send(payload, hops=self.world - 1)
+        self.count_send(payload, hops=self.world - 1, raw_nbytes=_nbytes(key, value))
         gathered = [torch.empty_like(payload) for _ in range(self.world)]
         self.wait(lambda: dist.all_gather(gathered, payload.contiguous(), group=group))
         out = []
@@ -138,14 +202,11 @@ class CommHooks:
             return _CompressingRotater(orig_create(pg, seq_dim, method), hooks, pg)
 
         def all_to_all(x):
-            hooks.count_send(x, hops=1)
-            hooks.counters.bytes_uncompressed += x.numel() * x.element_size()
-            return hooks.wait(lambda: orig_a2a(x))
+            return hooks.all_to_all(x, orig_a2a)
 
         def all_gather(coordinator, input_, dim=0, separate_tensors=False):
             if coordinator.world_size > 1:
                 hooks.count_send(input_, hops=coordinator.world_size - 1)
-                hooks.counters.bytes_uncompressed += input_.numel() * input_.element_size() * (coordinator.world_size - 1)
                 return hooks.wait(lambda: orig_gather(coordinator, input_, dim, separate_tensors))
             return orig_gather(coordinator, input_, dim, separate_tensors)
 
@@ -176,8 +237,7 @@ class _CompressingRotater:
             payload = self.hooks.encode_kv(flat[:n].view(key_shape), flat[n:].view(value_shape))
         else:
             payload = self.received          # forward the payload as received: no re-compression
-            self.hooks.counters.bytes_uncompressed += flat.numel() * flat.element_size()
-        self.hooks.count_send(payload)
+        self.hooks.count_send(payload, raw_nbytes=flat.numel() * flat.element_size())
         self.inner.exchange_buffers(payload)
         self.exchanged += 1
 

@@ -109,7 +109,7 @@ class RankRun:
             a.processor = p
 
     def _enter_layer(self, i: int) -> None:
-        self.hooks.layer = i
+        self.hooks.enter_layer(i)
         self._layer_t0[i] = (time.perf_counter(), self.hooks.counters.comm_wait_s + self.hooks.counters.codec_s)
 
     def _leave_layer(self, i: int) -> None:
@@ -195,6 +195,8 @@ class RankRun:
                 compute_s=sum(c.layer_compute_s.values()), bytes_sent=c.bytes_sent,
                 bytes_uncompressed=c.bytes_uncompressed, exchanges=c.exchanges,
                 layer_compute_s={str(i): round(s, 6) for i, s in sorted(c.layer_compute_s.items())}))
+            if self.rank == 0:
+                print(f"STEP {k + 1}/{self.sc.steps}", flush=True)
         dist.barrier()
         self.latency_s = time.perf_counter() - t_start
         return unpack(x.cpu(), self.sc.resolution).clamp(-1, 1).numpy()

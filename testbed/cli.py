@@ -13,7 +13,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .scenario import ScenarioError, load_scenario
+from .launch import RunFailed
+from .scenario import MAX_EMULATED_NODES, ScenarioError, load_scenario
+
+MAX_LOCAL_RANKS = MAX_EMULATED_NODES
 
 
 class CommandError(RuntimeError):
@@ -51,9 +54,19 @@ def cmd_profiles(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    load_scenario(args.scenario)
-    _not_yet("run")
-    return 1
+    from .run import run_scenario
+
+    scenario = load_scenario(args.scenario)
+    if scenario.world_size > MAX_LOCAL_RANKS:
+        raise CommandError(f"{scenario.world_size} nodes do not fit one machine's emulation "
+                           f"(at most {MAX_LOCAL_RANKS}); use `scenario predict` for larger clusters")
+    output = Path(args.output) if args.output else Path(scenario.output)
+    _, rows = run_scenario(scenario, output, console, backend=args.backend)
+    failed = [r for r in rows if r.status != "ok"]
+    if failed:
+        raise CommandError(f"{len(failed)} of {len(rows)} method runs failed (first: {failed[0].method}: "
+                           f"{failed[0].error})")
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
@@ -93,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and plots to the scenario's output folder.")
     s.add_argument("scenario", help="scenario YAML file, e.g. scenarios/edge_4node.yaml")
     s.add_argument("--output", help="results folder (default: the scenario's `output`)")
+    s.add_argument("--backend", default="auto", choices=["auto", "torch", "numba", "triton"],
+                   help="codec backend (auto: Triton on CUDA, Numba on CPU)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("validate", help="check scenario files against the schema",
@@ -130,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(stderr=False, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=False, highlight=False, width=160)
     err = Console(stderr=True, highlight=False)
     try:
         return args.func(args, console)
-    except (ScenarioError, CommandError, FileNotFoundError, PermissionError) as e:
+    except (ScenarioError, CommandError, RunFailed, FileNotFoundError, PermissionError) as e:
         if args.debug:
             raise
         text = str(e)

@@ -208,6 +208,10 @@ class Scenario(_Strict):
         if any(m.comm == "usp" for m in self.methods) and self.parallel.ulysses_degree * ring != n:
             raise ValueError(f"parallel: ulysses_degree x ring_degree = {self.parallel.ulysses_degree} x {ring} "
                              f"must equal the node count {n}")
+        a2a = [m.name for m in self.methods if m.compressed and m.comm in ("ulysses", "usp")]
+        if a2a and self.warmup.mode == "local":
+            raise ValueError(f"warmup mode 'local' seeds ring/patch K/V bases only; compressed all-to-all methods "
+                             f"({', '.join(a2a)}) need warmup mode 'sync'")
         if self.resolution % 2:
             raise ValueError(f"resolution must be even (2x2 patches), got {self.resolution}")
         return self

@@ -1,0 +1,126 @@
+"""Start the ranks of one method run, follow their progress, and always reap them.
+
+Ranks run under ``torchrun`` in a new session (process group) so the whole tree can be signalled at once; on a
+timeout, Ctrl-C or any failure the group gets SIGTERM, then SIGKILL. A failed run raises :class:`RunFailed` with
+the first rank's error, read from the ``rank*.error`` files the engine writes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+STEP_LINE = re.compile(r"^STEP (\d+)/(\d+)")
+
+
+class RunFailed(RuntimeError):
+    """A method run did not finish; the message is the reason (rank error, timeout, exit code)."""
+
+
+@dataclass(frozen=True)
+class RankCommand:
+    """One process to start: argv, optional wrapper (e.g. ``ip netns exec NS``), and extra environment."""
+
+    argv: list[str]
+    prefix: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_torchrun(job_file: Path, world: int, threads: int = 1) -> list[RankCommand]:
+    """All ranks on this machine over loopback: one torchrun with ``world`` processes."""
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
+            f"--master_addr=127.0.0.1", f"--master_port={free_port()}", "--max_restarts=0",
+            "-m", "compactbed.runtime.engine", str(job_file)]
+    return [RankCommand(argv, env=(("OMP_NUM_THREADS", str(threads)),))]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_ranks(commands: Sequence[RankCommand], run_dir: Path, timeout_s: float,
+              on_step: Callable[[int, int], None] | None = None) -> float:
+    """Run the commands to completion; returns wall seconds. Raises RunFailed on any failure."""
+    procs: list[subprocess.Popen] = []
+    logs = []
+    t0 = time.perf_counter()
+    try:
+        for i, cmd in enumerate(commands):
+            log = open(run_dir / f"launcher{i}.log", "w")
+            logs.append(log)
+            env = dict(os.environ) | dict(cmd.env) | {"PYTHONUNBUFFERED": "1"}
+            procs.append(subprocess.Popen([*cmd.prefix, *cmd.argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=env, text=True, start_new_session=True))
+        readers = [threading.Thread(target=_follow, args=(p, log, on_step if i == 0 else None), daemon=True)
+                   for i, (p, log) in enumerate(zip(procs, logs))]
+        for r in readers:
+            r.start()
+        deadline = time.monotonic() + timeout_s
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed:
+                break
+            if time.monotonic() > deadline:
+                raise RunFailed(f"timed out after {timeout_s:.0f} s (a rank hung or a peer is unreachable); "
+                                f"ranks were killed")
+            time.sleep(0.05)
+        for r in readers:
+            r.join(timeout=2)
+        codes = [p.poll() for p in procs]
+        if any(c not in (None, 0) for c in codes) or any(c is None for c in codes):
+            raise RunFailed(_failure_reason(run_dir, codes))
+        return time.perf_counter() - t0
+    finally:
+        for p in procs:
+            _kill_group(p)
+        for log in logs:
+            log.close()
+
+
+def _follow(proc: subprocess.Popen, log, on_step) -> None:
+    for line in proc.stdout:
+        log.write(line)
+        m = STEP_LINE.match(line)
+        if m and on_step is not None:
+            on_step(int(m.group(1)), int(m.group(2)))
+
+
+def _failure_reason(run_dir: Path, codes: list) -> str:
+    for err in sorted(run_dir.glob("rank*.error")):
+        lines = [l for l in err.read_text().strip().splitlines() if l.strip()]
+        if lines:
+            return f"{err.stem} failed: {lines[-1].strip()[:300]}"
+    for log in sorted(run_dir.glob("launcher*.log")):
+        text = log.read_text()
+        for pattern in ("exitcode  : -9", "Signals.SIGKILL", "SIGKILL"):
+            if pattern in text:
+                return "a rank was killed (signal 9) mid-run; the others were stopped"
+        errs = [l for l in text.splitlines() if "Error" in l and not l.startswith(" ")]
+        if errs:
+            return f"launcher: {errs[-1].strip()[:300]}"
+    return f"ranks exited with codes {codes}"
