@@ -67,7 +67,7 @@ def run_ranks(commands: Sequence[RankCommand], run_dir: Path, timeout_s: float,
               on_step: Callable[[int, int], None] | None = None) -> float:
     """Run the commands to completion; returns wall seconds. Raises RunFailed on any failure."""
     procs: list[subprocess.Popen] = []
-    logs = []
+    logs, readers = [], []
     t0 = time.perf_counter()
     try:
         for i, cmd in enumerate(commands):
@@ -82,24 +82,25 @@ def run_ranks(commands: Sequence[RankCommand], run_dir: Path, timeout_s: float,
             r.start()
         deadline = time.monotonic() + timeout_s
         while any(p.poll() is None for p in procs):
-            failed = [p for p in procs if p.poll() not in (None, 0)]
-            if failed:
-                break
+            if any(p.poll() not in (None, 0) for p in procs):
+                break        # one launcher failed: stop the others instead of waiting for their timeout
             if time.monotonic() > deadline:
                 raise RunFailed(f"timed out after {timeout_s:.0f} s (a rank hung or a peer is unreachable); "
                                 f"ranks were killed")
             time.sleep(0.05)
-        for r in readers:
-            r.join(timeout=2)
         codes = [p.poll() for p in procs]
-        if any(c not in (None, 0) for c in codes) or any(c is None for c in codes):
-            raise RunFailed(_failure_reason(run_dir, codes))
-        return time.perf_counter() - t0
+        failed = any(c != 0 for c in codes)
     finally:
         for p in procs:
             _kill_group(p)
+        for r in readers:
+            if r.ident is not None:
+                r.join(timeout=5)
         for log in logs:
             log.close()
+    if failed:
+        raise RunFailed(_failure_reason(run_dir, codes))
+    return time.perf_counter() - t0
 
 
 def _follow(proc: subprocess.Popen, log, on_step) -> None:
@@ -110,16 +111,23 @@ def _follow(proc: subprocess.Popen, log, on_step) -> None:
             on_step(int(m.group(1)), int(m.group(2)))
 
 
+_KILLED = re.compile(r"failed \(exitcode: -(\d+)\) local_rank: (\d+)")   # torchrun's root-cause line
+
+
 def _failure_reason(run_dir: Path, codes: list) -> str:
+    """The most specific reason: a rank killed by a signal, else a rank's own error, else exit codes."""
+    logs = [log.read_text() for log in sorted(run_dir.glob("launcher*.log"))]
+    for text in logs:
+        m = _KILLED.search(text)
+        if m:
+            num = int(m.group(1))
+            sig = signal.Signals(num).name if num in {s.value for s in signal.Signals} else f"signal {num}"
+            return f"rank {m.group(2)} was killed by {sig} mid-run; the other ranks were stopped"
     for err in sorted(run_dir.glob("rank*.error")):
         lines = [l for l in err.read_text().strip().splitlines() if l.strip()]
         if lines:
             return f"{err.stem} failed: {lines[-1].strip()[:300]}"
-    for log in sorted(run_dir.glob("launcher*.log")):
-        text = log.read_text()
-        for pattern in ("exitcode  : -9", "Signals.SIGKILL", "SIGKILL"):
-            if pattern in text:
-                return "a rank was killed (signal 9) mid-run; the others were stopped"
+    for text in logs:
         errs = [l for l in text.splitlines() if "Error" in l and not l.startswith(" ")]
         if errs:
             return f"launcher: {errs[-1].strip()[:300]}"

@@ -1,0 +1,62 @@
+"""Helpers for multi-process runs: one method run of a small scenario, launched like `scenario run` does."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compactbed.runtime.engine import Job
+from compactbed.runtime.sampling import sample_reference
+from compactbed.runtime.tiny_model import load_tiny_model
+from compactbed.testbed.launch import local_torchrun, run_ranks
+from compactbed.testbed.scenario import METHOD_PRESETS, parse_scenario
+
+LABELS = [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def scenario(nodes=4, steps=8, warmup=("local", 1), **kw):
+    data = dict(name="itest", nodes=nodes, labels=LABELS, steps=steps, methods=["ring"],
+                warmup={"mode": warmup[0], "steps": warmup[1]}, timeout_s=60) | kw
+    return parse_scenario(data, "itest")
+
+
+class Launched:
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
+        self.run = json.loads((run_dir / "run.json").read_text())
+        self.images = np.load(run_dir / "images.npy")
+        self.records = [json.loads(l) for f in sorted(run_dir.glob("rank*.jsonl")) for l in f.open()]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny):
+    cache = {}
+
+    def get(sc, seed=0):
+        key = (sc.steps, seed, sc.guidance, tuple(sc.labels))
+        if key not in cache:
+            cache[key] = sample_reference(tiny, torch.tensor(sc.labels), sc.steps, seed, sc.guidance).numpy()
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def launch(tmp_path):
+    def go(sc, method, seed=0, timeout_s=240, on_step=None):
+        method = METHOD_PRESETS[method] if isinstance(method, str) else method
+        run_dir = tmp_path / f"{method.name}-{sc.world_size}-{seed}"
+        run_dir.mkdir()
+        job = Job(scenario=sc, method=method, seed=seed, out_dir=str(run_dir))
+        (run_dir / "job.json").write_text(job.model_dump_json())
+        run_ranks(local_torchrun(run_dir / "job.json", sc.world_size), run_dir, timeout_s, on_step=on_step)
+        return Launched(run_dir)
+
+    return go
