@@ -61,7 +61,21 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         raise CommandError(f"{scenario.world_size} nodes do not fit one machine's emulation "
                            f"(at most {MAX_LOCAL_RANKS}); use `scenario predict` for larger clusters")
     output = Path(args.output) if args.output else Path(scenario.output)
-    _, rows = run_scenario(scenario, output, console, backend=args.backend)
+    if scenario.on_hosts:
+        import datetime
+
+        from .hosts import host_plan, write_host_jobs
+        from .run import directed_links
+
+        results = output / ("hosts-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        write_host_jobs(scenario, results.resolve(), args.backend)
+        plan = host_plan(scenario, results.resolve(), directed_links(scenario))
+        (results / "hosts_plan.sh").write_text(plan)
+        console.print(plan, markup=False, highlight=False, soft_wrap=True)
+        console.print(f"plan written to {results / 'hosts_plan.sh'}")
+        return 0
+    _, rows = run_scenario(scenario, output, console, backend=args.backend, shaping=not args.no_shaping,
+                           bound=not args.no_bound)
     failed = [r for r in rows if r.status != "ok"]
     if failed:
         raise CommandError(f"{len(failed)} of {len(rows)} method runs failed (first: {failed[0].method}: "
@@ -89,8 +103,21 @@ def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_netem(args: argparse.Namespace, console: Console) -> int:
-    _not_yet(f"netem {args.netem_cmd}")
-    return 1
+    from ..netem.cluster import check_backend, cleanup_stale
+
+    if args.netem_cmd == "profiles":
+        return cmd_profiles(args, console)
+    if args.netem_cmd == "cleanup":
+        removed = cleanup_stale()
+        console.print(f"removed: {', '.join(removed)}" if removed else "nothing to clean up (only resources "
+                      "recorded by this project's runs, whose owner process is gone, are ever removed)")
+        return 0
+    check = check_backend()
+    console.print(f"backend: {check.backend or 'none'}")
+    console.print(f"why: {check.reason}")
+    for d in check.details:
+        console.print(f"  {d}")
+    return 0 if check.backend else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="results folder (default: the scenario's `output`)")
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "numba", "triton"],
                    help="codec backend (auto: Triton on CUDA, Numba on CPU)")
+    s.add_argument("--no-shaping", action="store_true", help="run on unshaped loopback even when root")
+    s.add_argument("--no-bound", action="store_true",
+                   help="skip the same-run bound pass (rate unlimited, delay kept)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("validate", help="check scenario files against the schema",
@@ -137,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="`check`: which shaping backend this kernel supports and why; `profiles`: "
                                    "the named link profiles; `cleanup`: remove leftovers of this project only.")
     s.add_argument("netem_cmd", choices=["check", "profiles", "cleanup"])
-    s.set_defaults(func=lambda a, c: cmd_profiles(a, c) if a.netem_cmd == "profiles" else cmd_netem(a, c))
+    s.set_defaults(func=cmd_netem)
     return p
 
 

@@ -49,6 +49,19 @@ def local_torchrun(job_file: Path, world: int, threads: int = 1) -> list[RankCom
     return [RankCommand(argv, env=(("OMP_NUM_THREADS", str(threads)),))]
 
 
+def node_torchrun(job_file: Path, world: int, prefixes: Sequence[tuple[str, ...]], master_addr: str,
+                  interface: str, threads: int = 1) -> list[RankCommand]:
+    """One torchrun per node (static rendezvous), each started through its node's prefix
+    (e.g. ``ip netns exec NS``); gloo is pinned to the node's interface."""
+    port = free_port()
+    return [RankCommand([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--nnodes={world}",
+                         f"--node_rank={k}", f"--master_addr={master_addr}", f"--master_port={port}",
+                         "--max_restarts=0", "-m", "compactbed.runtime.engine", str(job_file)],
+                        prefix=tuple(prefixes[k]),
+                        env=(("OMP_NUM_THREADS", str(threads)), ("GLOO_SOCKET_IFNAME", interface)))
+            for k in range(world)]
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         if proc.poll() is not None:

@@ -28,8 +28,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import contextlib
+from typing import Iterator
+
+from ..netem.cluster import EmulatedCluster, check_backend
+from ..netem.commands import NODE_IF
+from ..netem.probe import probe_link
+from ..netem.profiles import LinkSpec
 from ..runtime.engine import Job, model_dir
-from .launch import RunFailed, local_torchrun, run_ranks
+from .launch import RankCommand, RunFailed, local_torchrun, node_torchrun, run_ranks
 from .scenario import MethodSpec, Scenario
 
 UNCOMPRESSED_BASELINE = "ring"
@@ -41,6 +48,7 @@ class MethodResult:
 
     method: str
     seed: int
+    links: str = "shaped"          # shaped | bound (rate unlimited, delay kept) | loopback
     status: str = "ok"
     error: str = ""
     latency_s: float | None = None
@@ -53,6 +61,8 @@ class MethodResult:
     compression_ratio: float | None = None
     speedup_vs_uncompressed: float | None = None
     speedup_vs_distrifusion: float | None = None
+    latency_bound_s: float | None = None
+    over_bound: float | None = None
     quality: dict = field(default_factory=dict)
     base_consistency: dict = field(default_factory=dict)
 
@@ -101,18 +111,24 @@ def collect(run_dir: Path, method: MethodSpec, seed: int) -> MethodResult:
 
 
 def add_speedups(rows: list[MethodResult]) -> None:
-    for seed in {r.seed for r in rows}:
-        same = {r.method: r for r in rows if r.seed == seed and r.latency_s}
+    """Ratios within the same seed and link pass; shaped rows also get their bound (same method, same seed)."""
+    for seed, links in {(r.seed, r.links) for r in rows}:
+        same = {r.method: r for r in rows if r.seed == seed and r.links == links and r.latency_s}
         base, df = same.get(UNCOMPRESSED_BASELINE), same.get("distrifusion")
         for r in same.values():
             r.speedup_vs_uncompressed = base.latency_s / r.latency_s if base else None
             r.speedup_vs_distrifusion = df.latency_s / r.latency_s if df else None
+    bounds = {(r.method, r.seed): r.latency_s for r in rows if r.links == "bound" and r.latency_s}
+    for r in rows:
+        if r.links == "shaped" and r.latency_s and (r.method, r.seed) in bounds:
+            r.latency_bound_s = bounds[(r.method, r.seed)]
+            r.over_bound = r.latency_s / r.latency_bound_s
 
 
 def print_table(rows: list[MethodResult], console: Console, title: str) -> None:
     t = Table(title=title)
-    for col in ("method", "seed", "latency s", f"vs {UNCOMPRESSED_BASELINE}", "vs distrifusion", "MB on wire",
-                "ratio", "PSNR dB", "SSIM", "cls agree", "status"):
+    for col in ("method", "seed", "links", "latency s", f"vs {UNCOMPRESSED_BASELINE}", "vs distrifusion",
+                "bound s", "x bound", "MB on wire", "ratio", "PSNR dB", "SSIM", "cls agree", "status"):
         t.add_column(col, justify="right" if col not in ("method", "status") else "left")
 
     def f(v, fmt):
@@ -120,8 +136,9 @@ def print_table(rows: list[MethodResult], console: Console, title: str) -> None:
 
     for r in rows:
         q = r.quality
-        t.add_row(r.method, str(r.seed), f(r.latency_s, ".2f"), f(r.speedup_vs_uncompressed, ".2f") + "x",
-                  f(r.speedup_vs_distrifusion, ".2f") + "x", f(r.bytes_on_wire and r.bytes_on_wire / 1e6, ".2f"),
+        t.add_row(r.method, str(r.seed), r.links, f(r.latency_s, ".2f"), f(r.speedup_vs_uncompressed, ".2f") + "x",
+                  f(r.speedup_vs_distrifusion, ".2f") + "x", f(r.latency_bound_s, ".2f"), f(r.over_bound, ".2f"),
+                  f(r.bytes_on_wire and r.bytes_on_wire / 1e6, ".2f"),
                   f(r.compression_ratio, ".1f"), f(q.get("psnr_db"), ".1f"), f(q.get("ssim"), ".3f"),
                   f(q.get("agreement_with_reference"), ".2f"), r.status if r.status == "ok" else f"FAILED: {r.error}")
     console.print(t)
@@ -145,7 +162,7 @@ def write_plots(results_dir: Path, rows: list[MethodResult]) -> None:
     ok = [r for r in rows if r.status == "ok"]
     if not ok:
         return
-    names = [f"{r.method}/s{r.seed}" for r in ok]
+    names = [f"{r.method}/s{r.seed}/{r.links}" for r in ok]
     lat = go.Figure(go.Bar(x=names, y=[r.latency_s for r in ok]), layout=dict(title="latency (s)"))
     parts = go.Figure(layout=dict(title="time per rank (s): compute / blocked on communication / codec", barmode="stack"))
     for label, attr in (("compute", "compute_s"), ("comm wait", "comm_wait_s"), ("codec", "codec_s")):
@@ -155,47 +172,94 @@ def write_plots(results_dir: Path, rows: list[MethodResult]) -> None:
     (results_dir / "plots.html").write_text("<html><body>" + "\n".join(html) + "</body></html>")
 
 
-def run_scenario(scenario: Scenario, output: Path, console: Console, backend: str = "auto") -> tuple[Path, list[MethodResult]]:
-    """Run every (seed, method); failures are recorded and the remaining methods still run."""
+def directed_links(scenario: Scenario, unlimited_rate: bool = False) -> dict[tuple[int, int], LinkSpec]:
+    n = scenario.world_size
+    links = {(i, j): scenario.link_between(i, j) for i in range(n) for j in range(n) if i != j}
+    if unlimited_rate:
+        links = {k: v.model_copy(update={"rate_mbit": None}) for k, v in links.items()}
+    return links
+
+
+@contextlib.contextmanager
+def link_pass(scenario: Scenario, name: str, backend, console: Console, results: Path) -> Iterator:
+    """Yield a function job_file -> rank commands for this pass, with its cluster up (if any)."""
+    world = scenario.world_size
+    if name == "loopback":
+        yield lambda job: local_torchrun(job, world)
+        return
+    links = directed_links(scenario, unlimited_rate=(name == "bound"))
+    with EmulatedCluster(world, links, backend, log=console.print) as cluster:
+        if name == "shaped":
+            probes = [probe_link(cluster, s, d, spec) for (s, d), spec in sorted(links.items())]
+            (results / "links.json").write_text(json.dumps(
+                [asdict(p) | {"rate_error": p.rate_error} for p in probes], indent=1))
+            t = Table(title="link probes (measured before the run)")
+            for col in ("link", "configured", "wire Mbit/s", "rate error", "RTT ms", "configured RTT ms"):
+                t.add_column(col, justify="right")
+            for p, ((s, d), spec) in zip(probes, sorted(links.items())):
+                t.add_row(f"{s}->{d}", spec.describe(), f"{p.wire_mbit:.1f}",
+                          "-" if p.rate_error is None else f"{p.rate_error:+.1%}", f"{p.rtt_ms:.2f}",
+                          f"{p.configured_rtt_ms:.2f}")
+            console.print(t)
+        prefixes = [cluster.prefix(k) for k in range(world)]
+        yield lambda job: node_torchrun(job, world, prefixes, cluster.address(0), NODE_IF)
+
+
+def run_scenario(scenario: Scenario, output: Path, console: Console, backend: str = "auto",
+                 shaping: bool = True, bound: bool = True) -> tuple[Path, list[MethodResult]]:
+    """Run every (link pass, seed, method); failures are recorded and the remaining runs still happen."""
     from ..runtime.quality import compare
 
+    check = check_backend() if shaping else None
+    if check is not None and check.backend is None:
+        console.print(f"[yellow]link emulation unavailable:[/] {check.reason}. Running unshaped on loopback: "
+                      f"latencies do not reflect the scenario's links.")
+    emulate = check is not None and check.backend is not None
+    passes = (["shaped", "bound"] if bound else ["shaped"]) if emulate else ["loopback"]
+    link_mode = f"emulated ({check.backend}: {check.reason})" if emulate else "loopback (unshaped)"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     results = output / stamp
     results.mkdir(parents=True, exist_ok=False)
     (results / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
-    link_mode = "loopback (unshaped)"
     (results / "environment.json").write_text(json.dumps(environment(link_mode), indent=1))
     console.print(f"[bold]{scenario.name}[/]: {scenario.world_size} ranks, {len(scenario.methods)} methods, "
-                  f"{scenario.steps} steps, links: {link_mode} -> {results}")
+                  f"{scenario.steps} steps; links: {link_mode}; passes: {', '.join(passes)} -> {results}")
     rows: list[MethodResult] = []
+    refs = {}
     for seed in scenario.seeds:
-        ref, ref_s, model = reference_images(scenario, seed)
+        refs[seed] = reference_images(scenario, seed)
         (results / "reference").mkdir(exist_ok=True)
-        np.save(results / "reference" / f"seed{seed}.npy", ref)
-        console.print(f"single-process reference (seed {seed}): {ref_s:.2f} s")
-        with Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                      TimeElapsedColumn(), console=console, transient=False) as progress:
-            for method in scenario.methods:
-                run_dir = results / method.name / f"seed{seed}"
-                run_dir.mkdir(parents=True)
-                job = Job(scenario=scenario, method=method, seed=seed, out_dir=str(run_dir.resolve()), backend=backend)
-                job_file = run_dir / "job.json"
-                job_file.write_text(job.model_dump_json(indent=1))
-                task = progress.add_task(method.name, total=scenario.steps)
-                try:
-                    run_ranks(local_torchrun(job_file, scenario.world_size), run_dir,
-                              timeout_s=scenario.timeout_s * 4 + 60,
-                              on_step=lambda k, n, task=task: progress.update(task, completed=k))
-                    row = collect(run_dir, method, seed)
-                    row.quality = compare(np.load(run_dir / "images.npy"), ref, scenario.labels, model.classifier)
-                except RunFailed as e:
-                    row = MethodResult(method=method.name, seed=seed, status="failed", error=str(e))
-                    progress.update(task, description=f"{method.name} [red]failed")
-                rows.append(row)
-                add_speedups(rows)
-                write_summary(results, rows, dict(scenario=scenario.name, link_mode=link_mode,
-                                                  reference_latency_s={seed: ref_s}))
+        np.save(results / "reference" / f"seed{seed}.npy", refs[seed][0])
+        console.print(f"single-process reference (seed {seed}): {refs[seed][1]:.2f} s")
+    meta = dict(scenario=scenario.name, link_mode=link_mode, passes=passes,
+                reference_latency_s={s: r[1] for s, r in refs.items()})
+    for pass_name in passes:
+        with link_pass(scenario, pass_name, check.backend if emulate else None, console, results) as commands, \
+                Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                         TimeElapsedColumn(), console=console) as progress:
+            for seed in scenario.seeds:
+                ref, _, model = refs[seed]
+                for method in scenario.methods:
+                    run_dir = results / pass_name / method.name / f"seed{seed}"
+                    run_dir.mkdir(parents=True)
+                    job = Job(scenario=scenario, method=method, seed=seed, out_dir=str(run_dir.resolve()),
+                              backend=backend)
+                    job_file = run_dir / "job.json"
+                    job_file.write_text(job.model_dump_json(indent=1))
+                    task = progress.add_task(f"{pass_name}: {method.name}", total=scenario.steps)
+                    try:
+                        run_ranks(commands(job_file), run_dir, timeout_s=scenario.timeout_s * 4 + 60,
+                                  on_step=lambda k, n, task=task: progress.update(task, completed=k))
+                        row = collect(run_dir, method, seed)
+                        row.links = pass_name
+                        row.quality = compare(np.load(run_dir / "images.npy"), ref, scenario.labels, model.classifier)
+                    except RunFailed as e:
+                        row = MethodResult(method=method.name, seed=seed, links=pass_name, status="failed", error=str(e))
+                        progress.update(task, description=f"{pass_name}: {method.name} [red]failed")
+                    rows.append(row)
+                    add_speedups(rows)
+                    write_summary(results, rows, meta)
     write_plots(results, rows)
-    print_table(rows, console, f"{scenario.name} ({link_mode})")
+    print_table(rows, console, f"{scenario.name}: {link_mode}")
     console.print(f"results: {results}")
     return results, rows

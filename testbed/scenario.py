@@ -39,6 +39,7 @@ class NodeSpec(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,15}$")
     link: LinkSpec | None = None
     host: str | None = Field(None, pattern=r"^[A-Za-z0-9.:_-]{1,253}$")
+    interface: str = Field("eth0", pattern=r"^[A-Za-z0-9_.:-]{1,15}$", description="hosts form: shaped NIC")
     compute_scale: float = Field(1.0, gt=0, le=1000)
 
     @field_validator("link", mode="before")
@@ -131,7 +132,8 @@ class Scenario(_Strict):
     links: list[LinkOverride] = Field(default_factory=list, max_length=100_000)
     model: ModelSpec = ModelSpec()
     resolution: int = Field(16, ge=4, le=8192, description="image side in pixels (tiny model: 16)")
-    labels: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1, max_length=1024)
+    labels: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1, max_length=1024,
+                              description="one digit class per image, or a count (digits 0-9 cycling)")
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(1.5, ge=0, le=50)
     parallel: ParallelSpec = ParallelSpec()
@@ -173,6 +175,15 @@ class Scenario(_Strict):
                 out.append(item)
         return out
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_count(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            if not 1 <= v <= 1024:
+                raise ValueError(f"label count must be between 1 and 1024, got {v}")
+            return [i % 10 for i in range(v)]
+        return v
+
     @field_validator("labels")
     @classmethod
     def _labels(cls, v: list[int]) -> list[int]:
@@ -212,11 +223,19 @@ class Scenario(_Strict):
         if a2a and self.warmup.mode == "local":
             raise ValueError(f"warmup mode 'local' seeds ring/patch K/V bases only; compressed all-to-all methods "
                              f"({', '.join(a2a)}) need warmup mode 'sync'")
+        hosts = [x.host for x in self.nodes if x.host]
+        if hosts and len(hosts) != n:
+            raise ValueError("either every node has a `host` (real machines) or none does (emulation)")
         if self.resolution % 2:
             raise ValueError(f"resolution must be even (2x2 patches), got {self.resolution}")
         return self
 
     # --- derived values -------------------------------------------------------------------------------
+    @property
+    def on_hosts(self) -> bool:
+        """True for the ``hosts:`` form: every node is a real machine."""
+        return all(x.host for x in self.nodes)
+
     @property
     def world_size(self) -> int:
         return len(self.nodes)

@@ -1,0 +1,213 @@
+"""Calibration: measured compute, codec and link costs, fitted with scikit-learn and stored as plain files.
+
+``scenario calibrate RESULTS...`` reads results folders written by ``scenario run`` and writes a folder with
+  compute.csv     one row per (run, rank, step, layer): tokens, kv tokens, hidden, ranks per core, seconds
+  codec.csv       one row per (codec, op, bytes): seconds, measured now on this machine by the kernel bench
+  links.csv       one row per probed link: configured and measured rate and RTT
+  calibration.json  the fitted coefficients (non-negative least squares) that the simulator uses
+Compute per layer: s = share * (a + b * tokens*hidden^2 + c * tokens*kv_tokens*hidden), share = ranks per
+core on the measured host (4 ranks on 2 cores share 2x). Codec: s = a + b * raw bytes per (codec, op).
+Links: effective rate = configured rate x measured wire efficiency x payload fraction; extra one-way latency
+from the probes' RTT minus the configured delays.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..netem.profiles import LinkSpec
+
+PAYLOAD_FRACTION = 1448 / 1514      # TCP payload per wire byte at MTU 1500
+DATA_DIR = Path(__file__).with_name("data")
+
+
+@dataclass
+class DeviceProfile:
+    """Compute coefficients of one device kind; ``cores`` > 0 means ranks on one host share that many cores."""
+
+    a: float
+    b: float
+    c: float
+    step_overhead_s: float = 0.0
+    cores: int = 0
+
+
+@dataclass
+class Calibration:
+    devices: dict[str, DeviceProfile]
+    codec: dict[str, tuple[float, float]]          # "1bit/encode" -> (a, b)
+    link_efficiency: float = 1.0
+    link_overhead_s: float = 0.0
+    collective_overhead_s: float = 0.0
+    sources: list[str] = field(default_factory=list)
+
+    # --- queries used by the model ------------------------------------------------------------------------
+    def share(self, world: int, device: str = "cpu") -> float:
+        d = self.devices[device]
+        return max(1.0, world / d.cores) if d.cores else 1.0
+
+    def layer_seconds(self, tokens: int, kv_tokens: int, hidden: int, share: float, device: str) -> float:
+        if device not in self.devices:
+            raise KeyError(f"no compute profile for device {device!r}; known: {', '.join(self.devices)}")
+        d = self.devices[device]
+        return share * (d.a + d.b * tokens * hidden ** 2 + d.c * tokens * kv_tokens * hidden)
+
+    def codec_seconds(self, kind: str, op: str, raw_bytes: float) -> float:
+        a, b = self.codec.get(f"{kind}/{op}", self.codec.get(f"1bit/{op}", (0.0, 0.0)))
+        return a + b * raw_bytes
+
+    def effective_rate_bytes(self, spec: LinkSpec) -> float | None:
+        if spec.rate_mbit is None:
+            return None
+        return spec.rate_mbit * 1e6 / 8 * self.link_efficiency * PAYLOAD_FRACTION
+
+    @staticmethod
+    def usp_degrees(workload, world: int) -> tuple[int, int]:
+        return workload.ulysses_degree, world // workload.ulysses_degree
+
+    # --- files --------------------------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        data = asdict(self)
+        (folder / "calibration.json").write_text(json.dumps(data, indent=1))
+
+    @classmethod
+    def load(cls, folder: Path | None = None) -> "Calibration":
+        folder = Path(folder) if folder else DATA_DIR
+        path = folder / "calibration.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no calibration at {path}; build one with `scenario calibrate RESULTS...`")
+        raw = json.loads(path.read_text())
+        raw["devices"] = {k: DeviceProfile(**v) for k, v in raw["devices"].items()}
+        raw["codec"] = {k: tuple(v) for k, v in raw["codec"].items()}
+        return cls(**raw)
+
+
+# --- fitting ------------------------------------------------------------------------------------------------
+def _runs(results: list[Path]):
+    """(job, run.json, records) of every successful method run under the given results folders."""
+    for root in results:
+        for run_json in sorted(Path(root).rglob("run.json")):
+            d = run_json.parent
+            job = json.loads((d / "job.json").read_text())
+            recs = [json.loads(line) for f in sorted(d.glob("rank*.jsonl")) for line in f.open()]
+            yield d, job, json.loads(run_json.read_text()), recs
+
+
+def compute_points(results: list[Path], cores: int) -> list[dict]:
+    rows = []
+    for d, job, run, recs in _runs(results):
+        sc = job["scenario"]
+        world = run["world"]
+        batch = len(sc["labels"]) * (2 if sc["guidance"] != 1.0 else 1)
+        tokens = (sc["resolution"] // 2) ** 2 + 4
+        for r in recs:
+            local = r["warmup"] == "local"
+            for layer, s in r["layer_compute_s"].items():
+                rows.append(dict(run=str(d), rank=r["rank"], step=r["step"], layer=int(layer), world=world,
+                                 tokens=batch * tokens if local else batch * tokens // world,
+                                 kv_tokens=batch * tokens, hidden=128, share=max(1.0, world / cores),
+                                 seconds=s, wall_s=r["wall_s"], comm_wait_s=r["comm_wait_s"], codec_s=r["codec_s"]))
+    return rows
+
+
+def fit_compute(points: list[dict], cores: int) -> DeviceProfile:
+    from sklearn.linear_model import LinearRegression
+
+    x = np.array([[p["share"], p["share"] * p["tokens"] * p["hidden"] ** 2,
+                   p["share"] * p["tokens"] * p["kv_tokens"] * p["hidden"]] for p in points])
+    y = np.array([p["seconds"] for p in points])
+    m = LinearRegression(positive=True, fit_intercept=False).fit(x, y)
+    a, b, c = (float(v) for v in m.coef_)
+    return DeviceProfile(a=a, b=b, c=c, cores=cores)
+
+
+def codec_points(shapes: list[tuple[int, int]], reps: int = 5) -> list[dict]:
+    """Measure the codecs now (1 thread, float32, fused CPU backend where available)."""
+    import torch
+
+    from ..kernels.bench import bench_shape
+    from ..kernels.spec import CompressorSpec
+
+    torch.set_num_threads(1)
+    specs = [CompressorSpec(kind=k) for k in ("1bit", "2bit", "lowrank", "sparse")]
+    rows = []
+    for n, c in shapes:
+        for r in bench_shape(n, c, torch.float32, torch.device("cpu"), "auto", reps, specs):
+            raw = n * c * 4
+            kind = r["codec"].rstrip("0123456789:").removesuffix("lowrank") or "lowrank"
+            kind = "lowrank" if r["codec"].startswith("lowrank") else "sparse" if r["codec"].startswith("sparse") else r["codec"]
+            rows.append(dict(codec=kind, op="encode", bytes=raw, seconds=raw / (r["encode_gbps"] * 1e9)))
+            rows.append(dict(codec=kind, op="decode", bytes=raw, seconds=raw / (r["decode_gbps"] * 1e9)))
+    return rows
+
+
+def fit_codec(points: list[dict]) -> dict[str, tuple[float, float]]:
+    from sklearn.linear_model import LinearRegression
+
+    out = {}
+    for key in sorted({(p["codec"], p["op"]) for p in points}):
+        sel = [p for p in points if (p["codec"], p["op"]) == key]
+        x = np.array([[p["bytes"]] for p in sel])
+        y = np.array([p["seconds"] for p in sel])
+        m = LinearRegression(positive=True).fit(x, y) if len(sel) > 1 else None
+        out[f"{key[0]}/{key[1]}"] = (max(0.0, float(m.intercept_)), float(m.coef_[0])) if m else (0.0, float(y[0] / x[0, 0]))
+    return out
+
+
+def link_points(results: list[Path]) -> list[dict]:
+    rows = []
+    for root in results:
+        for f in sorted(Path(root).rglob("links.json")):
+            for p in json.loads(f.read_text()):
+                rows.append(dict(source=str(f), src=p["src"], dst=p["dst"], configured_rate_mbit=p["configured_rate_mbit"],
+                                 wire_mbit=p["wire_mbit"], rtt_ms=p["rtt_ms"], configured_rtt_ms=p["configured_rtt_ms"]))
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        path.write_text("")
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def calibrate(results: list[Path], out: Path, cores: int | None = None, log=print) -> Calibration:
+    """Fit a calibration from results folders and write it (with its data points) to ``out``."""
+    cores = cores or os.cpu_count() or 1
+    cpoints = compute_points(results, cores)
+    if not cpoints:
+        raise ValueError("no measured runs (run.json + rank*.jsonl) under " + ", ".join(map(str, results)))
+    device = fit_compute(cpoints, cores)
+    # per-step time outside the layers (embeddings, final layer, sampler update), from the same records
+    step_rows = {}
+    for p in cpoints:
+        step_rows.setdefault((p["run"], p["rank"], p["step"]), []).append(p)
+    residual = [max(0.0, ps[0]["wall_s"] - sum(q["seconds"] for q in ps) - ps[0]["comm_wait_s"] - ps[0]["codec_s"])
+                for ps in step_rows.values()]
+    device.step_overhead_s = float(np.median(residual))
+    shapes = sorted({(p["tokens"], p["hidden"]) for p in cpoints if p["tokens"] % 8 == 0 or True})[:6]
+    kpoints = codec_points([(max(8, t), h) for t, h in shapes])
+    lpoints = link_points(results)
+    shaped = [p for p in lpoints if p["configured_rate_mbit"]]
+    efficiency = float(np.mean([p["wire_mbit"] / p["configured_rate_mbit"] for p in shaped])) if shaped else 1.0
+    overhead = float(np.mean([(p["rtt_ms"] - p["configured_rtt_ms"]) / 2 / 1e3 for p in lpoints])) if lpoints else 0.0
+    calib = Calibration(devices={"cpu": device}, codec=fit_codec(kpoints), link_efficiency=efficiency,
+                        link_overhead_s=max(0.0, overhead), sources=[str(r) for r in results])
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "compute.csv", cpoints)
+    _write_csv(out / "codec.csv", kpoints)
+    _write_csv(out / "links.csv", lpoints)
+    calib.save(out)
+    log(f"calibrated from {len(cpoints)} layer timings, {len(kpoints)} codec timings, {len(lpoints)} link probes "
+        f"-> {out}")
+    return calib

@@ -1,0 +1,199 @@
+"""SimPy model of one generation: ranks are processes, directed links are resources.
+
+Per denoising step every rank runs its layers; each layer's exchange follows the method's pattern, as the
+runtime executes it on gloo:
+  ring / patch   K/V all-gather per layer (torch's ring attention uses an all-gather rotater; gloo's
+                 all-gather is a ring): P-1 rounds, each gated by the slowest link's delay + chunk time
+  ulysses        two all-to-alls per layer (Q/K/V in, output back); each rank sends 1/P of its data to every
+                 peer over separate links
+  usp            both, on their sub-groups
+  distrifusion   the all-gather of the previous step's K/V runs asynchronously, overlapping compute; a step
+                 waits only for what has not arrived by the time it needs it
+Compressed methods send codec payloads and pay encode/decode time. Warmup steps are full precision (sync) or
+computed for the whole sequence on every rank with no communication (local). Loss lowers the effective rate
+(Mathis et al.: 1.22 MSS / (RTT sqrt(p))). A collective occupies the links it uses (resources), so an
+asynchronous gather and the next synchronous exchange contend. Layers of a step are identical, so one layer
+is simulated and scaled: cost is linear in nodes x steps (and constant in layers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import simpy
+
+from ..netem.profiles import LinkSpec
+from .calibration import Calibration
+from .workload import Workload
+
+MSS_BYTES = 1448
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Per-rank compute scale (1 = calibrated device) and one LinkSpec per directed link."""
+
+    compute_scale: tuple[float, ...]
+    links: dict[tuple[int, int], LinkSpec]
+    device: str = "cpu"
+
+    @property
+    def world(self) -> int:
+        return len(self.compute_scale)
+
+
+@dataclass
+class Prediction:
+    latency_s: float
+    compute_s: float
+    comm_s: float
+    codec_s: float
+    bytes_on_wire: int
+    timeline: list[tuple[int, str, float, float]] = field(default_factory=list)   # (rank, kind, start, end)
+
+
+class LinkModel:
+    """Transfer time of a message over one directed link, from calibrated rate/latency."""
+
+    def __init__(self, calib: Calibration):
+        self.calib = calib
+
+    def seconds(self, spec: LinkSpec, nbytes: float) -> float:
+        rate = self.calib.effective_rate_bytes(spec)
+        one_way = spec.delay_ms / 1e3 + self.calib.link_overhead_s
+        if spec.loss_pct > 0:
+            rtt = max(2 * one_way, 1e-4)
+            mathis = 1.22 * MSS_BYTES / (rtt * math.sqrt(spec.loss_pct / 100))
+            rate = min(rate, mathis) if rate else mathis
+        return one_way + (nbytes / rate if rate else 0.0)
+
+
+class Simulator:
+    """Predict one generation of ``workload`` on ``cluster`` with calibration ``calib``."""
+
+    def __init__(self, workload: Workload, cluster: Cluster, calib: Calibration, timeline: bool = False):
+        if cluster.world != workload.world:
+            raise ValueError(f"cluster has {cluster.world} ranks, workload {workload.world}")
+        self.w, self.c, self.calib, self.links = workload, cluster, calib, LinkModel(calib)
+        self.keep_timeline = timeline
+
+    # --- per-layer costs --------------------------------------------------------------------------------------
+    def layer_compute(self, rank: int, local: bool) -> float:
+        w = self.w
+        tokens = w.batch * w.tokens if local else w.local_tokens
+        share = self.calib.share(w.world)
+        return self.calib.layer_seconds(tokens, w.batch * w.tokens, w.shape.hidden, share, self.c.device) \
+            * self.c.compute_scale[rank]
+
+    def codec_seconds(self, warm: bool) -> tuple[float, float]:
+        """(encode, decode one payload) per layer for this rank."""
+        if warm or not self.w.method.compressed:
+            return 0.0, 0.0
+        kind = self.w.method.codec.compressor.kind
+        raw = self.w.kv_bytes()
+        return self.calib.codec_seconds(kind, "encode", raw), self.calib.codec_seconds(kind, "decode", raw)
+
+    def allgather_seconds(self, nbytes: float, ranks: list[int]) -> float:
+        """gloo ring all-gather of ``nbytes`` per rank: P-1 rounds, each as slow as the slowest ring link."""
+        p = len(ranks)
+        if p < 2:
+            return 0.0
+        slowest = max(self.links.seconds(self.c.links[(ranks[i], ranks[(i + 1) % p])], nbytes) for i in range(p))
+        return (p - 1) * slowest
+
+    def alltoall_seconds(self, nbytes: float, ranks: list[int]) -> float:
+        """Each rank sends nbytes/P to every peer over separate links; the slowest pair gates."""
+        p = len(ranks)
+        if p < 2:
+            return 0.0
+        return max(self.links.seconds(self.c.links[(a, b)], nbytes / p) for a in ranks for b in ranks if a != b) \
+            if p <= 16 else (p - 1) / p * 0 + max(self.links.seconds(self.c.links[(a, ranks[(i + 1) % p])], nbytes / p)
+                                                  for i, a in enumerate(ranks))
+
+    def exchange_seconds(self, warm: bool) -> float:
+        """Communication of one layer for the method (all ranks)."""
+        w, p = self.w, self.w.world
+        payload = w.kv_wire_bytes(warm)
+        everyone = list(range(p))
+        if w.method.comm in ("ring", "patch", "distrifusion"):
+            return self.allgather_seconds(payload, everyone)
+        u, r = (p, 1) if w.method.comm == "ulysses" else self.calib.usp_degrees(w, p)
+        qkv = payload * 3 / 2 * (1 if (warm or not w.method.compressed) else 1)
+        t = 0.0
+        if u > 1:
+            groups = [list(range(g * u, g * u + u)) for g in range(p // u)]
+            t += max(self.alltoall_seconds(qkv, g) + self.alltoall_seconds(payload / 2, g) for g in groups)
+        if r > 1:
+            groups = [list(range(i, p, u)) for i in range(u)]
+            t += max(self.allgather_seconds(payload / u, g) for g in groups)
+        return t
+
+    # --- the event model --------------------------------------------------------------------------------------
+    def run(self) -> Prediction:
+        env = simpy.Environment()
+        w, p, L = self.w, self.w.world, self.w.shape.layers
+        link_res = {k: simpy.Resource(env, capacity=1) for k in self.c.links}
+        stats = dict(compute=0.0, comm=0.0, codec=0.0, bytes=0)
+        timeline: list[tuple[int, str, float, float]] = []
+        arrivals = [env.event() for _ in range(p)]   # per step: everyone reached the collective
+
+        def record(rank, kind, start, end):
+            if self.keep_timeline:
+                timeline.append((rank, kind, start, end))
+
+        def collective(duration: float, used: list[tuple[int, int]]):
+            """A collective holds the links it uses for its duration."""
+            reqs = [link_res[k].request() for k in used]
+            yield env.all_of(reqs)
+            yield env.timeout(duration)
+            for k, r in zip(used, reqs):
+                link_res[k].release(r)
+
+        ring_links = [(i, (i + 1) % p) for i in range(p)] if p > 1 else []
+        pending_async = None
+
+        def step_process(k: int):
+            nonlocal pending_async
+            warm = k < w.warmup_steps
+            local = warm and w.warmup_mode == "local"
+            comp = [self.layer_compute(r, local) for r in range(p)]
+            enc, dec = self.codec_seconds(warm or local)
+            codec = enc + (p - 1) * dec
+            exch = 0.0 if local else self.exchange_seconds(warm)
+            start = env.now
+            if w.method.comm == "distrifusion" and not warm:
+                # compute this step with stale K/V while last step's gather may still be running
+                compute_end = start + L * (max(comp) + codec)
+                if pending_async is not None and not pending_async.triggered:
+                    yield pending_async
+                pending_async = env.process(collective(L * exch, ring_links))
+                yield env.timeout(max(0.0, compute_end - env.now))
+            else:
+                for layer_block in range(1):            # identical layers: one simulated, scaled by L
+                    yield env.timeout(L * (max(comp) + codec))
+                    if exch:
+                        yield env.process(collective(L * exch, ring_links))
+            out = self.allgather_seconds(w.output_bytes(), list(range(p)))
+            if out:
+                yield env.process(collective(out, ring_links))
+            stats["compute"] += L * max(comp)
+            stats["codec"] += L * codec
+            stats["comm"] += (0 if w.method.comm == "distrifusion" and not warm else L * exch) + out
+            stats["bytes"] += int(p * ((p - 1) * L * (0 if local else w.kv_wire_bytes(warm))
+                                       + (p - 1) * w.output_bytes()))
+            for r in range(p):
+                record(r, "compute", start, start + L * comp[r])
+                record(r, "codec", start + L * comp[r], start + L * (comp[r] + codec))
+            record(0, "comm", start + L * (max(comp) + codec), env.now)
+
+        def generation():
+            for k in range(w.steps):
+                yield env.process(step_process(k))
+            if pending_async is not None and not pending_async.triggered:
+                yield pending_async
+
+        env.process(generation())
+        env.run()
+        return Prediction(latency_s=env.now, compute_s=stats["compute"], comm_s=stats["comm"],
+                          codec_s=stats["codec"], bytes_on_wire=stats["bytes"], timeline=timeline)

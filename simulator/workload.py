@@ -1,0 +1,81 @@
+"""What one generation computes and sends: model shape x resolution x batch x method, in tokens and bytes.
+
+A :class:`Workload` is derived from a scenario (the shipped tiny model) or built for published shapes
+(FLUX.1-dev, CogVideoX) so the simulator can predict clusters and models nobody ran here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..kernels.compressors import make_compressor
+from ..testbed.scenario import MethodSpec, Scenario
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A DiT's size: attention layers, hidden width, heads, and bytes per activation element."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    text_tokens: int
+    act_bytes: int = 2            # fp16/bf16 on GPUs; 4 for the tiny model's fp32 CPU runs
+
+
+# Published shapes (diffusers configs): FLUX.1-dev 19 double + 38 single blocks, 24 heads x 128;
+# 1024 px -> 128x128 latents -> 64x64 = 4096 image tokens, 512 T5 tokens.
+FLUX_DEV = ModelShape("flux.1-dev", layers=57, hidden=3072, heads=24, text_tokens=512)
+# CogVideoX-5B: 42 blocks, 48 heads x 64, 226 text tokens; 49 frames 480x720 -> 13 x 30 x 45 = 17550 tokens.
+COGVIDEOX_5B = ModelShape("cogvideox-5b", layers=42, hidden=3072, heads=48, text_tokens=226)
+TINY = ModelShape("tiny_flux_mnist", layers=4, hidden=128, heads=4, text_tokens=4, act_bytes=4)
+SHAPES = {s.name: s for s in (FLUX_DEV, COGVIDEOX_5B, TINY)}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One generation of ``batch`` sequences of ``image_tokens + text_tokens`` on ``world`` ranks."""
+
+    shape: ModelShape
+    image_tokens: int
+    batch: int
+    steps: int
+    world: int
+    method: MethodSpec
+    warmup_steps: int
+    warmup_mode: str
+
+    @property
+    def tokens(self) -> int:
+        return self.image_tokens + self.shape.text_tokens
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens per rank (sequence parallel split), batch folded in."""
+        return self.batch * self.tokens // self.world
+
+    def kv_bytes(self) -> int:
+        """Uncompressed K+V of one rank's shard for one layer."""
+        return 2 * self.local_tokens * self.shape.hidden * self.shape.act_bytes
+
+    def kv_wire_bytes(self, warm: bool) -> int:
+        """What one rank's K+V payload puts on the wire for one layer (compressed unless warm)."""
+        if warm or not self.method.compressed:
+            return self.kv_bytes()
+        comp = make_compressor(self.method.codec.compressor)
+        return 2 * comp.wire_nbytes(self.local_tokens, self.shape.hidden)
+
+    def output_bytes(self) -> int:
+        """The output all-gather of one step: image tokens x latent channels (64 for FLUX, 4 tiny)."""
+        channels = 4 if self.shape is TINY or self.shape.name == TINY.name else 64
+        return self.batch * self.image_tokens // self.world * channels * self.shape.act_bytes
+
+
+def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape = TINY) -> Workload:
+    compressed_or_df = method.compressed or method.comm == "distrifusion"
+    guided = scenario.guidance != 1.0
+    return Workload(shape=shape, image_tokens=(scenario.resolution // 2) ** 2,
+                    batch=len(scenario.labels) * (2 if guided else 1), steps=scenario.steps,
+                    world=scenario.world_size, method=method,
+                    warmup_steps=scenario.warmup.steps if compressed_or_df else 0, warmup_mode=scenario.warmup.mode)

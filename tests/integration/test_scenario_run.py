@@ -1,0 +1,57 @@
+"""`scenario run` end to end: emulated links when root, loopback otherwise; the results folder is complete."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from compactbed.netem.cluster import check_backend, list_namespaces
+from compactbed.testbed.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def write(tmp_path, **extra):
+    data = dict(name="e2e", nodes=2, link={"rate_mbit": 50, "delay_ms": 2}, labels=8, steps=4, guidance=1.0,
+                methods=["ring", "compact-1bit"], warmup={"mode": "local", "steps": 1}, output="out") | extra
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_run_writes_a_complete_results_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    before = {ns for ns in list_namespaces() if ns.startswith("cbed-")} if os.geteuid() == 0 else set()
+    assert main(["run", str(write(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    (results,) = list((tmp_path / "out").iterdir())
+    for name in ("scenario.yaml", "environment.json", "summary.json", "summary.csv", "plots.html",
+                 "reference/seed0.npy"):
+        assert (results / name).is_file(), name
+    summary = json.loads((results / "summary.json").read_text())
+    rows = summary["rows"]
+    emulated = check_backend().backend is not None
+    passes = {"shaped", "bound"} if emulated else {"loopback"}
+    assert {r["links"] for r in rows} == passes and all(r["status"] == "ok" for r in rows)
+    assert "compact-1bit" in out and "ring" in out
+    for r in rows:
+        assert r["bytes_on_wire"] > 0 and r["quality"]["psnr_db"] > 20
+        if r["method"] == "ring":
+            assert r["quality"]["max_abs_diff"] < 1e-4 and r["compression_ratio"] == 1.0
+        else:
+            assert r["compression_ratio"] > 10
+    if emulated:
+        probes = json.loads((results / "links.json").read_text())
+        assert len(probes) == 2 and all(abs(p["rate_error"]) < 0.05 for p in probes)
+        shaped = {r["method"]: r for r in rows if r["links"] == "shaped"}
+        assert all(r["latency_bound_s"] and r["over_bound"] for r in shaped.values())
+        assert {ns for ns in list_namespaces() if ns.startswith("cbed-")} == before   # all torn down
+
+
+def test_no_shaping_flag_runs_on_loopback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(write(tmp_path, methods=["patch"], steps=2)), "--no-shaping"]) == 0
+    (results,) = list((tmp_path / "out").iterdir())
+    rows = json.loads((results / "summary.json").read_text())["rows"]
+    assert [r["links"] for r in rows] == ["loopback"]

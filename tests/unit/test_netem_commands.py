@@ -1,0 +1,78 @@
+"""netem command builders (pure: no root needed) and the delay line's argument parsing."""
+
+import pytest
+
+from compactbed.netem import commands as C
+from compactbed.netem.delay_line import parse
+from compactbed.netem.profiles import LinkSpec
+
+NAMES = C.Names("ab12cd")
+
+
+def flat(cmds):
+    return [" ".join(c) for c in cmds]
+
+
+def test_every_created_name_carries_the_project_prefix_and_run_id():
+    cmds = flat(C.topology_commands(NAMES, 3))
+    created = [c.split()[3] for c in cmds if c.startswith("ip netns add")]
+    assert created == ["cbed-ab12cd-hub", "cbed-ab12cd-n0", "cbed-ab12cd-n1", "cbed-ab12cd-n2"]
+    assert all(("cbed-ab12cd-" in c) for c in cmds)       # every command targets our namespaces only
+    assert not any(c.startswith(("tc ", "iptables ")) for c in cmds)  # never on the host's interfaces
+    assert "ip -n cbed-ab12cd-n1 addr add 198.18.1.2/24 dev nfv" in cmds
+    assert "ip -n cbed-ab12cd-n1 route add default via 198.18.1.1" in cmds
+
+
+def test_netem_backend_puts_everything_in_one_netem_leaf():
+    spec = LinkSpec(rate_mbit=100, delay_ms=10, jitter_ms=2, loss_pct=1)
+    cmds = flat(C.link_commands(NAMES, 4, 1, 3, spec, "netem"))
+    assert any("class replace dev nfh3 parent 1: classid 1:101 htb rate 100.0mbit ceil 100.0mbit burst 32000" in c
+               for c in cmds)
+    assert any("match ip src 198.18.1.0/24 flowid 1:101" in c for c in cmds)
+    leaf = [c for c in cmds if " netem " in c]
+    assert len(leaf) == 1 and "delay 10.0ms 2.0ms loss 1.0% rate 100.0mbit" in leaf[0]
+    assert not any("iptables" in c for c in cmds)
+
+
+def test_fallback_uses_htb_iptables_and_a_queue_per_link():
+    spec = LinkSpec(rate_mbit=1000, delay_ms=5, loss_pct=0.5)
+    cmds = flat(C.link_commands(NAMES, 4, 2, 0, spec, "fallback"))
+    assert any("pfifo" in c for c in cmds) and not any(" netem " in c for c in cmds)
+    drop = [c for c in cmds if "statistic" in c]
+    assert len(drop) == 1 and "-i nfh2 -o nfh0" in drop[0] and "--probability 0.005000 -j DROP" in drop[0]
+    queue = [c for c in cmds if "NFQUEUE" in c]
+    assert len(queue) == 1 and f"--queue-num {C.queue_number(2, 0, 4)} --queue-bypass" in queue[0]
+    assert all(c.startswith("ip netns exec cbed-ab12cd-hub") for c in cmds)
+    assert C.burst_bytes(1000) == 125_000 and C.burst_bytes(10) == 32_000
+
+
+def test_unlimited_and_undelayed_links_add_no_rules():
+    cmds = flat(C.link_commands(NAMES, 2, 0, 1, LinkSpec(), "fallback"))
+    assert not any("iptables" in c for c in cmds)
+    assert any("rate 100gbit" in c for c in cmds)
+
+
+def test_queue_numbers_are_unique_per_directed_link():
+    n = 8
+    qs = {C.queue_number(s, d, n) for s in range(n) for d in range(n) if s != d}
+    assert len(qs) == n * (n - 1)
+    links = {(0, 1): LinkSpec(delay_ms=3, jitter_ms=1), (1, 0): LinkSpec(), (1, 2): LinkSpec(delay_ms=4)}
+    assert C.delay_line_specs(3, links) == [f"{C.queue_number(0, 1, 3)}:3.0:1.0", f"{C.queue_number(1, 2, 3)}:4.0:0.0"]
+
+
+def test_delay_line_parses_and_rejects():
+    assert parse(["3:10:2", "7:0.5"]) == {3: (0.010, 0.002), 7: (0.0005, 0.0)}
+    for bad in ["3", "3:1:2:4", "3:-1"]:
+        with pytest.raises(ValueError):
+            parse([bad])
+
+
+def test_hosts_form_shapes_each_destination_with_real_netem():
+    links = {(0, 1): LinkSpec(rate_mbit=50, delay_ms=20, loss_pct=0.1), (0, 2): LinkSpec(delay_ms=5),
+             (1, 0): LinkSpec(rate_mbit=50)}
+    cmds = flat(C.host_commands(0, ["10.0.0.1", "10.0.0.2", "10.0.0.3"], links, "enp1s0"))
+    assert all(c.startswith("tc ") and "dev enp1s0" in c for c in cmds)
+    assert any("match ip dst 10.0.0.2/32 flowid 1:101" in c for c in cmds)
+    assert any("handle 101: netem limit 100000 delay 20.0ms loss 0.1% rate 50.0mbit" in c for c in cmds)
+    assert any("handle 102: netem limit 100000 delay 5.0ms" in c and "rate" not in c.split("netem")[1] for c in cmds)
+    assert not any("10.0.0.1/32" in c for c in cmds)       # never shapes traffic to itself
