@@ -4,11 +4,14 @@
   compute.csv     one row per (run, rank, step, layer): tokens, kv tokens, hidden, ranks per core, seconds
   codec.csv       one row per (codec, op, bytes): seconds, measured now on this machine by the kernel bench
   links.csv       one row per probed link: configured and measured rate and RTT
+  hops.csv        one row per (run, rank, step) of all-gather methods: hops, RTT, bytes/rate, time blocked
   calibration.json  the fitted coefficients (non-negative least squares) that the simulator uses
 Compute per layer: s = share * (a + b * tokens*hidden^2 + c * tokens*kv_tokens*hidden), share = ranks per
 core on the measured host (4 ranks on 2 cores share 2x). Codec: s = a + b * raw bytes per (codec, op).
 Links: effective rate = configured rate x measured wire efficiency x payload fraction; extra one-way latency
-from the probes' RTT minus the configured delays.
+from the probes' RTT minus the configured delays; one collective hop (gloo) costs
+k_hop + max(k_rtt * RTT, k_bw * bytes / rate) (handshake and transfer overlap), fitted by non-negative
+least squares (scipy) on the measured time blocked on communication.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class Calibration:
     codec: dict[str, tuple[float, float]]          # "1bit/encode" -> (a, b)
     link_efficiency: float = 1.0
     link_overhead_s: float = 0.0
-    collective_overhead_s: float = 0.0
+    hop_rtt_factor: float = 1.0          # one collective hop:
+    hop_bandwidth_factor: float = 1.0    #   s = k_hop + max(k_rtt * RTT, k_bw * bytes / rate)
+    hop_overhead_s: float = 0.0
     sources: list[str] = field(default_factory=list)
 
     # --- queries used by the model ------------------------------------------------------------------------
@@ -66,10 +71,6 @@ class Calibration:
         if spec.rate_mbit is None:
             return None
         return spec.rate_mbit * 1e6 / 8 * self.link_efficiency * PAYLOAD_FRACTION
-
-    @staticmethod
-    def usp_degrees(workload, world: int) -> tuple[int, int]:
-        return workload.ulysses_degree, world // workload.ulysses_degree
 
     # --- files --------------------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
@@ -136,13 +137,11 @@ def codec_points(shapes: list[tuple[int, int]], reps: int = 5) -> list[dict]:
     from ..kernels.spec import CompressorSpec
 
     torch.set_num_threads(1)
-    specs = [CompressorSpec(kind=k) for k in ("1bit", "2bit", "lowrank", "sparse")]
     rows = []
     for n, c in shapes:
-        for r in bench_shape(n, c, torch.float32, torch.device("cpu"), "auto", reps, specs):
+        for kind in ("1bit", "2bit", "lowrank", "sparse"):
+            (r,) = bench_shape(n, c, torch.float32, torch.device("cpu"), "auto", reps, [CompressorSpec(kind=kind)])
             raw = n * c * 4
-            kind = r["codec"].rstrip("0123456789:").removesuffix("lowrank") or "lowrank"
-            kind = "lowrank" if r["codec"].startswith("lowrank") else "sparse" if r["codec"].startswith("sparse") else r["codec"]
             rows.append(dict(codec=kind, op="encode", bytes=raw, seconds=raw / (r["encode_gbps"] * 1e9)))
             rows.append(dict(codec=kind, op="decode", bytes=raw, seconds=raw / (r["decode_gbps"] * 1e9)))
     return rows
@@ -171,6 +170,59 @@ def link_points(results: list[Path]) -> list[dict]:
     return rows
 
 
+def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
+    """Per (run, rank, step) of synchronous all-gather methods: hops, RTT and bytes/rate sums vs the measured
+    time blocked on communication."""
+    from ..testbed.scenario import MethodSpec, parse_scenario
+    from .workload import workload_of
+
+    rows = []
+    for d, job, run, recs in _runs(results):
+        method = MethodSpec.model_validate(job["method"])
+        link_pass = d.parent.parent.name          # results/<stamp>/<pass>/<method>/seed<k>
+        if method.comm not in ("ring", "patch") or link_pass not in ("shaped", "bound"):
+            continue
+        sc = parse_scenario(job["scenario"], str(d))
+        w = workload_of(sc, method)
+        p = sc.world_size
+        links = [sc.link_between(i, (i + 1) % p) for i in range(p)]
+        slow = max(links, key=lambda l: (l.delay_ms, -(l.rate_mbit or 1e9)))
+        rate = None if link_pass == "bound" else calib.effective_rate_bytes(slow)
+        rtt = 2 * (slow.delay_ms / 1e3 + calib.link_overhead_s)
+        layers = w.shape.layers
+        for r in recs:
+            if r["warmup"] == "local":
+                continue
+            warm = r["warmup"] == "sync"
+            rows.append(dict(run=str(d), rank=r["rank"], step=r["step"], rtt_s=rtt,
+                             kv_hops=layers * (p - 1), kv_s=w.kv_wire_bytes(warm) / rate if rate else 0.0,
+                             out_hops=p - 1, out_s=w.output_bytes() / rate if rate else 0.0,
+                             comm_wait_s=r["comm_wait_s"]))
+    return rows
+
+
+def hop_seconds(params, rtt, transfer):
+    """One gloo hop: the RTT-bound handshake and the transfer overlap; k_hop is a fixed cost."""
+    k_rtt, k_bw, k_hop = params
+    return k_hop + np.maximum(k_rtt * rtt, k_bw * transfer)
+
+
+def fit_hops(points: list[dict]) -> tuple[float, float, float]:
+    """Non-negative least squares of the per-step communication time (scipy.optimize.least_squares)."""
+    from scipy.optimize import least_squares
+
+    rtt = np.array([p["rtt_s"] for p in points])
+    y = np.array([p["comm_wait_s"] for p in points])
+
+    def residual(params):
+        pred = np.array([p["kv_hops"] for p in points]) * hop_seconds(params, rtt, np.array([p["kv_s"] for p in points])) \
+            + np.array([p["out_hops"] for p in points]) * hop_seconds(params, rtt, np.array([p["out_s"] for p in points]))
+        return (pred - y) / np.maximum(y, 1e-3)          # relative: short and long steps weigh alike
+
+    fit = least_squares(residual, x0=[1.0, 1.0, 0.001], bounds=([0, 0, 0], [10, 10, 1]))
+    return tuple(float(v) for v in fit.x)
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         path.write_text("")
@@ -195,15 +247,19 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     residual = [max(0.0, ps[0]["wall_s"] - sum(q["seconds"] for q in ps) - ps[0]["comm_wait_s"] - ps[0]["codec_s"])
                 for ps in step_rows.values()]
     device.step_overhead_s = float(np.median(residual))
-    shapes = sorted({(p["tokens"], p["hidden"]) for p in cpoints if p["tokens"] % 8 == 0 or True})[:6]
-    kpoints = codec_points([(max(8, t), h) for t, h in shapes])
+    shapes = sorted({(p["tokens"], p["hidden"]) for p in cpoints})
+    kpoints = codec_points([(max(8, t), h) for t, h in shapes[:: max(1, len(shapes) // 6)]])
     lpoints = link_points(results)
     shaped = [p for p in lpoints if p["configured_rate_mbit"]]
     efficiency = float(np.mean([p["wire_mbit"] / p["configured_rate_mbit"] for p in shaped])) if shaped else 1.0
     overhead = float(np.mean([(p["rtt_ms"] - p["configured_rtt_ms"]) / 2 / 1e3 for p in lpoints])) if lpoints else 0.0
     calib = Calibration(devices={"cpu": device}, codec=fit_codec(kpoints), link_efficiency=efficiency,
                         link_overhead_s=max(0.0, overhead), sources=[str(r) for r in results])
+    hpoints = hop_points(results, calib)
+    if hpoints:
+        calib.hop_rtt_factor, calib.hop_bandwidth_factor, calib.hop_overhead_s = fit_hops(hpoints)
     out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "hops.csv", hpoints)
     _write_csv(out / "compute.csv", cpoints)
     _write_csv(out / "codec.csv", kpoints)
     _write_csv(out / "links.csv", lpoints)

@@ -60,13 +60,15 @@ class LinkModel:
         self.calib = calib
 
     def seconds(self, spec: LinkSpec, nbytes: float) -> float:
-        rate = self.calib.effective_rate_bytes(spec)
-        one_way = spec.delay_ms / 1e3 + self.calib.link_overhead_s
+        """One collective hop of ``nbytes``: fixed cost + max(RTT-bound handshake, transfer), calibrated."""
+        c = self.calib
+        rate = c.effective_rate_bytes(spec)
+        rtt = 2 * (spec.delay_ms / 1e3 + c.link_overhead_s)
         if spec.loss_pct > 0:
-            rtt = max(2 * one_way, 1e-4)
-            mathis = 1.22 * MSS_BYTES / (rtt * math.sqrt(spec.loss_pct / 100))
+            mathis = 1.22 * MSS_BYTES / (max(rtt, 1e-4) * math.sqrt(spec.loss_pct / 100))
             rate = min(rate, mathis) if rate else mathis
-        return one_way + (nbytes / rate if rate else 0.0)
+        transfer = nbytes / rate if rate else 0.0
+        return c.hop_overhead_s + max(c.hop_rtt_factor * rtt, c.hop_bandwidth_factor * transfer)
 
 
 class Simulator:
@@ -103,13 +105,15 @@ class Simulator:
         return (p - 1) * slowest
 
     def alltoall_seconds(self, nbytes: float, ranks: list[int]) -> float:
-        """Each rank sends nbytes/P to every peer over separate links; the slowest pair gates."""
+        """Each rank sends nbytes/P to every peer over separate links; the slowest of a rank's P-1 sends
+        gates. Homogeneous groups are evaluated on one ring of pairs (O(P)), others on all pairs."""
         p = len(ranks)
         if p < 2:
             return 0.0
-        return max(self.links.seconds(self.c.links[(a, b)], nbytes / p) for a in ranks for b in ranks if a != b) \
-            if p <= 16 else (p - 1) / p * 0 + max(self.links.seconds(self.c.links[(a, ranks[(i + 1) % p])], nbytes / p)
-                                                  for i, a in enumerate(ranks))
+        pairs = ([(a, ranks[(i + 1) % p]) for i, a in enumerate(ranks)]
+                 if len({self.c.links[(a, b)] for a in ranks[:2] for b in ranks[:3] if a != b}) <= 1 and p > 16
+                 else [(a, b) for a in ranks for b in ranks if a != b])
+        return max(self.links.seconds(self.c.links[k], nbytes / p) for k in pairs)
 
     def exchange_seconds(self, warm: bool) -> float:
         """Communication of one layer for the method (all ranks)."""
@@ -118,8 +122,8 @@ class Simulator:
         everyone = list(range(p))
         if w.method.comm in ("ring", "patch", "distrifusion"):
             return self.allgather_seconds(payload, everyone)
-        u, r = (p, 1) if w.method.comm == "ulysses" else self.calib.usp_degrees(w, p)
-        qkv = payload * 3 / 2 * (1 if (warm or not w.method.compressed) else 1)
+        u, r = (p, 1) if w.method.comm == "ulysses" else (w.ulysses_degree, p // w.ulysses_degree)
+        qkv = payload * 3 / 2                    # Q, K, V in; the output (one tensor) comes back
         t = 0.0
         if u > 1:
             groups = [list(range(g * u, g * u + u)) for g in range(p // u)]
@@ -177,6 +181,8 @@ class Simulator:
             out = self.allgather_seconds(w.output_bytes(), list(range(p)))
             if out:
                 yield env.process(collective(out, ring_links))
+            overhead = self.calib.devices[self.c.device].step_overhead_s * self.calib.share(p, self.c.device)
+            yield env.timeout(overhead)
             stats["compute"] += L * max(comp)
             stats["codec"] += L * codec
             stats["comm"] += (0 if w.method.comm == "distrifusion" and not warm else L * exch) + out

@@ -45,6 +45,7 @@ class Workload:
     method: MethodSpec
     warmup_steps: int
     warmup_mode: str
+    ulysses_degree: int = 1
 
     @property
     def tokens(self) -> int:
@@ -68,14 +69,29 @@ class Workload:
 
     def output_bytes(self) -> int:
         """The output all-gather of one step: image tokens x latent channels (64 for FLUX, 4 tiny)."""
-        channels = 4 if self.shape is TINY or self.shape.name == TINY.name else 64
+        channels = 4 if self.shape.name == TINY.name else 64
         return self.batch * self.image_tokens // self.world * channels * self.shape.act_bytes
 
 
-def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape = TINY) -> Workload:
+def shape_of(scenario: Scenario) -> ModelShape:
+    if scenario.model.path is None and scenario.model.name in SHAPES:
+        return SHAPES[scenario.model.name]
+    if scenario.model.path is None:
+        raise ValueError(f"no shape known for model {scenario.model.name!r}; known: {', '.join(SHAPES)}")
+    return TINY
+
+
+def image_tokens(shape: ModelShape, resolution: int) -> int:
+    """Tokens of one image: pixel space 2x2 patches for the tiny model; VAE /8 then 2x2 patches otherwise."""
+    return (resolution // 2) ** 2 if shape.name == TINY.name else (resolution // 16) ** 2
+
+
+def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape | None = None) -> Workload:
+    shape = shape or shape_of(scenario)
     compressed_or_df = method.compressed or method.comm == "distrifusion"
     guided = scenario.guidance != 1.0
-    return Workload(shape=shape, image_tokens=(scenario.resolution // 2) ** 2,
+    return Workload(shape=shape, image_tokens=image_tokens(shape, scenario.resolution),
+                    ulysses_degree=scenario.degrees(method)[0],
                     batch=len(scenario.labels) * (2 if guided else 1), steps=scenario.steps,
                     world=scenario.world_size, method=method,
                     warmup_steps=scenario.warmup.steps if compressed_or_df else 0, warmup_mode=scenario.warmup.mode)

@@ -83,18 +83,64 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _calibration(args):
+    from ..simulator.calibration import Calibration
+
+    return Calibration.load(Path(args.calibration) if args.calibration else None)
+
+
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
-    load_scenario(args.scenario)
-    _not_yet("predict")
-    return 1
+    from ..simulator.predict import UNCOMPRESSED_BASELINE, predict
+
+    scenario = load_scenario(args.scenario)
+    calib = _calibration(args)
+    if args.device not in calib.devices:
+        raise CommandError(f"no compute profile {args.device!r} in the calibration; known: {', '.join(calib.devices)}")
+    rows, _ = predict(scenario, calib, args.device)
+    t = Table(title=f"{scenario.name}: predicted ({scenario.world_size} ranks, device profile {args.device})")
+    for col in ("method", "latency s", f"vs {UNCOMPRESSED_BASELINE}", "vs distrifusion", "bound s", "x bound",
+                "compute s", "comm s", "codec s", "MB on wire", "ratio"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        t.add_row(r.method, f"{r.latency_s:.2f}", "-" if r.speedup_vs_uncompressed is None else f"{r.speedup_vs_uncompressed:.2f}x",
+                  "-" if r.speedup_vs_distrifusion is None else f"{r.speedup_vs_distrifusion:.2f}x", f"{r.bound_s:.2f}",
+                  f"{r.latency_s / r.bound_s:.2f}", f"{r.compute_s:.2f}", f"{r.comm_s:.2f}", f"{r.codec_s:.2f}",
+                  f"{r.bytes_on_wire / 1e6:.2f}", f"{r.bytes_uncompressed / max(r.bytes_on_wire, 1):.1f}")
+    console.print(t)
+    return 0
 
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
+    from ..simulator.calibration import calibrate
+
     missing = [p for p in args.results if not Path(p).exists()]
     if missing:
         raise CommandError(f"no such results folder: {missing[0]}")
-    _not_yet("calibrate")
-    return 1
+    try:
+        calibrate([Path(p) for p in args.results], Path(args.out), log=console.print)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    return 0
+
+
+def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
+    from ..simulator.predict import mape, validate
+
+    missing = [p for p in args.results if not Path(p).exists()]
+    if missing:
+        raise CommandError(f"no such results folder: {missing[0]}")
+    cases = validate([Path(p) for p in args.results], _calibration(args), args.device)
+    if not cases:
+        raise CommandError("no measured emulated runs in those folders")
+    t = Table(title="simulator vs measured (held-out runs: not used for calibration)")
+    for col in ("results", "links", "method", "ranks", "measured s", "predicted s", "error"):
+        t.add_column(col, justify="left" if col in ("results", "method", "links") else "right")
+    for c in cases:
+        t.add_row(Path(c.results).parent.name + "/" + Path(c.results).name, c.links, c.method, str(c.world),
+                  f"{c.measured_s:.2f}", f"{c.predicted_s:.2f}", f"{c.error:+.1%}")
+    console.print(t)
+    console.print(f"MAPE over {len(cases)} cases: {mape(cases):.1%}")
+    return 0
 
 
 def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
@@ -149,12 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the SimPy model for any node count, link mix and model size and print "
                                    "the same table `scenario run` prints, predicted.")
     s.add_argument("scenario")
+    s.add_argument("--calibration", help="calibration folder (default: the shipped one)")
+    s.add_argument("--device", default="cpu", help="compute profile in the calibration (default: cpu)")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("simcheck", help="compare simulator predictions with measured runs (per case + MAPE)",
+                       description="Predict every measured method run in the results folders and print the "
+                                   "per-case error and the mean absolute percentage error.")
+    s.add_argument("results", nargs="+")
+    s.add_argument("--calibration", help="calibration folder (default: the shipped one)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_simcheck)
 
     s = sub.add_parser("calibrate", help="fit the simulator's compute, codec and link models from measured runs",
                        description="Read results folders written by `scenario run` and write calibration data "
                                    "files (CSV/JSON) for the simulator.")
     s.add_argument("results", nargs="+", help="results folders")
+    s.add_argument("--out", default="calibration", help="output folder (default: ./calibration)")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("dashboard", help="start the Dash app (what-if explorer and measured results) on localhost",

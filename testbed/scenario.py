@@ -223,6 +223,17 @@ class Scenario(_Strict):
         if a2a and self.warmup.mode == "local":
             raise ValueError(f"warmup mode 'local' seeds ring/patch K/V bases only; compressed all-to-all methods "
                              f"({', '.join(a2a)}) need warmup mode 'sync'")
+        if self.model.path is None and self.model.name == "tiny_flux_mnist":
+            image, text, heads = (self.resolution // 2) ** 2, 4, 4
+            for m in self.methods:
+                u, r = self.degrees(m)
+                if image % (u * r) or text % (u * r):
+                    raise ValueError(f"method {m.name}: {image} image and {text} label tokens must divide by the "
+                                     f"sequence-parallel degree {u * r} (choose 1, 2 or 4 nodes, or another "
+                                     f"resolution)")
+                if heads % u:
+                    raise ValueError(f"method {m.name}: the tiny model's {heads} heads must divide by the "
+                                     f"Ulysses degree {u}")
         hosts = [x.host for x in self.nodes if x.host]
         if hosts and len(hosts) != n:
             raise ValueError("either every node has a `host` (real machines) or none does (emulation)")

@@ -1,0 +1,98 @@
+"""Predictions for scenarios, and validation of predictions against measured results folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..testbed.scenario import Scenario, parse_scenario
+from .calibration import Calibration
+from .model import Cluster, Prediction, Simulator
+from .workload import workload_of
+
+UNCOMPRESSED_BASELINE = "ring"
+
+
+def cluster_of(scenario: Scenario, device: str = "cpu", unlimited_rate: bool = False) -> Cluster:
+    n = scenario.world_size
+    links = {(i, j): scenario.link_between(i, j) for i in range(n) for j in range(n) if i != j}
+    if unlimited_rate:
+        links = {k: v.model_copy(update={"rate_mbit": None}) for k, v in links.items()}
+    return Cluster(tuple(node.compute_scale for node in scenario.nodes), links, device)
+
+
+@dataclass
+class PredictedRow:
+    method: str
+    latency_s: float
+    bound_s: float
+    compute_s: float
+    comm_s: float
+    codec_s: float
+    bytes_on_wire: int
+    bytes_uncompressed: int
+    speedup_vs_uncompressed: float | None = None
+    speedup_vs_distrifusion: float | None = None
+
+
+def predict(scenario: Scenario, calib: Calibration, device: str = "cpu", timeline: bool = False
+            ) -> tuple[list[PredictedRow], dict[str, Prediction]]:
+    rows, details = [], {}
+    shaped, bound = cluster_of(scenario, device), cluster_of(scenario, device, unlimited_rate=True)
+    for method in scenario.methods:
+        w = workload_of(scenario, method)
+        p = Simulator(w, shaped, calib, timeline=timeline).run()
+        b = Simulator(w, bound, calib).run()
+        raw = Simulator(workload_of(scenario, method.model_copy(update={"codec": None})), bound, calib).run()
+        details[method.name] = p
+        rows.append(PredictedRow(method.name, p.latency_s, b.latency_s, p.compute_s, p.comm_s, p.codec_s,
+                                 p.bytes_on_wire, raw.bytes_on_wire))
+    by = {r.method: r for r in rows}
+    for r in rows:
+        if UNCOMPRESSED_BASELINE in by:
+            r.speedup_vs_uncompressed = by[UNCOMPRESSED_BASELINE].latency_s / r.latency_s
+        if "distrifusion" in by:
+            r.speedup_vs_distrifusion = by["distrifusion"].latency_s / r.latency_s
+    return rows, details
+
+
+@dataclass
+class Case:
+    """One measured method run and its prediction."""
+
+    results: str
+    links: str
+    method: str
+    world: int
+    measured_s: float
+    predicted_s: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted_s / self.measured_s - 1
+
+
+def validate(results: list[Path], calib: Calibration, device: str = "cpu") -> list[Case]:
+    """Predict every measured (pass, method) run under the results folders; errors per case."""
+    cases = []
+    for root in results:
+        for summary in sorted(Path(root).rglob("summary.json")):
+            folder = summary.parent
+            scenario = parse_scenario(yaml.safe_load((folder / "scenario.yaml").read_text()), str(folder))
+            methods = {m.name: m for m in scenario.methods}
+            for row in json.loads(summary.read_text())["rows"]:
+                if row["status"] != "ok" or row["links"] == "loopback":
+                    continue
+                cluster = cluster_of(scenario, device, unlimited_rate=row["links"] == "bound")
+                pred = Simulator(workload_of(scenario, methods[row["method"]]), cluster, calib).run()
+                cases.append(Case(str(folder), row["links"], row["method"], scenario.world_size,
+                                  row["latency_s"], pred.latency_s))
+    return cases
+
+
+def mape(cases: list[Case]) -> float:
+    return float(np.mean([abs(c.error) for c in cases])) if cases else float("nan")
