@@ -37,6 +37,8 @@ class Cluster:
     compute_scale: tuple[float, ...]
     links: dict[tuple[int, int], LinkSpec]
     device: str = "cpu"
+    shared_uplink: bool = False   # True: a node's sends to all peers share one NIC (real hosts); False: every
+                                  # directed link is independent (the emulated hub topology)
 
     @property
     def world(self) -> int:
@@ -56,8 +58,8 @@ class Prediction:
 class LinkModel:
     """Transfer time of a message over one directed link, from calibrated rate/latency."""
 
-    def __init__(self, calib: Calibration):
-        self.calib = calib
+    def __init__(self, calib: Calibration, device: str = "cpu"):
+        self.calib, self.hop_overhead = calib, calib.hop_overhead(device)
 
     def seconds(self, spec: LinkSpec, nbytes: float) -> float:
         """One collective hop of ``nbytes``: fixed cost + max(RTT-bound handshake, transfer), calibrated."""
@@ -68,7 +70,7 @@ class LinkModel:
             mathis = 1.22 * MSS_BYTES / (max(rtt, 1e-4) * math.sqrt(spec.loss_pct / 100))
             rate = min(rate, mathis) if rate else mathis
         transfer = nbytes / rate if rate else 0.0
-        return c.hop_overhead_s + max(c.hop_rtt_factor * rtt, c.hop_bandwidth_factor * transfer)
+        return self.hop_overhead + max(c.hop_rtt_factor * rtt, c.hop_bandwidth_factor * transfer)
 
 
 class Simulator:
@@ -77,7 +79,7 @@ class Simulator:
     def __init__(self, workload: Workload, cluster: Cluster, calib: Calibration, timeline: bool = False):
         if cluster.world != workload.world:
             raise ValueError(f"cluster has {cluster.world} ranks, workload {workload.world}")
-        self.w, self.c, self.calib, self.links = workload, cluster, calib, LinkModel(calib)
+        self.w, self.c, self.calib, self.links = workload, cluster, calib, LinkModel(calib, cluster.device)
         self.keep_timeline = timeline
 
     # --- per-layer costs --------------------------------------------------------------------------------------
@@ -94,7 +96,8 @@ class Simulator:
             return 0.0, 0.0
         kind = self.w.method.codec.compressor.kind
         raw = self.w.kv_bytes()
-        return self.calib.codec_seconds(kind, "encode", raw), self.calib.codec_seconds(kind, "decode", raw)
+        dev = self.c.device
+        return self.calib.codec_seconds(kind, "encode", raw, dev), self.calib.codec_seconds(kind, "decode", raw, dev)
 
     def allgather_seconds(self, nbytes: float, ranks: list[int]) -> float:
         """gloo ring all-gather of ``nbytes`` per rank: P-1 rounds, each as slow as the slowest ring link."""
@@ -113,7 +116,8 @@ class Simulator:
         pairs = ([(a, ranks[(i + 1) % p]) for i, a in enumerate(ranks)]
                  if len({self.c.links[(a, b)] for a in ranks[:2] for b in ranks[:3] if a != b}) <= 1 and p > 16
                  else [(a, b) for a in ranks for b in ranks if a != b])
-        return max(self.links.seconds(self.c.links[k], nbytes / p) for k in pairs)
+        share = (p - 1) if self.c.shared_uplink else 1          # P-1 sends through one NIC
+        return max(self.links.seconds(self.c.links[k], share * nbytes / p) for k in pairs)
 
     def exchange_seconds(self, warm: bool) -> float:
         """Communication of one layer for the method (all ranks)."""
@@ -191,7 +195,8 @@ class Simulator:
             for r in range(p):
                 record(r, "compute", start, start + L * comp[r])
                 record(r, "codec", start + L * comp[r], start + L * (comp[r] + codec))
-            record(0, "comm", start + L * (max(comp) + codec), env.now)
+            for r in range(p):
+                record(r, "comm", start + L * (max(comp) + codec), env.now)
 
         def generation():
             for k in range(w.steps):

@@ -23,14 +23,6 @@ class CommandError(RuntimeError):
     """A job could not be done; the message is the reason shown to the user."""
 
 
-class NotYetAvailable(CommandError):
-    """A subcommand whose implementation has not landed yet."""
-
-
-def _not_yet(what: str) -> None:
-    raise NotYetAvailable(f"`scenario {what}` is not available in this version yet")
-
-
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     for path in args.scenarios:
         s = load_scenario(path)
@@ -144,8 +136,17 @@ def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
-    _not_yet("dashboard")
-    return 1
+    from ..dashboards.app import create_app
+
+    missing = [p for p in args.results if not Path(p).exists()]
+    if missing:
+        raise CommandError(f"no such results folder: {missing[0]}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] serving on {args.host}: reachable from other machines")
+    app = create_app([Path(p) for p in args.results], _calibration(args))
+    console.print(f"dashboard on http://{args.host}:{args.port}/ (Ctrl-C to stop)")
+    app.run(host=args.host, port=args.port, debug=False)
+    return 0
 
 
 def cmd_netem(args: argparse.Namespace, console: Console) -> int:
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve the dashboard on 127.0.0.1.")
     s.add_argument("results", nargs="*", help="results folders to browse")
     s.add_argument("--port", type=int, default=8050)
+    s.add_argument("--host", default="127.0.0.1", help="address to serve on (default: localhost only)")
+    s.add_argument("--calibration", help="simulator calibration folder (default: the shipped one)")
     s.set_defaults(func=cmd_dashboard)
 
     s = sub.add_parser("netem", help="link emulation: backend check, profiles, cleanup",

@@ -1,0 +1,127 @@
+"""Measured results browser: pure functions over results folders written by ``scenario run`` (no Dash here)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import yaml
+from plotly.subplots import make_subplots
+
+from ..simulator.calibration import Calibration
+from ..simulator.model import Simulator
+from ..simulator.predict import cluster_of
+from ..simulator.workload import workload_of
+from ..testbed.scenario import parse_scenario
+
+
+@dataclass
+class ResultsFolder:
+    """One ``<output>/<timestamp>/`` folder and its summary rows."""
+
+    path: Path
+    scenario: dict
+    rows: list[dict]
+
+    @property
+    def label(self) -> str:
+        return f"{self.scenario.get('name', '?')} / {self.path.name}"
+
+
+def find_results(roots: list[Path]) -> list[ResultsFolder]:
+    """Every results folder (one with summary.json) under the given roots, newest first."""
+    found = []
+    for root in roots:
+        for summary in Path(root).rglob("summary.json"):
+            folder = summary.parent
+            try:
+                rows = json.loads(summary.read_text())["rows"]
+                scenario = yaml.safe_load((folder / "scenario.yaml").read_text())
+            except (OSError, ValueError, KeyError, yaml.YAMLError):
+                continue
+            found.append(ResultsFolder(folder, scenario, rows))
+    return sorted(found, key=lambda r: r.path.name, reverse=True)
+
+
+def _ok(rows, links=None):
+    return [r for r in rows if r["status"] == "ok" and (links is None or r["links"] == links)]
+
+
+def latency_figure(folder: ResultsFolder) -> go.Figure:
+    fig = go.Figure()
+    for links in sorted({r["links"] for r in folder.rows}):
+        rows = _ok(folder.rows, links)
+        fig.add_bar(x=[r["method"] for r in rows], y=[r["latency_s"] for r in rows], name=links)
+    fig.update_layout(title="latency per method (s)", barmode="group", height=330, margin=dict(t=50, b=40))
+    return fig
+
+
+def breakdown_figure(folder: ResultsFolder, links: str) -> go.Figure:
+    rows = _ok(folder.rows, links)
+    fig = go.Figure()
+    for label, key in (("compute", "compute_s"), ("blocked on communication", "comm_wait_s"), ("codec", "codec_s")):
+        fig.add_bar(x=[r["method"] for r in rows], y=[r[key] for r in rows], name=label)
+    fig.update_layout(title=f"time per rank, {links} links (s)", barmode="stack", height=330, margin=dict(t=50, b=40))
+    return fig
+
+
+def bytes_figure(folder: ResultsFolder, links: str) -> go.Figure:
+    rows = _ok(folder.rows, links)
+    fig = go.Figure(go.Bar(x=[r["method"] for r in rows], y=[r["bytes_on_wire"] / 1e6 for r in rows],
+                           text=[f"{r['compression_ratio']:.1f}x" for r in rows], textposition="outside"))
+    fig.update_layout(title="MB on the wire (all ranks; label: compression ratio)", height=330, margin=dict(t=50, b=40))
+    return fig
+
+
+def pareto_figure(folder: ResultsFolder, links: str) -> go.Figure:
+    """Quality (PSNR vs the single-process reference) against latency; exact methods capped for display."""
+    rows = _ok(folder.rows, links)
+    psnr = [min(r["quality"]["psnr_db"], 60.0) for r in rows]
+    fig = go.Figure(go.Scatter(x=[r["latency_s"] for r in rows], y=psnr, mode="markers+text",
+                               text=[r["method"] for r in rows], textposition="top center", marker_size=12))
+    fig.update_layout(title="quality vs latency (PSNR capped at 60 dB = exact)", xaxis_title="latency (s)",
+                      yaxis_title="PSNR (dB)", height=360, margin=dict(t=50, b=40))
+    return fig
+
+
+def predicted_vs_measured(folder: ResultsFolder, calib: Calibration) -> tuple[go.Figure, list[dict]]:
+    """Simulator prediction for every measured row, the per-case error, and an overlay figure."""
+    scenario = parse_scenario(folder.scenario, str(folder.path))
+    methods = {m.name: m for m in scenario.methods}
+    cases = []
+    for r in _ok(folder.rows):
+        if r["links"] == "loopback" or r["method"] not in methods:
+            continue
+        cluster = cluster_of(scenario, unlimited_rate=r["links"] == "bound")
+        pred = Simulator(workload_of(scenario, methods[r["method"]]), cluster, calib).run().latency_s
+        cases.append(dict(method=r["method"], links=r["links"], measured_s=r["latency_s"], predicted_s=pred,
+                          error=pred / r["latency_s"] - 1))
+    fig = go.Figure()
+    for key, name in (("measured_s", "measured"), ("predicted_s", "predicted")):
+        fig.add_bar(x=[f"{c['method']} ({c['links']})" for c in cases], y=[c[key] for c in cases], name=name)
+    mape = float(np.mean([abs(c["error"]) for c in cases])) if cases else float("nan")
+    fig.update_layout(title=f"predicted vs measured latency (MAPE {mape:.1%})", barmode="group", height=360,
+                      margin=dict(t=50, b=80))
+    return fig, cases
+
+
+def samples_figure(folder: ResultsFolder, links: str, count: int = 8) -> go.Figure:
+    """The first generated images of every method beside the single-process reference."""
+    seed = min({r["seed"] for r in folder.rows} or {0})
+    panels = [("reference", folder.path / "reference" / f"seed{seed}.npy")]
+    panels += [(r["method"], folder.path / links / r["method"] / f"seed{seed}" / "images.npy")
+               for r in _ok(folder.rows, links) if r["seed"] == seed]
+    panels = [(n, p) for n, p in panels if p.is_file()]
+    fig = make_subplots(rows=len(panels) or 1, cols=1, subplot_titles=[n for n, _ in panels], vertical_spacing=0.04)
+    for i, (_, path) in enumerate(panels, start=1):
+        imgs = np.load(path)[:count, 0]
+        strip = np.concatenate(list(imgs), axis=1)
+        fig.add_heatmap(z=strip[::-1], colorscale="gray", showscale=False, zmin=-1, zmax=1, row=i, col=1)
+        fig.update_xaxes(visible=False, row=i, col=1)
+        fig.update_yaxes(visible=False, row=i, col=1)
+    fig.update_layout(title="samples (same seed) beside the single-process reference",
+                      height=90 * max(len(panels), 1) + 60, margin=dict(t=60, b=10, l=10, r=10))
+    return fig

@@ -1,0 +1,112 @@
+"""What-if explorer: pure functions from control values to simulator answers and figures (no Dash here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import plotly.graph_objects as go
+
+from ..netem.profiles import named_profiles
+from ..simulator.calibration import Calibration
+from ..simulator.model import Prediction
+from ..simulator.predict import PredictedRow, predict
+from ..testbed.scenario import METHOD_PRESETS, Scenario, ScenarioError, parse_scenario
+
+MODELS = {"tiny_flux_mnist": 16, "flux.1-dev": 1024, "cogvideox-5b": 720}    # default resolution per model
+COMPARED = ["ring", "patch", "distrifusion", "ulysses", "compact-1bit", "compact-2bit", "compact-lowrank"]
+CURVE_RATES_MBIT = [10, 25, 50, 100, 250, 500, 1000, 2500, 10_000]
+
+
+@dataclass
+class WhatIf:
+    """The explorer's controls."""
+
+    nodes: int = 4
+    profile: str = "edge_100m_10ms"       # a named profile, or "custom"
+    rate_mbit: float | None = 100
+    delay_ms: float = 10
+    jitter_ms: float = 0
+    loss_pct: float = 0
+    model: str = "tiny_flux_mnist"
+    resolution: int = 16
+    images: int = 128
+    steps: int = 20
+    method: str = "compact-1bit"
+    warmup: str = "local"
+    device: str = "cpu"
+
+    def link(self) -> dict | str:
+        if self.profile != "custom":
+            return self.profile
+        return {"rate_mbit": self.rate_mbit or None, "delay_ms": self.delay_ms, "jitter_ms": self.jitter_ms,
+                "loss_pct": self.loss_pct}
+
+
+def scenario_of(w: WhatIf, methods: list[str] | None = None, link=None) -> Scenario:
+    """The controls as a validated scenario; raises ScenarioError with a readable message."""
+    if w.model not in MODELS:
+        raise ScenarioError(f"model: choose one of {', '.join(MODELS)}")
+    methods = methods or list(dict.fromkeys([w.method, "ring", "distrifusion"]))
+    if w.method not in METHOD_PRESETS:
+        raise ScenarioError(f"method: choose one of {', '.join(METHOD_PRESETS)}")
+    data = dict(name="whatif", nodes=w.nodes, link=link if link is not None else w.link(),
+                model={"name": w.model}, resolution=w.resolution, labels=w.images, steps=w.steps, guidance=1.0,
+                methods=methods, warmup={"mode": w.warmup, "steps": 1})
+    return parse_scenario(data, "what-if")
+
+
+def answer(w: WhatIf, calib: Calibration) -> tuple[list[PredictedRow], Prediction]:
+    """Predicted table rows for the chosen method and its baselines, and the chosen method's detail."""
+    if w.device not in calib.devices:
+        raise ScenarioError(f"device: no compute profile {w.device!r}; known: {', '.join(calib.devices)}")
+    sc = scenario_of(w)
+    rows, details = predict(sc, calib, w.device, timeline=True)
+    return rows, details[w.method]
+
+
+def timeline_figure(pred: Prediction, steps: int, ranks: int = 8, steps_shown: int = 3) -> go.Figure:
+    """Per-rank Gantt of the first steps: compute / codec / communication."""
+    colors = {"compute": "#4c78a8", "codec": "#f58518", "comm": "#e45756"}
+    horizon = pred.latency_s * min(steps_shown, steps) / steps
+    fig = go.Figure()
+    for kind, color in colors.items():
+        bars = [(r, s, e) for r, k, s, e in pred.timeline if k == kind and r < ranks and e > s and s < horizon]
+        fig.add_bar(y=[f"rank {r}" for r, _, _ in bars], x=[e - s for _, s, e in bars],
+                    base=[s for _, s, _ in bars], orientation="h", name=kind, marker_color=color)
+    fig.update_layout(title=f"per-rank timeline, first {min(steps_shown, steps)} steps", barmode="overlay",
+                      xaxis_title="seconds", xaxis_range=[0, horizon], height=320,
+                      margin=dict(l=60, r=20, t=50, b=40))
+    return fig
+
+
+def bandwidth_curves(w: WhatIf, calib: Calibration, rates=CURVE_RATES_MBIT) -> go.Figure:
+    """Speedup over uncompressed ring vs link rate, every method, the chosen delay/jitter/loss kept."""
+    base = named_profiles().get(w.profile) if w.profile != "custom" else None
+    delay = base.delay_ms if base else w.delay_ms
+    jitter = base.jitter_ms if base else w.jitter_ms
+    loss = base.loss_pct if base else w.loss_pct
+    methods = [m for m in COMPARED if not (m == "ulysses" and (w.nodes > 4 or 4 % w.nodes))]
+    curves = {m: [] for m in methods}
+    for rate in rates:
+        sc = scenario_of(w, methods=methods, link={"rate_mbit": rate, "delay_ms": delay, "jitter_ms": jitter,
+                                                   "loss_pct": loss})
+        rows, _ = predict(sc, calib, w.device)
+        for r in rows:
+            curves[r.method].append(r.speedup_vs_uncompressed)
+    fig = go.Figure()
+    for m, ys in curves.items():
+        fig.add_scatter(x=list(rates), y=ys, mode="lines+markers", name=m)
+    fig.update_layout(title=f"speedup over uncompressed ring vs link rate ({w.nodes} nodes, {delay:g} ms)",
+                      xaxis_title="link rate (Mbit/s)", yaxis_title="speedup", xaxis_type="log", height=360,
+                      margin=dict(l=60, r=20, t=50, b=40))
+    return fig
+
+
+def summary_text(rows: list[PredictedRow], method: str) -> dict[str, str]:
+    by = {r.method: r for r in rows}
+    r = by[method]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}x"   # noqa: E731
+    return {"latency": f"{r.latency_s:.2f} s", "vs_ring": fmt(r.speedup_vs_uncompressed),
+            "vs_distrifusion": fmt(r.speedup_vs_distrifusion),
+            "bytes": f"{r.bytes_on_wire / 1e6:.1f} MB ({r.bytes_uncompressed / max(r.bytes_on_wire, 1):.1f}x less than uncompressed)",
+            "breakdown": f"compute {r.compute_s:.2f} s, communication {r.comm_s:.2f} s, codec {r.codec_s:.2f} s"}

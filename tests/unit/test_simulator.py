@@ -1,0 +1,122 @@
+"""The SimPy model: byte counts agree with the runtime's accounting, costs move the right way with links,
+nodes and methods, and calibration files round-trip."""
+
+import math
+
+import pytest
+
+from compactbed.netem.profiles import LinkSpec
+from compactbed.simulator.calibration import Calibration, DeviceProfile, fit_hops, hop_seconds
+from compactbed.simulator.model import Cluster, Simulator
+from compactbed.simulator.predict import cluster_of, predict
+from compactbed.simulator.workload import FLUX_DEV, workload_of
+from compactbed.testbed.scenario import METHOD_PRESETS, parse_scenario
+
+CALIB = Calibration(devices={"cpu": DeviceProfile(a=1e-4, b=1e-11, c=1e-11, step_overhead_s=1e-3, cores=2)},
+                    codec={"1bit/encode": (1e-5, 1e-10), "1bit/decode": (1e-5, 5e-11),
+                           "2bit/encode": (1e-5, 1.2e-10), "2bit/decode": (1e-5, 6e-11)},
+                    hop_rtt_factor=1.0, hop_bandwidth_factor=1.0, hop_overhead_s=1e-3)
+
+
+def sc(**kw):
+    data = dict(name="s", nodes=4, link={"rate_mbit": 100, "delay_ms": 10}, labels=32, steps=10, guidance=1.0,
+                methods=["ring", "patch", "distrifusion", "compact-1bit", "compact-2bit"]) | kw
+    return parse_scenario(data, "s")
+
+
+def run(scenario, method, **cluster_kw):
+    return Simulator(workload_of(scenario, METHOD_PRESETS[method]), cluster_of(scenario, **cluster_kw), CALIB).run()
+
+
+def test_predicted_bytes_equal_the_runtimes_exact_accounting():
+    """Same formula the integration test asserts on real runs: (P-1) x layers x K/V shard + output gather."""
+    s = sc(labels=8, steps=3, guidance=1.5)
+    b, tokens = 16, 68 // 4
+    kv = 2 * b * tokens * 128 * 4
+    gather = b * 16 * 4 * 4 * 3
+    per_rank_step = 3 * 4 * kv + gather
+    assert run(s, "ring").bytes_on_wire == 4 * 3 * per_rank_step
+
+
+def test_compression_wins_on_slow_links_and_not_without_them():
+    slow = sc(labels=128, warmup={"mode": "local", "steps": 1})
+    fast = sc(link={"rate_mbit": None, "delay_ms": 0})
+    assert run(slow, "compact-1bit").latency_s * 2.5 < run(slow, "ring").latency_s
+    assert run(fast, "compact-1bit").latency_s >= run(fast, "ring").latency_s * 0.95
+    assert run(slow, "compact-2bit").bytes_on_wire > run(slow, "compact-1bit").bytes_on_wire
+
+
+def test_small_payloads_are_latency_bound():
+    """32 images: each of the 15 hops per step pays an RTT; compressing further buys little."""
+    s = sc(warmup={"mode": "local", "steps": 1})
+    c1 = predict(s, CALIB)[0]
+    by = {r.method: r for r in c1}
+    assert by["compact-1bit"].latency_s < 1.05 * by["compact-1bit"].bound_s      # the rate no longer matters
+    assert by["compact-1bit"].comm_s > 0.5 * by["compact-1bit"].latency_s        # the delay does
+
+
+def test_delay_and_rate_and_loss_each_cost_time():
+    base = run(sc(), "ring").latency_s
+    assert run(sc(link={"rate_mbit": 50, "delay_ms": 10}), "ring").latency_s > 1.5 * base
+    assert run(sc(link={"rate_mbit": 100, "delay_ms": 40}), "ring").latency_s > base
+    assert run(sc(link={"rate_mbit": 100, "delay_ms": 10, "loss_pct": 1}), "ring").latency_s > base
+
+
+def test_heterogeneous_nodes_and_links():
+    base = run(sc(), "compact-1bit").latency_s
+    slow_node = sc(nodes=[{"name": "a"}, {"name": "b", "compute_scale": 3}, {"name": "c"}, {"name": "d"}])
+    assert run(slow_node, "compact-1bit").latency_s > base
+    slow_link = sc(links=[{"src": 1, "dst": 2, "rate_mbit": 5, "delay_ms": 50}])
+    assert run(slow_link, "ring").latency_s > run(sc(), "ring").latency_s
+
+
+def test_warmup_modes():
+    local = run(sc(warmup={"mode": "local", "steps": 2}), "compact-1bit")
+    sync = run(sc(warmup={"mode": "sync", "steps": 2}), "compact-1bit")
+    assert sync.bytes_on_wire > local.bytes_on_wire          # sync warmup sends full precision
+    assert sync.latency_s > local.latency_s                  # ... which is what local warmup avoids on slow links
+
+
+def test_distrifusion_hides_communication_behind_compute():
+    s = sc(link={"rate_mbit": 1000, "delay_ms": 1})
+    assert run(s, "distrifusion").latency_s < run(s, "patch").latency_s
+
+
+def test_predict_table_and_published_shapes():
+    rows, details = predict(sc(labels=128, warmup={"mode": "local", "steps": 1}), CALIB)
+    by = {r.method: r for r in rows}
+    assert by["ring"].speedup_vs_uncompressed == 1.0 and by["compact-1bit"].speedup_vs_uncompressed > 2
+    assert all(r.bound_s <= r.latency_s * 1.0001 for r in rows)
+    assert by["compact-1bit"].bytes_uncompressed > 20 * by["compact-1bit"].bytes_on_wire
+    flux = parse_scenario(dict(name="f", nodes=8, model={"name": "flux.1-dev"}, resolution=1024, labels=1,
+                               steps=28, guidance=1.0, methods=["ring", "compact-1bit"]), "f")
+    w = workload_of(flux, METHOD_PRESETS["ring"])
+    assert w.shape is FLUX_DEV and w.image_tokens == 4096 and w.local_tokens == (4096 + 512) // 8
+
+
+def test_hop_fit_recovers_known_parameters():
+    truth = (1.0, 1.1, 0.004)
+    pts = []
+    for rtt in (0.004, 0.02, 0.06):
+        for kv_s in (0.0, 0.005, 0.2, 1.0):
+            comm = 12 * hop_seconds(truth, rtt, kv_s) + 3 * hop_seconds(truth, rtt, 0.001)
+            pts.append(dict(rtt_s=rtt, kv_hops=12, kv_s=kv_s, out_hops=3, out_s=0.001, comm_wait_s=float(comm)))
+    fit = fit_hops(pts)
+    assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for f, t in zip(fit, truth)), fit
+
+
+def test_calibration_round_trip(tmp_path):
+    CALIB.save(tmp_path)
+    again = Calibration.load(tmp_path)
+    assert again.devices["cpu"] == CALIB.devices["cpu"] and again.codec == CALIB.codec
+    with pytest.raises(FileNotFoundError, match="scenario calibrate"):
+        Calibration.load(tmp_path / "none")
+
+
+def test_shared_uplink_slows_all_to_all():
+    s = sc(methods=["ulysses"])
+    w = workload_of(s, METHOD_PRESETS["ulysses"])
+    links = cluster_of(s).links
+    own = Simulator(w, Cluster((1.0,) * 4, links), CALIB).run().latency_s
+    shared = Simulator(w, Cluster((1.0,) * 4, links, shared_uplink=True), CALIB).run().latency_s
+    assert shared > own
