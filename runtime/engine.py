@@ -242,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import_xfuser()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=job.scenario.timeout_s))
+    timeout = datetime.timedelta(seconds=job.scenario.timeout_s)
+    # xfuser and yunchang create their sub-groups without a timeout, which torch fills from these module
+    # defaults (30 min); bound every collective by the scenario's timeout instead.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    dist.init_process_group(backend, timeout=timeout)
     try:
         with torch.no_grad():
             run(job)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .launch import RunFailed
@@ -115,6 +116,36 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_regress(args: argparse.Namespace, console: Console) -> int:
+    from .regress import compare, figures, write_baseline
+    from .run import run_scenario
+
+    scenario = load_scenario(args.scenario)
+    baseline = Path(args.baseline)
+    if not args.update and not baseline.is_file():
+        raise CommandError(f"no baseline at {baseline}; create it with --update")
+    results, rows = run_scenario(scenario, Path(args.output or scenario.output), console, bound=False)
+    failed = [r for r in rows if r.status != "ok"]
+    if failed:
+        raise CommandError(f"{failed[0].method} failed: {failed[0].error}")
+    measured = figures(results)
+    if args.update:
+        write_baseline(baseline, measured, scenario.name)
+        console.print(f"baseline written: {baseline}")
+        return 0
+    import json
+
+    checks = compare(measured, json.loads(baseline.read_text()))
+    for c in checks:
+        console.print(c.line(), markup=False)
+    bad = [c for c in checks if not c.ok]
+    console.print(f"{len(checks) - len(bad)} of {len(checks)} figures within tolerance")
+    if bad:
+        raise CommandError(f"{len(bad)} figure(s) regressed against {baseline} (first: {bad[0].method} "
+                           f"{bad[0].figure})")
+    return 0
+
+
 def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
     from ..simulator.predict import mape, validate
 
@@ -200,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="compute profile in the calibration (default: cpu)")
     s.set_defaults(func=cmd_predict)
 
+    s = sub.add_parser("regress", help="run a scenario and compare its figures with a committed baseline",
+                       description="Run the scenario (shaped links, no bound pass) and compare bytes on wire, "
+                                   "compression ratio, speedup, quality and simulator error against the baseline "
+                                   "with its stated tolerances; --update rewrites the baseline instead.")
+    s.add_argument("scenario")
+    s.add_argument("--baseline", required=True)
+    s.add_argument("--update", action="store_true", help="write the measured figures as the new baseline")
+    s.add_argument("--output", help="results folder (default: the scenario's `output`)")
+    s.set_defaults(func=cmd_regress)
+
     s = sub.add_parser("simcheck", help="compare simulator predictions with measured runs (per case + MAPE)",
                        description="Predict every measured method run in the results folders and print the "
                                    "per-case error and the mean absolute percentage error.")
@@ -245,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         text = str(e)
         first, _, rest = text.partition("\n")
-        err.print(f"[red]error:[/] {first}", markup=True, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(first)}", markup=True, soft_wrap=True)
         if rest:  # schema errors: one line per field
             err.print(rest, markup=False, soft_wrap=True)
         return 2 if isinstance(e, ScenarioError) else 1
@@ -255,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line, traceback on request
         if args.debug:
             raise
-        err.print(f"[red]internal error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+        err.print(f"[red]internal error:[/] {escape(f'{type(e).__name__}: {e}')} (rerun with --debug for the traceback)",
                   markup=True, soft_wrap=True)
         return 1
 

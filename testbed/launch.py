@@ -119,11 +119,13 @@ def run_ranks(commands: Sequence[RankCommand], run_dir: Path, timeout_s: float,
 def _follow(proc: subprocess.Popen, log, on_step) -> None:
     for line in proc.stdout:
         log.write(line)
+        log.flush()          # the log is live: progress can be followed while the run goes on
         m = STEP_LINE.match(line)
         if m and on_step is not None:
             on_step(int(m.group(1)), int(m.group(2)))
 
 
+_SOURCE_TAG = re.compile(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*")   # gloo's "[/path/file.cc:129] " prefix
 _KILLED = re.compile(r"failed \(exitcode: -(\d+)\) local_rank: (\d+)")   # torchrun's root-cause line
 
 
@@ -139,7 +141,10 @@ def _failure_reason(run_dir: Path, codes: list) -> str:
     for err in sorted(run_dir.glob("rank*.error")):
         lines = [l for l in err.read_text().strip().splitlines() if l.strip()]
         if lines:
-            return f"{err.stem} failed: {lines[-1].strip()[:300]}"
+            text = _SOURCE_TAG.sub("", lines[-1].strip())
+            if "Timed out" in text or "timed out" in text:
+                return f"{err.stem}: a collective timed out (peer unreachable or link down): {text[:240]}"
+            return f"{err.stem} failed: {text[:300]}"
     for text in logs:
         errs = [l for l in text.splitlines() if "Error" in l and not l.startswith(" ")]
         if errs:

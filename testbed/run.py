@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -140,7 +141,8 @@ def print_table(rows: list[MethodResult], console: Console, title: str) -> None:
                   f(r.speedup_vs_distrifusion, ".2f") + "x", f(r.latency_bound_s, ".2f"), f(r.over_bound, ".2f"),
                   f(r.bytes_on_wire and r.bytes_on_wire / 1e6, ".2f"),
                   f(r.compression_ratio, ".1f"), f(q.get("psnr_db"), ".1f"), f(q.get("ssim"), ".3f"),
-                  f(q.get("agreement_with_reference"), ".2f"), r.status if r.status == "ok" else f"FAILED: {r.error}")
+                  f(q.get("agreement_with_reference"), ".2f"),
+                  r.status if r.status == "ok" else escape(f"FAILED: {r.error}"))
     console.print(t)
 
 

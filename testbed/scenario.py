@@ -295,6 +295,20 @@ def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
         raise ScenarioError(f"{source}: {e}") from None
 
 
+MAX_ALIASES = 50
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe loader (no tags) that also bounds alias use, so no anchor/alias bomb reaches validation."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            self.aliases_seen = getattr(self, "aliases_seen", 0) + 1
+            if self.aliases_seen > MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (*name); a scenario needs far fewer")
+        return super().compose_node(parent, index)
+
+
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario YAML file (safe loader: no tags, size-limited)."""
     path = Path(path)
@@ -303,7 +317,7 @@ def load_scenario(path: str | Path) -> Scenario:
     if path.stat().st_size > MAX_SCENARIO_BYTES:
         raise ScenarioError(f"{path}: larger than {MAX_SCENARIO_BYTES} bytes; not a scenario")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""

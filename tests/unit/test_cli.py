@@ -7,7 +7,7 @@ import pytest
 
 from compactbed.testbed.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "validate", "predict", "simcheck", "calibrate", "dashboard", "netem"]
+SUBCOMMANDS = ["run", "validate", "predict", "simcheck", "regress", "calibrate", "dashboard", "netem"]
 
 
 def test_help_lists_and_explains_every_subcommand(capsys):

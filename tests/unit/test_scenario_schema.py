@@ -53,7 +53,7 @@ def test_custom_method_mapping():
 
 def test_link_resolution_profile_override_and_per_link():
     s = parse(link={"profile": "wifi", "delay_ms": 7},
-              nodes=[{"name": "a"}, {"name": "b", "link": "satellite"}, {"name": "c"}],
+              nodes=[{"name": "a"}, {"name": "b", "link": "satellite"}, {"name": "c"}, {"name": "d"}],
               links=[{"src": "a", "dst": 2, "rate_mbit": 5}])
     wifi = named_profiles()["wifi"]
     assert s.link.delay_ms == 7 and s.link.rate_mbit == wifi.rate_mbit and s.link.jitter_ms == wifi.jitter_ms
@@ -132,3 +132,20 @@ def test_presets_cover_the_methods_the_issues_name():
     residuals = {m.codec.residual for m in METHOD_PRESETS.values() if m.codec}
     assert residuals == {"ef", "no_ef", "naive"}
     assert {m.comm for m in METHOD_PRESETS.values()} == {"ring", "ulysses", "usp", "patch", "distrifusion"}
+
+
+def test_hostile_files_end_with_a_clear_error(tmp_path):
+    bomb = ["name: bomb", "nodes: 2", "methods: [ring]", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    bomb += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)] + ["labels: *a8"]
+    cases = {
+        "bomb.yaml": ("\n".join(bomb), "aliases"),
+        "huge.yaml": ("name: h\nnodes: 2\nmethods: [ring]\nlabels: 1000000\n", "label count"),
+        "names.yaml": ("name: h\nnodes: [{name: '../../etc'}, {name: b}]\nmethods: [ring]\n", "nodes.0.name"),
+        "dots.yaml": ("name: h\nnodes: 2\nmethods: [ring]\noutput: results/../../x\n", "relative path"),
+        "binary.yaml": (b"\xff\xfe\x00bad", "UTF-8"),
+    }
+    for name, (text, hint) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ScenarioError, match=hint):
+            load_scenario(path)
