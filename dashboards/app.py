@@ -46,6 +46,7 @@ def whatif_tab(calib: Calibration) -> html.Div:
             _field("steps", _num("steps", d.steps, min=1, max=1000, step=1)),
             _field("method", dcc.Dropdown(id="method", options=list(METHOD_PRESETS), value=d.method, clearable=False,
                                           style={"width": "190px"})),
+            _field("ulysses degree (usp)", _num("ulysses", d.ulysses_degree, min=1, max=64, step=1)),
             _field("warmup", dcc.RadioItems(id="warmup", options=["local", "sync"], value=d.warmup, inline=True)),
             _field("compute profile", dcc.Dropdown(id="device", options=list(calib.devices), value="cpu",
                                                    clearable=False, style={"width": "100px"})),
@@ -91,16 +92,17 @@ def create_app(result_roots: list[Path], calib: Calibration) -> Dash:
         [Output(i, "children") for i in ("message", "latency", "vs-ring", "vs-df", "bytes", "breakdown")]
         + [Output("timeline", "figure"), Output("curves", "figure")],
         [Input(i, "value") for i in ("nodes", "profile", "rate", "delay", "jitter", "loss", "model", "resolution",
-                                     "images", "steps", "method", "warmup", "device")])
-    def update_whatif(nodes, profile, rate, delay, jitter, loss, model, resolution, images, steps, method, warmup,
-                      device):
+                                     "images", "steps", "method", "ulysses", "warmup", "device")])
+    def update_whatif(nodes, profile, rate, delay, jitter, loss, model, resolution, images, steps, method, ulysses,
+                      warmup, device):
         empty = go.Figure()
         try:
             if None in (nodes, resolution, images, steps):
                 raise ScenarioError("fill in nodes, resolution, images and steps")
             w = W.WhatIf(nodes=int(nodes), profile=profile, rate_mbit=rate or None, delay_ms=delay or 0,
                          jitter_ms=jitter or 0, loss_pct=loss or 0, model=model, resolution=int(resolution),
-                         images=int(images), steps=int(steps), method=method, warmup=warmup, device=device)
+                         images=int(images), steps=int(steps), method=method, ulysses_degree=int(ulysses or 1),
+                         warmup=warmup, device=device)
             rows, detail = W.answer(w, calib)
             text = W.summary_text(rows, method)
             return ("", text["latency"], text["vs_ring"], text["vs_distrifusion"], text["bytes"], text["breakdown"],

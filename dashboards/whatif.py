@@ -32,6 +32,7 @@ class WhatIf:
     images: int = 128
     steps: int = 20
     method: str = "compact-1bit"
+    ulysses_degree: int = 1               # for `usp` methods (ulysses x ring = nodes)
     warmup: str = "local"
     device: str = "cpu"
 
@@ -51,7 +52,8 @@ def scenario_of(w: WhatIf, methods: list[str] | None = None, link=None) -> Scena
         raise ScenarioError(f"method: choose one of {', '.join(METHOD_PRESETS)}")
     data = dict(name="whatif", nodes=w.nodes, link=link if link is not None else w.link(),
                 model={"name": w.model}, resolution=w.resolution, labels=w.images, steps=w.steps, guidance=1.0,
-                methods=methods, warmup={"mode": w.warmup, "steps": 1})
+                methods=methods, warmup={"mode": w.warmup, "steps": 1},
+                parallel={"ulysses_degree": w.ulysses_degree})
     return parse_scenario(data, "what-if")
 
 

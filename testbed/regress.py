@@ -18,7 +18,8 @@ DEFAULT_TOLERANCES = {
     "compression_ratio": {"kind": "relative", "value": 1e-6},
     "speedup_vs_uncompressed": {"kind": "relative", "value": 0.25, "note": "timing on a shared 2-core machine"},
     "psnr_db": {"kind": "absolute", "value": 1.0, "note": "dB; exact methods capped at 100"},
-    "simulator_abs_error": {"kind": "at_most", "value": 0.35, "note": "|predicted / measured - 1|, upper bound"},
+    "simulator_abs_error": {"kind": "at_most", "value": 0.5,
+                            "note": "|predicted / measured - 1|; guards against gross regressions only"},
 }
 
 

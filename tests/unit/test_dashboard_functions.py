@@ -46,6 +46,13 @@ def test_bad_controls_give_a_message(bad, text):
         W.answer(W.WhatIf(**bad), CALIB)
 
 
+def test_usp_degrees_come_from_the_controls():
+    rows, _ = W.answer(W.WhatIf(method="usp", ulysses_degree=2, warmup="sync"), CALIB)
+    assert "usp" in {r.method for r in rows}
+    with pytest.raises(ScenarioError, match="ulysses_degree"):
+        W.answer(W.WhatIf(method="usp", ulysses_degree=3), CALIB)
+
+
 def test_flux_what_if_runs_on_a_gpu_profile_quickly():
     import time
 

@@ -134,7 +134,7 @@ def test_presets_cover_the_methods_the_issues_name():
     assert {m.comm for m in METHOD_PRESETS.values()} == {"ring", "ulysses", "usp", "patch", "distrifusion"}
 
 
-def test_hostile_files_end_with_a_clear_error(tmp_path):
+def test_hostile_files_end_with_a_clear_error(tmp_path, report):
     bomb = ["name: bomb", "nodes: 2", "methods: [ring]", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     bomb += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)] + ["labels: *a8"]
     cases = {
@@ -147,5 +147,6 @@ def test_hostile_files_end_with_a_clear_error(tmp_path):
     for name, (text, hint) in cases.items():
         path = tmp_path / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
-        with pytest.raises(ScenarioError, match=hint):
+        with pytest.raises(ScenarioError, match=hint) as e:
             load_scenario(path)
+        report(f"hostile scenario {name}: refused with '{str(e.value).splitlines()[-1][:100]}'")
