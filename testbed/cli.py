@@ -24,6 +24,12 @@ class CommandError(RuntimeError):
     """A job could not be done; the message is the reason shown to the user."""
 
 
+def _require_folders(paths: list[str]) -> None:
+    missing = [p for p in paths if not Path(p).is_dir()]
+    if missing:
+        raise CommandError(f"no such results folder: {missing[0]}")
+
+
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     for path in args.scenarios:
         s = load_scenario(path)
@@ -106,9 +112,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     from ..simulator.calibration import calibrate
 
-    missing = [p for p in args.results if not Path(p).exists()]
-    if missing:
-        raise CommandError(f"no such results folder: {missing[0]}")
+    _require_folders(args.results)
     try:
         calibrate([Path(p) for p in args.results], Path(args.out), log=console.print)
     except ValueError as e:
@@ -149,9 +153,7 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
 def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
     from ..simulator.predict import mape, validate
 
-    missing = [p for p in args.results if not Path(p).exists()]
-    if missing:
-        raise CommandError(f"no such results folder: {missing[0]}")
+    _require_folders(args.results)
     cases = validate([Path(p) for p in args.results], _calibration(args), args.device)
     if not cases:
         raise CommandError("no measured emulated runs in those folders")
@@ -169,9 +171,7 @@ def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
 def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
     from ..dashboards.app import create_app
 
-    missing = [p for p in args.results if not Path(p).exists()]
-    if missing:
-        raise CommandError(f"no such results folder: {missing[0]}")
+    _require_folders(args.results)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] serving on {args.host}: reachable from other machines")
     app = create_app([Path(p) for p in args.results], _calibration(args))

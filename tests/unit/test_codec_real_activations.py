@@ -69,3 +69,18 @@ def test_ef_error_stays_flat_while_noef_drifts_upward(trajectory):
     gap_last = noef_m[-third:].mean() / ef_m[-third:].mean()
     assert gap_last > gap_first > 1.5, (gap_first, gap_last)                  # and pulls away from EF
     assert noef_m[-1] > 2 * ef_m[-1]
+
+
+def test_model_path_loads_through_the_same_code(tmp_path):
+    """A local copy of the model folder loads like the shipped one; a transformer-only folder (a real
+    checkpoint's layout) loads its transformer and then says what is missing."""
+    import shutil
+
+    from compactbed.runtime.tiny_model import TINY_MODEL_DIR
+
+    shutil.copytree(TINY_MODEL_DIR, tmp_path / "copy")
+    a, b = load_tiny_model(), load_tiny_model(tmp_path / "copy")
+    assert all(torch.equal(x, y) for x, y in zip(a.transformer.parameters(), b.transformer.parameters()))
+    shutil.copytree(TINY_MODEL_DIR / "transformer", tmp_path / "real" / "transformer")
+    with pytest.raises(FileNotFoundError, match="the transformer loaded.*text-prompt encoding"):
+        load_tiny_model(tmp_path / "real")
