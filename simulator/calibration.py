@@ -10,8 +10,10 @@ Compute per layer: s = share * (a + b * tokens*hidden^2 + c * tokens*kv_tokens*h
 core on the measured host (4 ranks on 2 cores share 2x). Codec: s = a + b * raw bytes per (codec, op).
 Links: effective rate = configured rate x measured wire efficiency x payload fraction; extra one-way latency
 from the probes' RTT minus the configured delays; one collective hop (gloo) costs
-k_hop + max(k_rtt * RTT, k_bw * bytes / rate) (handshake and transfer overlap), fitted by non-negative
-least squares (scipy) on the measured time blocked on communication.
+k_hop + k_rtt * RTT + k_bw * bytes / rate, the transfer term scaled by k_bidir when both directions of the
+link carry bulk data (a 2-rank ring: ACKs queue behind the reverse data), fitted by bounded least squares
+(scipy) on the measured time blocked on communication; jitter lengthens the round trip by ~k_j x jitter
+each way (in-order release), loss caps the rate at C * MSS / (RTT sqrt(p)) with C fitted.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ class Calibration:
     link_efficiency: float = 1.0
     link_overhead_s: float = 0.0
     hop_rtt_factor: float = 1.0          # one collective hop:
-    hop_bandwidth_factor: float = 1.0    #   s = k_hop + max(k_rtt * RTT, k_bw * bytes / rate)
-    hop_overhead_s: float = 0.0
+    hop_bandwidth_factor: float = 1.0    #   s = k_hop + k_rtt * RTT + k_bw * bytes / rate * (k_bidir if both
+    hop_overhead_s: float = 0.0          #       directions of the link carry bulk data, as in a 2-rank ring)
+    hop_bidirectional_factor: float = 1.0
+    jitter_factor: float = 0.5           # in-order release under +-j jitter adds ~k_j * j to each one-way delay
+    loss_constant: float = 1.22          # lossy rate: min(rate, C * MSS / (RTT sqrt(p))) (Mathis form, C fitted)
     sources: list[str] = field(default_factory=list)
 
     # --- queries used by the model ------------------------------------------------------------------------
@@ -222,38 +227,65 @@ def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
         slow = max(links, key=lambda l: (l.delay_ms, -(l.rate_mbit or 1e9)))
         rate = None if link_pass == "bound" else calib.effective_rate_bytes(slow)
         rtt = 2 * (slow.delay_ms / 1e3 + calib.link_overhead_s)
+        jitter, loss = slow.jitter_ms / 1e3, slow.loss_pct / 100
         layers = w.shape.layers
         for r in recs:
             if r["warmup"] == "local":
                 continue
             warm = r["warmup"] == "sync"
-            rows.append(dict(run=str(d), rank=r["rank"], step=r["step"], rtt_s=rtt,
-                             kv_hops=layers * (p - 1), kv_s=w.kv_wire_bytes(warm) / rate if rate else 0.0,
-                             out_hops=p - 1, out_s=w.output_bytes() / rate if rate else 0.0,
-                             comm_wait_s=r["comm_wait_s"]))
+            rows.append(dict(run=str(d), rank=r["rank"], step=r["step"], rtt_s=rtt, bidirectional=int(p == 2),
+                             jitter_s=jitter, loss=loss, rate_bytes=rate or 0.0,
+                             kv_hops=layers * (p - 1), kv_bytes=w.kv_wire_bytes(warm),
+                             out_hops=p - 1, out_bytes=w.output_bytes(), comm_wait_s=r["comm_wait_s"]))
     return rows
 
 
-def hop_seconds(params, rtt, transfer):
-    """One gloo hop: the RTT-bound handshake and the transfer overlap; k_hop is a fixed cost."""
-    k_rtt, k_bw, k_hop = params
-    return k_hop + np.maximum(k_rtt * rtt, k_bw * transfer)
+MSS = 1448
 
 
-def fit_hops(points: list[dict]) -> tuple[float, float, float]:
-    """Non-negative least squares of the per-step communication time (scipy.optimize.least_squares)."""
+def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0):
+    """One gloo hop: a handshake round trip (jitter lengthens it: release is in order), the transfer at the
+    link rate or, with loss, at most C * MSS / (RTT sqrt(p)); slower when the reverse direction carries bulk
+    data too (its ACKs queue behind it); plus a fixed cost. Array-friendly."""
+    k_rtt, k_bw, k_hop, k_bidir, k_jit, c_loss = params
+    rtt = np.asarray(rtt, float) + 2 * k_jit * np.asarray(jitter, float)
+    loss = np.asarray(loss, float)
+    rate = np.asarray(rate, float)
+    lossy = c_loss * MSS / (np.maximum(rtt, 1e-4) * np.sqrt(np.maximum(loss, 1e-12)))
+    eff = np.where(loss > 0, np.where(rate > 0, np.minimum(rate, lossy), lossy), rate)
+    transfer = np.where(eff > 0, np.asarray(nbytes, float) / np.where(eff > 0, eff, 1.0), 0.0)
+    return k_hop + k_rtt * rtt + k_bw * transfer * np.where(bidirectional, k_bidir, 1.0)
+
+
+HOP_PARAMS = ("hop_rtt_factor", "hop_bandwidth_factor", "hop_overhead_s", "hop_bidirectional_factor",
+              "jitter_factor", "loss_constant")
+
+
+def fit_hops(points: list[dict]) -> tuple[float, ...]:
+    """Bounded least squares of the per-step communication time (scipy.optimize.least_squares). Jitter and
+    loss terms are only identified when the points include jittery / lossy links; otherwise they keep their
+    starting values (0.5, 1.22)."""
     from scipy.optimize import least_squares
 
-    rtt = np.array([p["rtt_s"] for p in points])
-    y = np.array([p["comm_wait_s"] for p in points])
+    col = {k: np.array([p.get(k, 0) for p in points], dtype=float)
+           for k in ("rtt_s", "kv_hops", "kv_bytes", "out_hops", "out_bytes", "comm_wait_s", "bidirectional",
+                     "jitter_s", "loss", "rate_bytes")}
+    has_jitter, has_loss = bool(col["jitter_s"].any()), bool(col["loss"].any())
+
+    def full(params):
+        p = list(params)
+        return p[:4] + [p[4] if has_jitter else 0.5] + [p[5] if has_loss else 1.22]
 
     def residual(params):
-        pred = np.array([p["kv_hops"] for p in points]) * hop_seconds(params, rtt, np.array([p["kv_s"] for p in points])) \
-            + np.array([p["out_hops"] for p in points]) * hop_seconds(params, rtt, np.array([p["out_s"] for p in points]))
-        return (pred - y) / np.maximum(y, 1e-3)          # relative: short and long steps weigh alike
+        q = full(params)
+        hop = lambda nb: hop_seconds(q, col["rtt_s"], nb, col["rate_bytes"], col["bidirectional"],  # noqa: E731
+                                     col["jitter_s"], col["loss"])
+        pred = col["kv_hops"] * hop(col["kv_bytes"]) + col["out_hops"] * hop(col["out_bytes"])
+        return (pred - col["comm_wait_s"]) / np.maximum(col["comm_wait_s"], 1e-3)   # relative error
 
-    fit = least_squares(residual, x0=[1.0, 1.0, 0.001], bounds=([0, 0, 0], [10, 10, 1]))
-    return tuple(float(v) for v in fit.x)
+    fit = least_squares(residual, x0=[1.0, 1.0, 0.001, 1.0, 0.5, 1.22],
+                        bounds=([0, 0, 0, 1, 0, 0.3], [10, 10, 1, 10, 3, 50]))
+    return tuple(float(v) for v in full(fit.x))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -291,7 +323,8 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
                         link_overhead_s=max(0.0, overhead), sources=[str(r) for r in results])
     hpoints = hop_points(results, calib)
     if hpoints:
-        calib.hop_rtt_factor, calib.hop_bandwidth_factor, calib.hop_overhead_s = fit_hops(hpoints)
+        for name, value in zip(HOP_PARAMS, fit_hops(hpoints)):
+            setattr(calib, name, value)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "hops.csv", hpoints)
     _write_csv(out / "compute.csv", cpoints)

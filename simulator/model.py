@@ -10,25 +10,21 @@ runtime executes it on gloo:
   distrifusion   the all-gather of the previous step's K/V runs asynchronously, overlapping compute; a step
                  waits only for what has not arrived by the time it needs it
 Compressed methods send codec payloads and pay encode/decode time. Warmup steps are full precision (sync) or
-computed for the whole sequence on every rank with no communication (local). Loss lowers the effective rate
-(Mathis et al.: 1.22 MSS / (RTT sqrt(p))). A collective occupies the links it uses (resources), so an
+computed for the whole sequence on every rank with no communication (local). A hop's cost (round trip,
+transfer, loss, jitter) comes from the calibrated hop model (``calibration.hop_seconds``). A collective occupies the links it uses (resources), so an
 asynchronous gather and the next synchronous exchange contend. Layers of a step are identical, so one layer
 is simulated and scaled: cost is linear in nodes x steps (and constant in layers).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import simpy
 
 from ..netem.profiles import LinkSpec
-from .calibration import Calibration
+from .calibration import Calibration, hop_seconds
 from .workload import Workload
-
-MSS_BYTES = 1448
-
 
 @dataclass(frozen=True)
 class Cluster:
@@ -61,16 +57,14 @@ class LinkModel:
     def __init__(self, calib: Calibration, device: str = "cpu"):
         self.calib, self.hop_overhead = calib, calib.hop_overhead(device)
 
-    def seconds(self, spec: LinkSpec, nbytes: float) -> float:
-        """One collective hop of ``nbytes``: fixed cost + max(RTT-bound handshake, transfer), calibrated."""
+    def seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool = False) -> float:
+        """One collective hop of ``nbytes`` over ``spec`` (the calibrated hop model, see calibration.py)."""
         c = self.calib
-        rate = c.effective_rate_bytes(spec)
+        params = (c.hop_rtt_factor, c.hop_bandwidth_factor, self.hop_overhead, c.hop_bidirectional_factor,
+                  c.jitter_factor, c.loss_constant)
         rtt = 2 * (spec.delay_ms / 1e3 + c.link_overhead_s)
-        if spec.loss_pct > 0:
-            mathis = 1.22 * MSS_BYTES / (max(rtt, 1e-4) * math.sqrt(spec.loss_pct / 100))
-            rate = min(rate, mathis) if rate else mathis
-        transfer = nbytes / rate if rate else 0.0
-        return self.hop_overhead + max(c.hop_rtt_factor * rtt, c.hop_bandwidth_factor * transfer)
+        rate = c.effective_rate_bytes(spec) or 0.0
+        return float(hop_seconds(params, rtt, nbytes, rate, bidirectional, spec.jitter_ms / 1e3, spec.loss_pct / 100))
 
 
 class Simulator:
@@ -104,7 +98,9 @@ class Simulator:
         p = len(ranks)
         if p < 2:
             return 0.0
-        slowest = max(self.links.seconds(self.c.links[(ranks[i], ranks[(i + 1) % p])], nbytes) for i in range(p))
+        both_ways = p == 2          # a 2-rank ring sends both ways over the same pair of links
+        slowest = max(self.links.seconds(self.c.links[(ranks[i], ranks[(i + 1) % p])], nbytes, both_ways)
+                      for i in range(p))
         return (p - 1) * slowest
 
     def alltoall_seconds(self, nbytes: float, ranks: list[int]) -> float:
@@ -117,7 +113,7 @@ class Simulator:
                  if len({self.c.links[(a, b)] for a in ranks[:2] for b in ranks[:3] if a != b}) <= 1 and p > 16
                  else [(a, b) for a in ranks for b in ranks if a != b])
         share = (p - 1) if self.c.shared_uplink else 1          # P-1 sends through one NIC
-        return max(self.links.seconds(self.c.links[k], share * nbytes / p) for k in pairs)
+        return max(self.links.seconds(self.c.links[k], share * nbytes / p, True) for k in pairs)
 
     def exchange_seconds(self, warm: bool) -> float:
         """Communication of one layer for the method (all ranks)."""

@@ -51,7 +51,7 @@ def test_small_payloads_are_latency_bound():
     s = sc(warmup={"mode": "local", "steps": 1})
     c1 = predict(s, CALIB)[0]
     by = {r.method: r for r in c1}
-    assert by["compact-1bit"].latency_s < 1.05 * by["compact-1bit"].bound_s      # the rate no longer matters
+    assert by["compact-1bit"].latency_s < 1.10 * by["compact-1bit"].bound_s      # the rate barely matters
     assert by["compact-1bit"].comm_s > 0.5 * by["compact-1bit"].latency_s        # the delay does
 
 
@@ -95,12 +95,16 @@ def test_predict_table_and_published_shapes():
 
 
 def test_hop_fit_recovers_known_parameters():
-    truth = (1.0, 1.1, 0.004)
+    truth = (1.2, 1.05, 0.004, 1.5, 0.7, 2.5)
     pts = []
+    rate = 12.5e6
     for rtt in (0.004, 0.02, 0.06):
-        for kv_s in (0.0, 0.005, 0.2, 1.0):
-            comm = 12 * hop_seconds(truth, rtt, kv_s) + 3 * hop_seconds(truth, rtt, 0.001)
-            pts.append(dict(rtt_s=rtt, kv_hops=12, kv_s=kv_s, out_hops=3, out_s=0.001, comm_wait_s=float(comm)))
+        for kv in (0, 60_000, 2.5e6, 12.5e6):
+            for bidir, jitter, loss in ((0, 0, 0), (1, 0, 0), (0, 0.002, 0.005), (0, 0.004, 0), (0, 0, 0.001)):
+                hop = lambda nb: hop_seconds(truth, rtt, nb, rate, bidir, jitter, loss)  # noqa: E731
+                comm = 12 * hop(kv) + 3 * hop(12_000)
+                pts.append(dict(rtt_s=rtt, kv_hops=12, kv_bytes=kv, out_hops=3, out_bytes=12_000, rate_bytes=rate,
+                                bidirectional=bidir, jitter_s=jitter, loss=loss, comm_wait_s=float(comm)))
     fit = fit_hops(pts)
     assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for f, t in zip(fit, truth)), fit
 
