@@ -56,9 +56,16 @@ class LinkModel:
 
     def __init__(self, calib: Calibration, device: str = "cpu"):
         self.calib, self.hop_overhead = calib, calib.hop_overhead(device)
+        self._memo: dict[tuple, float] = {}
 
     def seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool = False) -> float:
         """One collective hop of ``nbytes`` over ``spec`` (the calibrated hop model, see calibration.py)."""
+        key = (spec, nbytes, bidirectional)
+        if key not in self._memo:
+            self._memo[key] = self._seconds(spec, nbytes, bidirectional)
+        return self._memo[key]
+
+    def _seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool) -> float:
         c = self.calib
         params = (c.hop_rtt_factor, c.hop_bandwidth_factor, self.hop_overhead, c.hop_bidirectional_factor,
                   c.jitter_factor, c.loss_constant)
@@ -75,6 +82,7 @@ class Simulator:
             raise ValueError(f"cluster has {cluster.world} ranks, workload {workload.world}")
         self.w, self.c, self.calib, self.links = workload, cluster, calib, LinkModel(calib, cluster.device)
         self.keep_timeline = timeline
+        self._exchange: dict[bool, float] = {}
 
     # --- per-layer costs --------------------------------------------------------------------------------------
     def layer_compute(self, rank: int, local: bool) -> float:
@@ -116,7 +124,12 @@ class Simulator:
         return max(self.links.seconds(self.c.links[k], share * nbytes / p, True) for k in pairs)
 
     def exchange_seconds(self, warm: bool) -> float:
-        """Communication of one layer for the method (all ranks)."""
+        """Communication of one layer for the method (all ranks); the same for every step of a kind."""
+        if warm not in self._exchange:
+            self._exchange[warm] = self._exchange_seconds(warm)
+        return self._exchange[warm]
+
+    def _exchange_seconds(self, warm: bool) -> float:
         w, p = self.w, self.w.world
         payload = w.kv_wire_bytes(warm)
         everyone = list(range(p))
@@ -155,13 +168,15 @@ class Simulator:
                 link_res[k].release(r)
 
         ring_links = [(i, (i + 1) % p) for i in range(p)] if p > 1 else []
+        output_gather = self.allgather_seconds(w.output_bytes(), list(range(p)))
+        compute = {local: [self.layer_compute(r, local) for r in range(p)] for local in (False, True)}
         pending_async = None
 
         def step_process(k: int):
             nonlocal pending_async
             warm = k < w.warmup_steps
             local = warm and w.warmup_mode == "local"
-            comp = [self.layer_compute(r, local) for r in range(p)]
+            comp = compute[local]
             enc, dec = self.codec_seconds(warm or local)
             codec = enc + (p - 1) * dec
             exch = 0.0 if local else self.exchange_seconds(warm)
@@ -178,7 +193,7 @@ class Simulator:
                     yield env.timeout(L * (max(comp) + codec))
                     if exch:
                         yield env.process(collective(L * exch, ring_links))
-            out = self.allgather_seconds(w.output_bytes(), list(range(p)))
+            out = output_gather
             if out:
                 yield env.process(collective(out, ring_links))
             overhead = self.calib.devices[self.c.device].step_overhead_s * self.calib.share(p, self.c.device)
