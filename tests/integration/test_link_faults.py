@@ -79,3 +79,34 @@ def test_link_down_mid_run_fails_clearly_and_keeps_partial_results(tmp_path, rep
     assert ours() == before
     report(f"link down mid-run (ring, step 3): failed after {took:.0f} s with '{by['ring'].error[:90]}'; "
            f"earlier compact-1bit results intact; nothing left behind")
+
+
+def test_ctrl_c_tears_everything_down(tmp_path, report):
+    """SIGINT (Ctrl-C) to `scenario run` mid-method: exit 130 in bounded time, no namespaces or ranks left."""
+    import signal
+    import sys
+
+    path = tmp_path / "int.yaml"
+    path.write_text(yaml.safe_dump(dict(name="int", nodes=2, labels=8, steps=200, guidance=1.0, methods=["ring"],
+                                        link={"rate_mbit": 20, "delay_ms": 2}, output="out", timeout_s=30)))
+    before = ours()
+    proc = subprocess.Popen([sys.executable, "-m", "compactbed.testbed.cli", "run", str(path), "--no-bound"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = list(tmp_path.glob("out/*/shaped/ring/seed0/launcher0.log"))
+        if logs and "STEP 2/" in logs[0].read_text():
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the run never reached step 2")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    took = time.monotonic() - t0
+    assert proc.returncode == 130, out[-500:]
+    assert ours() == before
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "out")], capture_output=True, text=True).stdout.split()
+    assert leftover == []
+    report(f"Ctrl-C mid-run: exit 130 after {took:.1f} s; namespaces and rank processes removed")
