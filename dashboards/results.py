@@ -121,7 +121,7 @@ def samples_figure(folder: ResultsFolder, links: str, count: int = 8) -> go.Figu
         strip = np.concatenate(list(imgs), axis=1)
         fig.add_heatmap(z=strip[::-1], colorscale="gray", showscale=False, zmin=-1, zmax=1, row=i, col=1)
         fig.update_xaxes(visible=False, row=i, col=1)
-        fig.update_yaxes(visible=False, row=i, col=1)
+        fig.update_yaxes(visible=False, scaleanchor=f"x{i if i > 1 else ''}", scaleratio=1, row=i, col=1)
     fig.update_layout(title="samples (same seed) beside the single-process reference",
-                      height=90 * max(len(panels), 1) + 60, margin=dict(t=60, b=10, l=10, r=10))
+                      height=190 * max(len(panels), 1) + 60, margin=dict(t=60, b=10, l=10, r=10))
     return fig
