@@ -12,10 +12,7 @@ import yaml
 from plotly.subplots import make_subplots
 
 from ..simulator.calibration import Calibration
-from ..simulator.model import Simulator
-from ..simulator.predict import cluster_of
-from ..simulator.workload import workload_of
-from ..testbed.scenario import parse_scenario
+from ..simulator.predict import Case, mape, validate
 
 
 @dataclass
@@ -87,23 +84,14 @@ def pareto_figure(folder: ResultsFolder, links: str) -> go.Figure:
     return fig
 
 
-def predicted_vs_measured(folder: ResultsFolder, calib: Calibration) -> tuple[go.Figure, list[dict]]:
-    """Simulator prediction for every measured row, the per-case error, and an overlay figure."""
-    scenario = parse_scenario(folder.scenario, str(folder.path))
-    methods = {m.name: m for m in scenario.methods}
-    cases = []
-    for r in _ok(folder.rows):
-        if r["links"] == "loopback" or r["method"] not in methods:
-            continue
-        cluster = cluster_of(scenario, unlimited_rate=r["links"] == "bound")
-        pred = Simulator(workload_of(scenario, methods[r["method"]]), cluster, calib).run().latency_s
-        cases.append(dict(method=r["method"], links=r["links"], measured_s=r["latency_s"], predicted_s=pred,
-                          error=pred / r["latency_s"] - 1))
+def predicted_vs_measured(folder: ResultsFolder, calib: Calibration) -> tuple[go.Figure, list[Case]]:
+    """The simulator's prediction for every measured row (``simulator.predict.validate``) as an overlay."""
+    cases = validate([folder.path], calib)
+    labels = [f"{c.method} ({c.links})" for c in cases]
     fig = go.Figure()
-    for key, name in (("measured_s", "measured"), ("predicted_s", "predicted")):
-        fig.add_bar(x=[f"{c['method']} ({c['links']})" for c in cases], y=[c[key] for c in cases], name=name)
-    mape = float(np.mean([abs(c["error"]) for c in cases])) if cases else float("nan")
-    fig.update_layout(title=f"predicted vs measured latency (MAPE {mape:.1%})", barmode="group", height=360,
+    fig.add_bar(x=labels, y=[c.measured_s for c in cases], name="measured")
+    fig.add_bar(x=labels, y=[c.predicted_s for c in cases], name="predicted")
+    fig.update_layout(title=f"predicted vs measured latency (MAPE {mape(cases):.1%})", barmode="group", height=360,
                       margin=dict(t=50, b=80))
     return fig, cases
 

@@ -3,7 +3,7 @@
 Every compressor's buffer is exactly what crosses the wire, scales and indices included, and its size is a
 pure function of the shape (:meth:`Compressor.wire_nbytes`), so receivers can pre-allocate. Layouts put the
 2-byte fields first so every field is a properly aligned view of the buffer. PyTorch reference code; the
-fused GPU kernels in ``triton_codec.py`` produce bit-identical buffers layouts.
+fused GPU kernels in ``triton_codec.py`` write the same buffer layout.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 WIRE_PER_PAYLOAD = 1514 / 1448
 PORT = 47_913
@@ -136,5 +136,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["LinkProbe", "probe_link", "asdict"]

@@ -39,19 +39,15 @@ def qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
 
 
 class ExchangeAttnProcessor:
-    """One layer's attention with K/V exchanged by ``mode``; ``hooks`` does the (compressed) gathers."""
+    """One layer's attention with K/V exchanged by ``mode``; ``hooks`` does the (compressed) gathers and knows
+    the current layer (the engine sets it as each block starts)."""
 
-    def __init__(self, layer: int, mode: Mode, hooks: CommHooks | None = None, group=None):
-        self.layer, self.mode, self.hooks, self.group = layer, mode, hooks, group
+    def __init__(self, mode: Mode, hooks: CommHooks | None = None, group=None):
+        self.mode, self.hooks, self.group = mode, hooks, group
         self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None   # local mode: full-sequence K/V
         self.stale: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # distrifusion: last step's K/V
         self._pending = None
         self.fresh = True    # distrifusion: synchronous gather this step (warmup)
-
-    def _gather(self, k, v):
-        if self.hooks is not None:
-            self.hooks.layer = self.layer
-        return self.hooks.all_gather_kv(k, v, self.group)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
@@ -61,7 +57,7 @@ class ExchangeAttnProcessor:
             self.recorded = (k, v)
             keys, values = k, v
         elif self.mode == "patch" or self.fresh or self.stale is None:
-            parts = self._gather(k, v)
+            parts = self.hooks.all_gather_kv(k, v, self.group)
             if self.mode == "distrifusion":
                 self.stale = parts
             keys, values = torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
@@ -82,16 +78,14 @@ class ExchangeAttnProcessor:
     def _launch(self, k, v):
         """Start the stale-K/V gather for the next step; returns a callable that waits for it."""
         hooks = self.hooks
-        hooks.layer = self.layer
         payload = hooks.encode_kv(k, v)
         hooks.count_send(payload, hops=hooks.world - 1, raw_nbytes=(k.numel() + v.numel()) * k.element_size())
         gathered = [torch.empty_like(payload) for _ in range(hooks.world)]
         work = dist.all_gather(gathered, payload.contiguous(), group=self.group, async_op=True)
-        rank, layer, shapes, dtype = hooks.rank, self.layer, (k.shape, v.shape), k.dtype
+        rank, shapes, dtype = hooks.rank, (k.shape, v.shape), k.dtype
 
-        def finish():
+        def finish():              # runs in this layer's processor next step: hooks.layer is this layer again
             work.wait()
-            hooks.layer = layer
             return [(None, None) if i == rank else hooks.decode_kv(p, i, *shapes, dtype)
                     for i, p in enumerate(gathered)]
 

@@ -47,7 +47,7 @@ def _a2a_2d(chunk: torch.Tensor) -> torch.Tensor:
     return chunk.reshape(-1, chunk.shape[-2] * chunk.shape[-1])
 
 
-def _a2a_from_2d(y: torch.Tensor, x: torch.Tensor, p: int) -> torch.Tensor:
+def _a2a_from_2d(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 6:
         _, n, b, h, s, d = x.shape
         return y.view(b, s, n, h, d).permute(2, 0, 3, 1, 4)
@@ -117,7 +117,7 @@ class CommHooks:
                 continue
             y = self.codec.decode(StreamKey(self.layer, src, f"a2a{index}>{self.rank}"), received[src], (n, c),
                                   x.dtype, warmup=self.full_precision)
-            out[src] = _a2a_from_2d(y, x, p).reshape(-1)
+            out[src] = _a2a_from_2d(y, x).reshape(-1)
         self.counters.codec_s += time.perf_counter() - t0
         return out.reshape(x.shape)
 

@@ -26,8 +26,8 @@ from ..kernels.backend import Backend, make_codec, select_fused
 from ..kernels.codec import ResidualCodec, StreamKey
 from ..testbed.scenario import MethodSpec, Scenario
 from .comm import CommHooks, kv_2d
-from .sampling import conditioning, initial_noise, sigmas
-from .tiny_model import TINY_MODEL_DIR, image_ids, pack, text_ids, unpack
+from .sampling import guided_call, initial_noise, sigmas, transformer_inputs
+from .tiny_model import TINY_MODEL_DIR, pack, unpack
 
 
 class Job(BaseModel):
@@ -95,10 +95,10 @@ class RankRun:
         self.xdit_processors = [a.processor for a in self.attn_modules]
         self.exchange_processors = None
         if self.method.comm in ("patch", "distrifusion"):
-            self.exchange_processors = [ExchangeAttnProcessor(i, self.method.comm, self.hooks, dist.group.WORLD)
-                                        for i in range(len(self.attn_modules))]
+            self.exchange_processors = [ExchangeAttnProcessor(self.method.comm, self.hooks, dist.group.WORLD)
+                                        for _ in self.attn_modules]
             self._set_processors(self.exchange_processors)
-        self.local_processors = [ExchangeAttnProcessor(i, "local") for i in range(len(self.attn_modules))]
+        self.local_processors = [ExchangeAttnProcessor("local") for _ in self.attn_modules]
         self._layer_t0: dict[int, float] = {}
         for i, blk in enumerate((*self.model.transformer_blocks, *self.model.single_transformer_blocks)):
             blk.register_forward_pre_hook(lambda m, a, i=i: self._enter_layer(i))
@@ -119,34 +119,21 @@ class RankRun:
         c.layer_compute_s[i] = c.layer_compute_s.get(i, 0.0) + busy
 
     # --- sampling -------------------------------------------------------------------------------------------
-    def _velocity_inputs(self):
-        labels = torch.tensor(self.sc.labels)
-        enc, pooled = conditioning(self.tiny, labels, self.sc.guidance)
-        size = self.sc.resolution
-        return dict(encoder_hidden_states=enc.to(self.device, self.dtype), pooled_projections=pooled.to(self.device, self.dtype),
-                    img_ids=image_ids(size).to(self.device, self.dtype),
-                    txt_ids=text_ids(enc.shape[1]).to(self.device, self.dtype), return_dict=False)
-
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, kw: dict, local: bool) -> torch.Tensor:
-        guided = self.sc.guidance != 1.0
-        xin = torch.cat([x, x]) if guided else x
-        t = sigma.expand(len(xin)).to(self.device, self.dtype)
-        if local:   # local warmup: the whole sequence on this rank, plain diffusers forward, no communication
-            from diffusers import FluxTransformer2DModel
-
-            self._set_processors(self.local_processors)
-            try:
-                v = FluxTransformer2DModel.forward(self.model, xin.to(self.dtype), timestep=t, **kw)[0]
-            finally:
-                self._set_processors(self.exchange_processors or self.xdit_processors)
-            self._seed_bases(kw)
-        else:
+        if not local:
             with self.hooks.installed():
-                v = self.model(xin.to(self.dtype), timestep=t, **kw)[0]
-        v = v.float()
-        if guided:
-            vc, vu = v.chunk(2)
-            v = vu + self.sc.guidance * (vc - vu)
+                return guided_call(lambda xin, t: self.model(xin, timestep=t, **kw)[0], x, sigma,
+                                   self.sc.guidance, self.dtype)
+        # local warmup: the whole sequence on this rank, plain diffusers forward, no communication
+        from diffusers import FluxTransformer2DModel
+
+        self._set_processors(self.local_processors)
+        try:
+            v = guided_call(lambda xin, t: FluxTransformer2DModel.forward(self.model, xin, timestep=t, **kw)[0],
+                            x, sigma, self.sc.guidance, self.dtype)
+        finally:
+            self._set_processors(self.exchange_processors or self.xdit_processors)
+        self._seed_bases(kw)
         return v
 
     def _seed_bases(self, kw: dict) -> None:
@@ -172,8 +159,8 @@ class RankRun:
             proc.recorded = None
 
     def sample(self) -> np.ndarray:
-        kw = self._velocity_inputs()
         labels = torch.tensor(self.sc.labels)
+        kw = transformer_inputs(self.tiny, labels, self.sc.resolution, self.sc.guidance, self.dtype, self.device)
         x = pack(initial_noise(labels, self.sc.resolution, self.job.seed)).to(self.device)
         sig = sigmas(self.sc.steps)
         dist.barrier()

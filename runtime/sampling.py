@@ -33,24 +33,33 @@ def conditioning(model: TinyModel, labels: torch.Tensor, guidance: float):
         return model.label_encoder(labels)
 
 
+def transformer_inputs(model: TinyModel, labels: torch.Tensor, size: int, guidance: float,
+                       dtype: torch.dtype, device: torch.device | str = "cpu") -> dict:
+    """The transformer's keyword inputs besides latents and timestep (conditioning and position ids)."""
+    enc, pooled = conditioning(model, labels, guidance)
+    return dict(encoder_hidden_states=enc.to(device, dtype), pooled_projections=pooled.to(device, dtype),
+                img_ids=image_ids(size).to(device, dtype), txt_ids=text_ids(enc.shape[1]).to(device, dtype),
+                return_dict=False)
+
+
+def guided_call(forward, tokens: torch.Tensor, sigma: torch.Tensor, guidance: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``forward(x, t)`` on [cond; uncond] copies of ``tokens`` combined by classifier-free guidance."""
+    x = torch.cat([tokens, tokens]) if guidance != 1.0 else tokens
+    v = forward(x.to(dtype), sigma.expand(len(x)).to(x.device, dtype)).float()
+    if guidance != 1.0:
+        vc, vu = v.chunk(2)
+        v = vu + guidance * (vc - vu)
+    return v
+
+
 def make_velocity(model: TinyModel, transformer, labels: torch.Tensor, size: int,
                   guidance: float) -> Velocity:
     """Velocity field of ``transformer`` (plain diffusers or xfuser-wrapped) with classifier-free guidance."""
-    enc, pooled = conditioning(model, labels, guidance)
     dtype = next(transformer.parameters()).dtype
-    kw = dict(encoder_hidden_states=enc.to(dtype), pooled_projections=pooled.to(dtype),
-              img_ids=image_ids(size).to(dtype), txt_ids=text_ids(enc.shape[1]).to(dtype), return_dict=False)
-
-    def velocity(tokens: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([tokens, tokens]) if guidance != 1.0 else tokens
-        t = sigma.expand(len(x)).to(dtype)
-        v = transformer(x.to(dtype), timestep=t, **kw)[0].float()
-        if guidance != 1.0:
-            vc, vu = v.chunk(2)
-            v = vu + guidance * (vc - vu)
-        return v
-
-    return velocity
+    kw = transformer_inputs(model, labels, size, guidance, dtype)
+    return lambda tokens, sigma: guided_call(lambda x, t: transformer(x, timestep=t, **kw)[0], tokens, sigma,
+                                             guidance, dtype)
 
 
 @torch.no_grad()

@@ -140,18 +140,19 @@ def _runs(results: list[Path]):
 
 
 def compute_points(results: list[Path], cores: int) -> list[dict]:
+    from ..testbed.scenario import MethodSpec, parse_scenario
+    from .workload import workload_of
+
     rows = []
     for d, job, run, recs in _runs(results):
-        sc = job["scenario"]
-        world = run["world"]
-        batch = len(sc["labels"]) * (2 if sc["guidance"] != 1.0 else 1)
-        tokens = (sc["resolution"] // 2) ** 2 + 4
+        w = workload_of(parse_scenario(job["scenario"], str(d)), MethodSpec.model_validate(job["method"]))
+        world, full = run["world"], w.batch * w.tokens
         for r in recs:
             local = r["warmup"] == "local"
             for layer, s in r["layer_compute_s"].items():
                 rows.append(dict(run=str(d), rank=r["rank"], step=r["step"], layer=int(layer), world=world,
-                                 tokens=batch * tokens if local else batch * tokens // world,
-                                 kv_tokens=batch * tokens, hidden=128, share=max(1.0, world / cores),
+                                 tokens=full if local else w.local_tokens,
+                                 kv_tokens=full, hidden=w.shape.hidden, share=max(1.0, world / cores),
                                  seconds=s, wall_s=r["wall_s"], comm_wait_s=r["comm_wait_s"], codec_s=r["codec_s"]))
     return rows
 

@@ -112,16 +112,14 @@ class Simulator:
         return (p - 1) * slowest
 
     def alltoall_seconds(self, nbytes: float, ranks: list[int]) -> float:
-        """Each rank sends nbytes/P to every peer over separate links; the slowest of a rank's P-1 sends
-        gates. Homogeneous groups are evaluated on one ring of pairs (O(P)), others on all pairs."""
+        """Each rank sends nbytes/P to every peer over separate links; the slowest pair gates (hop costs are
+        memoized per distinct link, so all P(P-1) pairs cost dictionary lookups only)."""
         p = len(ranks)
         if p < 2:
             return 0.0
-        pairs = ([(a, ranks[(i + 1) % p]) for i, a in enumerate(ranks)]
-                 if len({self.c.links[(a, b)] for a in ranks[:2] for b in ranks[:3] if a != b}) <= 1 and p > 16
-                 else [(a, b) for a in ranks for b in ranks if a != b])
         share = (p - 1) if self.c.shared_uplink else 1          # P-1 sends through one NIC
-        return max(self.links.seconds(self.c.links[k], share * nbytes / p, True) for k in pairs)
+        return max(self.links.seconds(self.c.links[(a, b)], share * nbytes / p, True)
+                   for a in ranks for b in ranks if a != b)
 
     def exchange_seconds(self, warm: bool) -> float:
         """Communication of one layer for the method (all ranks); the same for every step of a kind."""
@@ -153,7 +151,6 @@ class Simulator:
         link_res = {k: simpy.Resource(env, capacity=1) for k in self.c.links}
         stats = dict(compute=0.0, comm=0.0, codec=0.0, bytes=0)
         timeline: list[tuple[int, str, float, float]] = []
-        arrivals = [env.event() for _ in range(p)]   # per step: everyone reached the collective
 
         def record(rank, kind, start, end):
             if self.keep_timeline:
@@ -170,6 +167,8 @@ class Simulator:
         ring_links = [(i, (i + 1) % p) for i in range(p)] if p > 1 else []
         output_gather = self.allgather_seconds(w.output_bytes(), list(range(p)))
         compute = {local: [self.layer_compute(r, local) for r in range(p)] for local in (False, True)}
+        step_bytes = {kind: p * (p - 1) * (L * (0 if kind == "local" else w.kv_wire_bytes(kind == "sync"))
+                                           + w.output_bytes()) for kind in ("local", "sync", "steady")}
         pending_async = None
 
         def step_process(k: int):
@@ -188,11 +187,10 @@ class Simulator:
                     yield pending_async
                 pending_async = env.process(collective(L * exch, ring_links))
                 yield env.timeout(max(0.0, compute_end - env.now))
-            else:
-                for layer_block in range(1):            # identical layers: one simulated, scaled by L
-                    yield env.timeout(L * (max(comp) + codec))
-                    if exch:
-                        yield env.process(collective(L * exch, ring_links))
+            else:                                       # identical layers: one simulated, scaled by L
+                yield env.timeout(L * (max(comp) + codec))
+                if exch:
+                    yield env.process(collective(L * exch, ring_links))
             out = output_gather
             if out:
                 yield env.process(collective(out, ring_links))
@@ -201,8 +199,7 @@ class Simulator:
             stats["compute"] += L * max(comp)
             stats["codec"] += L * codec
             stats["comm"] += (0 if w.method.comm == "distrifusion" and not warm else L * exch) + out
-            stats["bytes"] += int(p * ((p - 1) * L * (0 if local else w.kv_wire_bytes(warm))
-                                       + (p - 1) * w.output_bytes()))
+            stats["bytes"] += step_bytes["local" if local else "sync" if warm else "steady"]
             for r in range(p):
                 record(r, "compute", start, start + L * comp[r])
                 record(r, "codec", start + L * comp[r], start + L * (comp[r] + codec))

@@ -22,6 +22,8 @@ class ModelShape:
     heads: int
     text_tokens: int
     act_bytes: int = 2            # fp16/bf16 on GPUs; 4 for the tiny model's fp32 CPU runs
+    pixels_per_token: int = 16    # VAE /8 then 2x2 patches; the tiny model works on pixels: 2x2 patches
+    out_channels: int = 64        # channels of an output token (packed latents)
 
 
 # Published shapes (diffusers configs): FLUX.1-dev 19 double + 38 single blocks, 24 heads x 128;
@@ -29,7 +31,8 @@ class ModelShape:
 FLUX_DEV = ModelShape("flux.1-dev", layers=57, hidden=3072, heads=24, text_tokens=512)
 # CogVideoX-5B: 42 blocks, 48 heads x 64, 226 text tokens; 49 frames 480x720 -> 13 x 30 x 45 = 17550 tokens.
 COGVIDEOX_5B = ModelShape("cogvideox-5b", layers=42, hidden=3072, heads=48, text_tokens=226)
-TINY = ModelShape("tiny_flux_mnist", layers=4, hidden=128, heads=4, text_tokens=4, act_bytes=4)
+TINY = ModelShape("tiny_flux_mnist", layers=4, hidden=128, heads=4, text_tokens=4, act_bytes=4, pixels_per_token=2,
+                  out_channels=4)
 SHAPES = {s.name: s for s in (FLUX_DEV, COGVIDEOX_5B, TINY)}
 
 
@@ -68,9 +71,8 @@ class Workload:
         return 2 * comp.wire_nbytes(self.local_tokens, self.shape.hidden)
 
     def output_bytes(self) -> int:
-        """The output all-gather of one step: image tokens x latent channels (64 for FLUX, 4 tiny)."""
-        channels = 4 if self.shape.name == TINY.name else 64
-        return self.batch * self.image_tokens // self.world * channels * self.shape.act_bytes
+        """The output all-gather of one step: this rank's image tokens x output channels."""
+        return self.batch * self.image_tokens // self.world * self.shape.out_channels * self.shape.act_bytes
 
 
 def shape_of(scenario: Scenario) -> ModelShape:
@@ -82,8 +84,8 @@ def shape_of(scenario: Scenario) -> ModelShape:
 
 
 def image_tokens(shape: ModelShape, resolution: int) -> int:
-    """Tokens of one image: pixel space 2x2 patches for the tiny model; VAE /8 then 2x2 patches otherwise."""
-    return (resolution // 2) ** 2 if shape.name == TINY.name else (resolution // 16) ** 2
+    """Tokens of one square image."""
+    return (resolution // shape.pixels_per_token) ** 2
 
 
 def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape | None = None) -> Workload:

@@ -44,7 +44,7 @@ def free_port() -> int:
 def local_torchrun(job_file: Path, world: int, threads: int = 1) -> list[RankCommand]:
     """All ranks on this machine over loopback: one torchrun with ``world`` processes."""
     argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
-            f"--master_addr=127.0.0.1", f"--master_port={free_port()}", "--max_restarts=0",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--max_restarts=0",
             "-m", "compactbed.runtime.engine", str(job_file)]
     return [RankCommand(argv, env=(("OMP_NUM_THREADS", str(threads)),))]
 

@@ -13,6 +13,7 @@ Results folder (``<output>/<timestamp>/``), plain files with a stated schema:
 from __future__ import annotations
 
 import csv
+import os
 import datetime
 import json
 import platform
@@ -76,7 +77,7 @@ def environment(link_mode: str) -> dict:
             return None
 
     return dict(python=platform.python_version(), platform=platform.platform(), cpu=platform.processor(),
-                cpus=__import__("os").cpu_count(), gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                cpus=os.cpu_count(), gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                 link_mode=link_mode, packages={p: version(p) for p in (
                     "torch", "xfuser", "diffusers", "numba", "triton", "compactbed", "simpy", "dash")},
                 started=datetime.datetime.now().isoformat(timespec="seconds"))

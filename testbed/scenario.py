@@ -215,10 +215,9 @@ class Scenario(_Strict):
             for end in (o.src, o.dst):
                 if isinstance(end, int) and not 0 <= end < n or isinstance(end, str) and end not in node_names:
                     raise ValueError(f"links: node {end!r} is not one of the {n} nodes")
-        ring = self.parallel.ring_degree or max(1, n // self.parallel.ulysses_degree)
-        if any(m.comm == "usp" for m in self.methods) and self.parallel.ulysses_degree * ring != n:
-            raise ValueError(f"parallel: ulysses_degree x ring_degree = {self.parallel.ulysses_degree} x {ring} "
-                             f"must equal the node count {n}")
+        u, ring = self.usp_degrees
+        if any(m.comm == "usp" for m in self.methods) and u * ring != n:
+            raise ValueError(f"parallel: ulysses_degree x ring_degree = {u} x {ring} must equal the node count {n}")
         a2a = [m.name for m in self.methods if m.compressed and m.comm in ("ulysses", "usp")]
         if a2a and self.warmup.mode == "local":
             raise ValueError(f"warmup mode 'local' seeds ring/patch K/V bases only; compressed all-to-all methods "
@@ -251,11 +250,17 @@ class Scenario(_Strict):
     def world_size(self) -> int:
         return len(self.nodes)
 
+    @property
+    def usp_degrees(self) -> tuple[int, int]:
+        """(ulysses, ring) degrees of ``usp`` methods; the ring degree defaults to nodes / ulysses."""
+        u = self.parallel.ulysses_degree
+        return u, self.parallel.ring_degree or self.world_size // u
+
     def degrees(self, method: MethodSpec) -> tuple[int, int]:
         """(ulysses_degree, ring_degree) that ``method`` runs with."""
         n = self.world_size
         if method.comm == "usp":
-            return self.parallel.ulysses_degree, self.parallel.ring_degree or n // self.parallel.ulysses_degree
+            return self.usp_degrees
         if method.comm == "ulysses":
             return n, 1
         return 1, n

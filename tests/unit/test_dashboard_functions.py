@@ -89,7 +89,8 @@ def test_results_browser_figures(folder):
     par = R.pareto_figure(f, "shaped")
     assert list(par.data[0].y) == [60.0, 35.0]                # exact methods capped for display
     fig, cases = R.predicted_vs_measured(f, CALIB)
-    assert {c["method"] for c in cases} == {"ring", "compact-1bit"} and all(c["predicted_s"] > 0 for c in cases)
+    assert {c.method for c in cases} == {"ring", "compact-1bit"} and all(c.predicted_s > 0 for c in cases)
+    assert [t.name for t in fig.data] == ["measured", "predicted"] and "MAPE" in fig.layout.title.text
     samples = R.samples_figure(f, "shaped")
     assert len(samples.data) == 3                              # reference + two methods
 
