@@ -105,9 +105,12 @@ def samples_figure(folder: ResultsFolder, links: str, count: int = 8) -> go.Figu
     panels = [(n, p) for n, p in panels if p.is_file()]
     fig = make_subplots(rows=len(panels) or 1, cols=1, subplot_titles=[n for n, _ in panels], vertical_spacing=0.04)
     for i, (_, path) in enumerate(panels, start=1):
-        imgs = np.load(path)[:count, 0]
-        strip = np.concatenate(list(imgs), axis=1)
-        fig.add_heatmap(z=strip[::-1], colorscale="gray", showscale=False, zmin=-1, zmax=1, row=i, col=1)
+        strip = np.concatenate(list(np.load(path)[:count]), axis=-1)       # [C, H, W * count]
+        if strip.shape[0] == 3:                                              # RGB (pipeline folders)
+            rgb = ((strip.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+            fig.add_image(z=rgb, row=i, col=1)
+        else:
+            fig.add_heatmap(z=strip[0][::-1], colorscale="gray", showscale=False, zmin=-1, zmax=1, row=i, col=1)
         fig.update_xaxes(visible=False, row=i, col=1)
         fig.update_yaxes(visible=False, scaleanchor=f"x{i if i > 1 else ''}", scaleratio=1, row=i, col=1)
     fig.update_layout(title="samples (same seed) beside the single-process reference",

@@ -7,11 +7,12 @@ figures and the simulator's error model.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Sequence
 
 import torch
 
-from .sampling import euler_sample, initial_noise, make_velocity
-from .tiny_model import TinyModel
+from .models import DiTModel
+from .sampling import euler_sample, make_velocity
 
 
 def attention_modules(transformer) -> list[torch.nn.Module]:
@@ -20,11 +21,10 @@ def attention_modules(transformer) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def record_kv(model: TinyModel, labels: torch.Tensor, steps: int, seed: int = 0,
+def record_kv(model: DiTModel, conditions: Sequence, resolution: int, steps: int, seed: int = 0,
               guidance: float = 1.0) -> dict[tuple[int, str], list[torch.Tensor]]:
     """{(layer, "k"|"v"): [step0, step1, ...]} with each entry a [tokens, channels] float32 tensor
     (batch folded into tokens; keys after their RMS norm, image-stream projections)."""
-    size = model.meta.get("size", 16)
     out: dict[tuple[int, str], list[torch.Tensor]] = defaultdict(list)
     hooks = []
     for i, attn in enumerate(attention_modules(model.transformer)):
@@ -33,8 +33,8 @@ def record_kv(model: TinyModel, labels: torch.Tensor, steps: int, seed: int = 0,
         hooks.append(attn.to_v.register_forward_hook(
             lambda m, a, y, i=i: out[(i, "v")].append(y.detach().float().reshape(-1, y.shape[-1]))))
     try:
-        vel = make_velocity(model, model.transformer, labels, size, guidance)
-        euler_sample(vel, initial_noise(labels, size, seed), steps)
+        vel = make_velocity(model, model.transformer, conditions, resolution, guidance)
+        euler_sample(vel, model.initial_tokens(len(conditions), resolution, seed), model.sigmas(steps, resolution))
     finally:
         for h in hooks:
             h.remove()

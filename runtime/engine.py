@@ -26,8 +26,8 @@ from ..kernels.backend import Backend, make_codec, select_fused
 from ..kernels.codec import ResidualCodec, StreamKey
 from ..testbed.scenario import MethodSpec, Scenario
 from .comm import CommHooks, kv_2d
-from .sampling import guided_call, initial_noise, sigmas, transformer_inputs
-from .tiny_model import TINY_MODEL_DIR, pack, unpack
+from .models import load_for
+from .sampling import guided_call
 
 
 class Job(BaseModel):
@@ -40,15 +40,6 @@ class Job(BaseModel):
     seed: int
     out_dir: str
     backend: Backend = "auto"
-
-
-def model_dir(scenario: Scenario) -> Path:
-    if scenario.model.path:
-        return Path(scenario.model.path)
-    if scenario.model.name != "tiny_flux_mnist":
-        raise ValueError(f"unknown shipped model {scenario.model.name!r} (only tiny_flux_mnist ships; "
-                         f"use model.path for a local diffusers folder)")
-    return TINY_MODEL_DIR
 
 
 class RankRun:
@@ -75,21 +66,22 @@ class RankRun:
         from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
 
         from .attention import ExchangeAttnProcessor
-        from .tiny_model import load_tiny_model
 
         ulysses, ring = self.sc.degrees(self.method)
         # the process group exists already (with the scenario's timeout); this builds xfuser's world group
         init_distributed_environment(rank=self.rank, world_size=self.world)
-        args = xFuserArgs(model=str(model_dir(self.sc)), ulysses_degree=ulysses, ring_degree=ring,
-                          attention_backend="SDPA_FLASH" if self.device.type == "cpu" else None)
+        args = xFuserArgs(model=str(self.sc.model.path or self.sc.model.name), ulysses_degree=ulysses,
+                          ring_degree=ring, attention_backend="SDPA_FLASH" if self.device.type == "cpu" else None)
         engine_config, _ = args.create_config()
-        self.tiny = load_tiny_model(model_dir(self.sc), self.dtype, transformer_cls=xFuserFlux1Transformer2DWrapper)
-        self.model = self.tiny.transformer.to(self.device)
-        initialize_runtime_state(types.SimpleNamespace(transformer=self.model, vae_scale_factor=8), engine_config)
-        b = len(self.sc.labels) * (2 if self.sc.guidance != 1.0 else 1)
+        self.dit = load_for(self.sc.model, transformer_cls=xFuserFlux1Transformer2DWrapper).to(self.device)
+        self.model = self.dit.transformer
+        height, vae_scale = self.dit.xfuser_geometry(self.sc.resolution)
+        initialize_runtime_state(types.SimpleNamespace(transformer=self.model, vae_scale_factor=vae_scale),
+                                 engine_config)
+        self.cfg_scale = self.dit.cfg_scale(self.sc.guidance)
         get_runtime_state().set_input_parameters(
-            height=self.sc.resolution * 8, width=self.sc.resolution * 8, batch_size=b,
-            num_inference_steps=self.sc.steps, max_condition_sequence_length=self.tiny.label_encoder.text_tokens,
+            height=height, width=height, batch_size=self.sc.images * (2 if self.cfg_scale != 1.0 else 1),
+            num_inference_steps=self.sc.steps, max_condition_sequence_length=self.dit.text_tokens,
             split_text_embed_in_sp=True)
         self.attn_modules = [blk.attn for blk in (*self.model.transformer_blocks, *self.model.single_transformer_blocks)]
         self.xdit_processors = [a.processor for a in self.attn_modules]
@@ -123,14 +115,14 @@ class RankRun:
         if not local:
             with self.hooks.installed():
                 return guided_call(lambda xin, t: self.model(xin, timestep=t, **kw)[0], x, sigma,
-                                   self.sc.guidance, self.dtype)
+                                   self.cfg_scale, self.dtype)
         # local warmup: the whole sequence on this rank, plain diffusers forward, no communication
         from diffusers import FluxTransformer2DModel
 
         self._set_processors(self.local_processors)
         try:
             v = guided_call(lambda xin, t: FluxTransformer2DModel.forward(self.model, xin, timestep=t, **kw)[0],
-                            x, sigma, self.sc.guidance, self.dtype)
+                            x, sigma, self.cfg_scale, self.dtype)
         finally:
             self._set_processors(self.exchange_processors or self.xdit_processors)
         self._seed_bases(kw)
@@ -158,11 +150,12 @@ class RankRun:
                 self.exchange_processors[layer].stale = shards
             proc.recorded = None
 
-    def sample(self) -> np.ndarray:
-        labels = torch.tensor(self.sc.labels)
-        kw = transformer_inputs(self.tiny, labels, self.sc.resolution, self.sc.guidance, self.dtype, self.device)
-        x = pack(initial_noise(labels, self.sc.resolution, self.job.seed)).to(self.device)
-        sig = sigmas(self.sc.steps)
+    def sample(self) -> np.ndarray | None:
+        """Sample every image; rank 0 returns them decoded ([B, C, H, W] in [-1, 1]), other ranks None."""
+        res = self.sc.resolution
+        kw = self.dit.transformer_inputs(self.sc.conditions, res, self.sc.guidance, self.dtype, self.device)
+        x = self.dit.initial_tokens(self.sc.images, res, self.job.seed).to(self.device)
+        sig = self.dit.sigmas(self.sc.steps, res)
         dist.barrier()
         t_start = time.perf_counter()
         for k in range(self.sc.steps):
@@ -186,7 +179,7 @@ class RankRun:
                 print(f"STEP {k + 1}/{self.sc.steps}", flush=True)
         dist.barrier()
         self.latency_s = time.perf_counter() - t_start
-        return unpack(x.cpu(), self.sc.resolution).clamp(-1, 1).numpy()
+        return self.dit.decode(x, res).numpy() if self.rank == 0 else None
 
     def check_bases(self) -> dict:
         """Cross-rank consistency: every stream's base digest must agree on all ranks (EF mode)."""

@@ -20,8 +20,9 @@ def psnr(images: np.ndarray, reference: np.ndarray, data_range: float = 2.0) -> 
 
 
 def ssim(images: np.ndarray, reference: np.ndarray, data_range: float = 2.0) -> float:
-    """Mean structural similarity over the batch ([B, 1, H, W])."""
-    vals = [structural_similarity(a[0], b[0], data_range=data_range, win_size=min(7, a.shape[-1] | 1))
+    """Mean structural similarity over the batch ([B, C, H, W]; channels averaged)."""
+    win = min(7, (min(images.shape[-2:]) - 1) | 1)
+    vals = [structural_similarity(a, b, data_range=data_range, win_size=win, channel_axis=0)
             for a, b in zip(images, reference)]
     return float(np.mean(vals))
 
@@ -31,13 +32,14 @@ def classify(classifier: DigitClassifier, images: np.ndarray) -> np.ndarray:
     return classifier(torch.from_numpy(images).float()).argmax(1).numpy()
 
 
-def compare(images: np.ndarray, reference: np.ndarray, labels: list[int],
+def compare(images: np.ndarray, reference: np.ndarray, conditions: list,
             classifier: DigitClassifier | None) -> dict:
-    """All quality figures of ``images`` against ``reference`` (same seed and labels)."""
+    """All quality figures of ``images`` against ``reference`` (same seed and conditions); the classifier's
+    figures need a digit model (its conditions are the labels)."""
     out = dict(psnr_db=round(psnr(images, reference), 3), ssim=round(ssim(images, reference), 4),
                max_abs_diff=float(np.abs(images - reference).max()))
     if classifier is not None:
         pred, ref_pred = classify(classifier, images), classify(classifier, reference)
-        out["label_accuracy"] = float(np.mean(pred == np.asarray(labels)))
+        out["label_accuracy"] = float(np.mean(pred == np.asarray(conditions)))
         out["agreement_with_reference"] = float(np.mean(pred == ref_pred))
     return out

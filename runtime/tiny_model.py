@@ -116,13 +116,11 @@ def load_tiny_model(path: Path | str = TINY_MODEL_DIR, dtype: torch.dtype = torc
         raise FileNotFoundError(f"no tiny model at {path} (expected transformer/config.json); "
                                 f"train one with `python -m compactbed.runtime.train_tiny --out {path}`")
     cls = transformer_cls or FluxTransformer2DModel
-    transformer = cls.from_pretrained(path / "transformer", torch_dtype=dtype).eval()
+    transformer = cls.from_pretrained(path / "transformer", dtype=dtype).eval()
     meta = json.loads((path / "train_meta.json").read_text()) if (path / "train_meta.json").is_file() else {}
     if not (path / "label_encoder.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{path}: the transformer loaded, but there is no label_encoder.safetensors; this version conditions "
-            f"generation on digit labels only (text-prompt encoding for real checkpoints such as FLUX.1 is not "
-            f"implemented yet)")
+        raise FileNotFoundError(f"{path}: no label_encoder.safetensors, so not a tiny digit model folder (a FLUX "
+                                f"checkpoint loads as a whole pipeline folder: runtime.models.load_model)")
     enc = LabelEncoder(text_dim=transformer.config.joint_attention_dim,
                        pooled_dim=transformer.config.pooled_projection_dim)
     enc.load_state_dict(load_file(path / "label_encoder.safetensors"))

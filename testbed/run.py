@@ -37,7 +37,8 @@ from ..netem.cluster import EmulatedCluster, check_backend
 from ..netem.commands import NODE_IF
 from ..netem.probe import probe_link
 from ..netem.profiles import LinkSpec
-from ..runtime.engine import Job, model_dir
+from ..runtime.engine import Job
+from ..runtime.models import DiTModel, ModelFolderError, check_conditions, load_for
 from .launch import RankCommand, RunFailed, local_torchrun, node_torchrun, run_ranks
 from .scenario import MethodSpec, Scenario
 
@@ -83,15 +84,27 @@ def environment(link_mode: str) -> dict:
                 started=datetime.datetime.now().isoformat(timespec="seconds"))
 
 
-def reference_images(scenario: Scenario, seed: int) -> tuple[np.ndarray, float, object]:
-    """Single-process diffusers sampling with the same seed; also returns its wall time and the model."""
-    from ..runtime.sampling import sample_reference
-    from ..runtime.tiny_model import load_tiny_model
+def checked_model(scenario: Scenario) -> DiTModel:
+    """Load the scenario's model and check that its conditions and every method's split fit it."""
+    model = load_for(scenario.model)
+    check_conditions(model, scenario.conditions)
+    for m in scenario.methods:
+        u, r = scenario.degrees(m)
+        try:
+            model.check_layout(scenario.resolution, u * r, u)
+        except ModelFolderError as e:
+            raise ModelFolderError(f"method {m.name}: {e}") from None
+    return model
 
-    model = load_tiny_model(model_dir(scenario), getattr(torch, scenario.model.dtype))
+
+def reference_images(model: DiTModel, scenario: Scenario, seed: int) -> tuple[np.ndarray, float]:
+    """Single-process diffusers sampling with the same seed, and its wall time."""
+    from ..runtime.sampling import sample_reference
+
     t0 = time.perf_counter()
-    images = sample_reference(model, torch.tensor(scenario.labels), scenario.steps, seed, scenario.guidance).numpy()
-    return images, time.perf_counter() - t0, model
+    images = sample_reference(model, scenario.conditions, scenario.resolution, scenario.steps, seed,
+                              scenario.guidance).numpy()
+    return images, time.perf_counter() - t0
 
 
 def collect(run_dir: Path, method: MethodSpec, seed: int) -> MethodResult:
@@ -229,8 +242,9 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
                   f"{scenario.steps} steps; links: {link_mode}; passes: {', '.join(passes)} -> {results}")
     rows: list[MethodResult] = []
     refs = {}
+    model = checked_model(scenario)
     for seed in scenario.seeds:
-        refs[seed] = reference_images(scenario, seed)
+        refs[seed] = reference_images(model, scenario, seed)
         (results / "reference").mkdir(exist_ok=True)
         np.save(results / "reference" / f"seed{seed}.npy", refs[seed][0])
         console.print(f"single-process reference (seed {seed}): {refs[seed][1]:.2f} s")
@@ -241,7 +255,7 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
                 Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                          TimeElapsedColumn(), console=console) as progress:
             for seed in scenario.seeds:
-                ref, _, model = refs[seed]
+                ref, _ = refs[seed]
                 for method in scenario.methods:
                     run_dir = results / pass_name / method.name / f"seed{seed}"
                     run_dir.mkdir(parents=True)
@@ -255,7 +269,7 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
                                   on_step=lambda k, n, task=task: progress.update(task, completed=k))
                         row = collect(run_dir, method, seed)
                         row.links = pass_name
-                        row.quality = compare(np.load(run_dir / "images.npy"), ref, scenario.labels, model.classifier)
+                        row.quality = compare(np.load(run_dir / "images.npy"), ref, scenario.conditions, model.classifier)
                     except RunFailed as e:
                         row = MethodResult(method=method.name, seed=seed, links=pass_name, status="failed", error=str(e))
                         progress.update(task, description=f"{pass_name}: {method.name} [red]failed")

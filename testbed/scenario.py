@@ -66,11 +66,14 @@ class LinkOverride(_Strict):
 
 
 class ModelSpec(_Strict):
-    """``name: tiny_flux_mnist`` is the shipped model; ``path`` loads a local diffusers folder instead."""
+    """``name: tiny_flux_mnist`` is the shipped model; ``path`` loads a local diffusers folder instead: a
+    ``FluxPipeline`` folder (e.g. FLUX.1-dev, conditioned by ``prompts``) or a retrained tiny model folder.
+    ``max_sequence_length`` is the T5 prompt length of pipeline folders."""
 
     name: str = "tiny_flux_mnist"
     path: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_sequence_length: int = Field(512, ge=1, le=4096)
 
 
 class ParallelSpec(_Strict):
@@ -132,8 +135,11 @@ class Scenario(_Strict):
     links: list[LinkOverride] = Field(default_factory=list, max_length=100_000)
     model: ModelSpec = ModelSpec()
     resolution: int = Field(16, ge=4, le=8192, description="image side in pixels (tiny model: 16)")
-    labels: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1, max_length=1024,
-                              description="one digit class per image, or a count (digits 0-9 cycling)")
+    labels: list[int] | None = Field(None, min_length=1, max_length=1024,
+                                     description="one digit class per image, or a count (digits 0-9 cycling); "
+                                                 "default 0-9")
+    prompts: list[str] | None = Field(None, min_length=1, max_length=1024,
+                                      description="one prompt per image (pipeline folders; replaces labels)")
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(1.5, ge=0, le=50)
     parallel: ParallelSpec = ParallelSpec()
@@ -186,10 +192,17 @@ class Scenario(_Strict):
 
     @field_validator("labels")
     @classmethod
-    def _labels(cls, v: list[int]) -> list[int]:
-        bad = [x for x in v if not 0 <= x <= 9]
+    def _labels(cls, v: list[int] | None) -> list[int] | None:
+        bad = [x for x in v or [] if not 0 <= x <= 9]
         if bad:
             raise ValueError(f"labels are digit classes 0-9, got {bad[:5]}")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(len(p) > 2000 or "\x00" in p for p in v):
+            raise ValueError("a prompt is at most 2000 characters of text")
         return v
 
     @field_validator("output")
@@ -222,6 +235,11 @@ class Scenario(_Strict):
         if a2a and self.warmup.mode == "local":
             raise ValueError(f"warmup mode 'local' seeds ring/patch K/V bases only; compressed all-to-all methods "
                              f"({', '.join(a2a)}) need warmup mode 'sync'")
+        if self.prompts is not None and self.labels is not None:
+            raise ValueError("give labels (the tiny digit model) or prompts (a pipeline folder), not both")
+        if self.prompts is not None and self.model.path is None:
+            raise ValueError("prompts condition a pipeline folder given as model.path; the shipped tiny model is "
+                             "conditioned on digit labels (use `labels:`)")
         if self.model.path is None and self.model.name == "tiny_flux_mnist":
             image, text, heads = (self.resolution // 2) ** 2, 4, 4
             for m in self.methods:
@@ -245,6 +263,18 @@ class Scenario(_Strict):
     def on_hosts(self) -> bool:
         """True for the ``hosts:`` form: every node is a real machine."""
         return all(x.host for x in self.nodes)
+
+    @property
+    def conditions(self) -> list:
+        """What conditions each image: its prompt (pipeline folders) or its digit label (tiny model)."""
+        if self.prompts is not None:
+            return list(self.prompts)
+        return list(self.labels) if self.labels is not None else list(range(10))
+
+    @property
+    def images(self) -> int:
+        """Images generated per method and seed."""
+        return len(self.conditions)
 
     @property
     def world_size(self) -> int:

@@ -5,11 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from compactbed.runtime.engine import Job
+from compactbed.runtime.models import load_model
 from compactbed.runtime.sampling import sample_reference
-from compactbed.runtime.tiny_model import load_tiny_model
 from compactbed.testbed.launch import local_torchrun, run_ranks
 from compactbed.testbed.scenario import METHOD_PRESETS, parse_scenario
 
@@ -17,8 +16,10 @@ LABELS = [0, 1, 2, 3, 4, 5, 6, 7]
 
 
 def scenario(nodes=4, steps=8, warmup=("local", 1), **kw):
-    data = dict(name="itest", nodes=nodes, labels=LABELS, steps=steps, methods=["ring"],
+    data = dict(name="itest", nodes=nodes, steps=steps, methods=["ring"],
                 warmup={"mode": warmup[0], "steps": warmup[1]}, timeout_s=60) | kw
+    if "prompts" not in data:
+        data.setdefault("labels", LABELS)
     return parse_scenario(data, "itest")
 
 
@@ -32,7 +33,7 @@ class Launched:
 
 @pytest.fixture(scope="session")
 def tiny():
-    return load_tiny_model()
+    return load_model()
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +41,11 @@ def reference(tiny):
     cache = {}
 
     def get(sc, seed=0):
-        key = (sc.steps, seed, sc.guidance, tuple(sc.labels))
+        key = (sc.model.path, sc.resolution, sc.steps, seed, sc.guidance, tuple(sc.conditions))
         if key not in cache:
-            cache[key] = sample_reference(tiny, torch.tensor(sc.labels), sc.steps, seed, sc.guidance).numpy()
+            model = tiny if sc.model.path is None else load_model(sc.model.path,
+                                                                  max_sequence_length=sc.model.max_sequence_length)
+            cache[key] = sample_reference(model, sc.conditions, sc.resolution, sc.steps, seed, sc.guidance).numpy()
         return cache[key]
 
     return get

@@ -7,7 +7,7 @@ import torch
 from compactbed.kernels.codec import ResidualCodec, StreamKey
 from compactbed.kernels.spec import CodecSpec, CompressorSpec
 from compactbed.runtime.activations import record_kv
-from compactbed.runtime.tiny_model import load_tiny_model
+from compactbed.runtime.models import load_model
 
 STEPS = 28
 
@@ -15,8 +15,7 @@ STEPS = 28
 @pytest.fixture(scope="module")
 def trajectory():
     torch.manual_seed(0)
-    model = load_tiny_model()
-    return record_kv(model, torch.arange(10), steps=STEPS, seed=0)
+    return record_kv(load_model(), list(range(10)), 16, steps=STEPS, seed=0)
 
 
 def replay(seq, spec):
@@ -69,18 +68,3 @@ def test_ef_error_stays_flat_while_noef_drifts_upward(trajectory):
     gap_last = noef_m[-third:].mean() / ef_m[-third:].mean()
     assert gap_last > gap_first > 1.5, (gap_first, gap_last)                  # and pulls away from EF
     assert noef_m[-1] > 2 * ef_m[-1]
-
-
-def test_model_path_loads_through_the_same_code(tmp_path):
-    """A local copy of the model folder loads like the shipped one; a transformer-only folder (a real
-    checkpoint's layout) loads its transformer and then says what is missing."""
-    import shutil
-
-    from compactbed.runtime.tiny_model import TINY_MODEL_DIR
-
-    shutil.copytree(TINY_MODEL_DIR, tmp_path / "copy")
-    a, b = load_tiny_model(), load_tiny_model(tmp_path / "copy")
-    assert all(torch.equal(x, y) for x, y in zip(a.transformer.parameters(), b.transformer.parameters()))
-    shutil.copytree(TINY_MODEL_DIR / "transformer", tmp_path / "real" / "transformer")
-    with pytest.raises(FileNotFoundError, match="the transformer loaded.*text-prompt encoding"):
-        load_tiny_model(tmp_path / "real")

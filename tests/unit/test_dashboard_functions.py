@@ -100,3 +100,16 @@ def test_broken_folders_are_skipped(tmp_path):
     bad.mkdir(parents=True)
     (bad / "summary.json").write_text("{not json")
     assert R.find_results([tmp_path]) == []
+
+
+def test_rgb_samples_show_as_colour_images(folder):
+    """Pipeline folders give RGB images: they show as images, one strip per panel, colours kept."""
+    (f,) = R.find_results([folder])
+    rgb = np.full((4, 3, 16, 16), -1.0, np.float32)
+    rgb[:, 0] = 1.0                                               # pure red
+    for p in [f.path / "reference" / "seed0.npy", *f.path.glob("shaped/*/seed0/images.npy")]:
+        np.save(p, rgb)
+    fig = R.samples_figure(f, "shaped")
+    assert [t.type for t in fig.data] == ["image"] * 3
+    z = np.asarray(fig.data[0].z)
+    assert z.shape == (16, 64, 3) and (z[..., 0] == 255).all() and (z[..., 1:] == 0).all()
