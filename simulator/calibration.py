@@ -1,6 +1,8 @@
 """Calibration: measured compute, codec and link costs, fitted with scikit-learn and stored as plain files.
 
-``scenario calibrate RESULTS...`` reads results folders written by ``scenario run`` and writes a folder with
+``scenario calibrate RESULTS...`` reads results folders written by ``scenario run`` (plus, optionally, link
+micro-benchmark folders of :mod:`.linkbench` and earlier calibration folders, whose compute and link rows are
+reused) and writes a folder with
   compute.csv     one row per (run, rank, step, layer): tokens, kv tokens, hidden, ranks per core, seconds
   codec.csv       one row per (codec, op, bytes): seconds, measured now on this machine by the kernel bench
   links.csv       one row per probed link: configured and measured rate and RTT
@@ -13,7 +15,11 @@ from the probes' RTT minus the configured delays; one collective hop (gloo) cost
 k_hop + k_rtt * RTT + k_bw * bytes / rate, the transfer term scaled by k_bidir when both directions of the
 link carry bulk data (a 2-rank ring: ACKs queue behind the reverse data), fitted by bounded least squares
 (scipy) on the measured time blocked on communication; jitter lengthens the round trip by ~k_j x jitter
-each way (in-order release), loss caps the rate at C * MSS / (RTT sqrt(p)) with C fitted.
+each way (in-order release), loss caps the rate at C * MSS / (RTT sqrt(p)) with C fitted and costs k_loss
+round trips per expected lost packet; a share k_burst of the shaper's burst passes at line rate.
+The hop model is fitted on whole runs when there are any (their communication also pays for the emulation
+host's CPU contention), else on link micro-benchmarks (``linkbench.csv``); with both, calibrate reports how
+much slower the runs' communication is than the links alone.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ class Calibration:
     hop_bidirectional_factor: float = 1.0
     jitter_factor: float = 0.5           # in-order release under +-j jitter adds ~k_j * j to each one-way delay
     loss_constant: float = 1.22          # lossy rate: min(rate, C * MSS / (RTT sqrt(p))) (Mathis form, C fitted)
+    burst_factor: float = 0.0            # share of the shaper's burst allowance a message passes at line rate
+    loss_rtts: float = 0.0               # round trips each expected lost packet costs (recovery)
     sources: list[str] = field(default_factory=list)
 
     # --- queries used by the model ------------------------------------------------------------------------
@@ -209,6 +217,13 @@ def link_points(results: list[Path]) -> list[dict]:
     return rows
 
 
+def burst_of(spec: LinkSpec) -> int:
+    """Bytes the emulator's shaper lets through at line rate after an idle period (its htb burst)."""
+    from ..netem.commands import burst_bytes
+
+    return burst_bytes(spec.rate_mbit) if spec.rate_mbit else 0
+
+
 def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
     """Per (run, rank, step) of synchronous all-gather methods: hops, RTT and bytes/rate sums vs the measured
     time blocked on communication."""
@@ -236,57 +251,122 @@ def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
             warm = r["warmup"] == "sync"
             rows.append(dict(run=str(d), rank=r["rank"], step=r["step"], rtt_s=rtt, bidirectional=int(p == 2),
                              jitter_s=jitter, loss=loss, rate_bytes=rate or 0.0,
+                             burst_bytes=burst_of(slow) if rate else 0,
                              kv_hops=layers * (p - 1), kv_bytes=w.kv_wire_bytes(warm),
                              out_hops=p - 1, out_bytes=w.output_bytes(), comm_wait_s=r["comm_wait_s"]))
+    return rows
+
+
+def linkbench_points(results: list[Path], calib: "Calibration") -> list[dict]:
+    """Hop rows from gloo micro-benchmarks (``linkbench.csv``, :mod:`.linkbench`): one all-gather of a message
+    over P-1 ring hops on a link measured alone, in the same columns as :func:`hop_points`."""
+    rows = []
+    for root in results:
+        for f in sorted(Path(root).rglob("linkbench.csv")):
+            with open(f, newline="") as fh:
+                for r in csv.DictReader(fh):
+                    spec = LinkSpec(rate_mbit=float(r["rate_mbit"]) or None, delay_ms=float(r["delay_ms"]),
+                                    jitter_ms=float(r["jitter_ms"]), loss_pct=float(r["loss_pct"]))
+                    rows.append(dict(run=str(f), rank=-1, step=-1,
+                                     rtt_s=2 * (spec.delay_ms / 1e3 + calib.link_overhead_s),
+                                     bidirectional=int(int(r["world"]) == 2), jitter_s=spec.jitter_ms / 1e3,
+                                     loss=spec.loss_pct / 100, rate_bytes=calib.effective_rate_bytes(spec) or 0.0,
+                                     burst_bytes=burst_of(spec),
+                                     kv_hops=int(r["hops"]), kv_bytes=int(r["bytes"]), out_hops=0, out_bytes=0,
+                                     comm_wait_s=float(r["seconds"])))
     return rows
 
 
 MSS = 1448
 
 
-def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0):
+def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0, burst=0.0):
     """One gloo hop: a handshake round trip (jitter lengthens it: release is in order), the transfer at the
-    link rate or, with loss, at most C * MSS / (RTT sqrt(p)); slower when the reverse direction carries bulk
-    data too (its ACKs queue behind it); plus a fixed cost. Array-friendly."""
-    k_rtt, k_bw, k_hop, k_bidir, k_jit, c_loss = params
+    link rate of what exceeds the shaper's burst allowance or, with loss, at most C * MSS / (RTT sqrt(p)); slower
+    when the reverse direction carries bulk data too (its ACKs queue behind it); each expected lost packet
+    costs k_loss round trips; plus a fixed cost. Array-friendly."""
+    k_rtt, k_bw, k_hop, k_bidir, k_jit, c_loss, k_burst, k_loss = params
     rtt = np.asarray(rtt, float) + 2 * k_jit * np.asarray(jitter, float)
     loss = np.asarray(loss, float)
     rate = np.asarray(rate, float)
+    nbytes = np.asarray(nbytes, float)
     lossy = c_loss * MSS / (np.maximum(rtt, 1e-4) * np.sqrt(np.maximum(loss, 1e-12)))
     eff = np.where(loss > 0, np.where(rate > 0, np.minimum(rate, lossy), lossy), rate)
-    transfer = np.where(eff > 0, np.asarray(nbytes, float) / np.where(eff > 0, eff, 1.0), 0.0)
-    return k_hop + k_rtt * rtt + k_bw * transfer * np.where(bidirectional, k_bidir, 1.0)
+    shaped = np.where(rate > 0, np.maximum(nbytes - k_burst * np.asarray(burst, float), 0.0), nbytes)
+    transfer = np.where(eff > 0, shaped / np.where(eff > 0, eff, 1.0), 0.0)
+    retransmits = k_loss * loss * (nbytes / MSS + 2) * rtt
+    return k_hop + k_rtt * rtt + k_bw * transfer * np.where(bidirectional, k_bidir, 1.0) + retransmits
 
 
 HOP_PARAMS = ("hop_rtt_factor", "hop_bandwidth_factor", "hop_overhead_s", "hop_bidirectional_factor",
-              "jitter_factor", "loss_constant")
+              "jitter_factor", "loss_constant", "burst_factor", "loss_rtts")
+HOP_START = (1.0, 1.0, 0.001, 1.0, 0.5, 1.22, 0.0, 0.0)     # also the values of terms the data cannot identify
+
+
+HOP_COLUMNS = ("rtt_s", "kv_hops", "kv_bytes", "out_hops", "out_bytes", "comm_wait_s", "bidirectional", "jitter_s",
+               "loss", "rate_bytes", "burst_bytes")
+
+
+def _columns(points: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.array([p.get(k, 0) for p in points], dtype=float) for k in HOP_COLUMNS}
+
+
+def comm_seconds(params, col: dict[str, np.ndarray]) -> np.ndarray:
+    """Predicted communication time of each hop row (K/V hops plus output-gather hops)."""
+    hop = lambda nb: hop_seconds(params, col["rtt_s"], nb, col["rate_bytes"], col["bidirectional"],  # noqa: E731
+                                 col["jitter_s"], col["loss"], col["burst_bytes"])
+    return col["kv_hops"] * hop(col["kv_bytes"]) + col["out_hops"] * hop(col["out_bytes"])
 
 
 def fit_hops(points: list[dict]) -> tuple[float, ...]:
     """Bounded least squares of the per-step communication time (scipy.optimize.least_squares). Jitter and
     loss terms are only identified when the points include jittery / lossy links; otherwise they keep their
-    starting values (0.5, 1.22)."""
+    starting values (:data:`HOP_START`)."""
     from scipy.optimize import least_squares
 
-    col = {k: np.array([p.get(k, 0) for p in points], dtype=float)
-           for k in ("rtt_s", "kv_hops", "kv_bytes", "out_hops", "out_bytes", "comm_wait_s", "bidirectional",
-                     "jitter_s", "loss", "rate_bytes")}
-    has_jitter, has_loss = bool(col["jitter_s"].any()), bool(col["loss"].any())
+    col = _columns(points)
+    free = [True] * 4 + [bool(col["jitter_s"].any())] + [bool(col["loss"].any())] + \
+           [bool(col["burst_bytes"].any())] + [bool(col["loss"].any())]
 
     def full(params):
-        p = list(params)
-        return p[:4] + [p[4] if has_jitter else 0.5] + [p[5] if has_loss else 1.22]
+        return [p if f else s for p, f, s in zip(params, free, HOP_START)]
 
     def residual(params):
-        q = full(params)
-        hop = lambda nb: hop_seconds(q, col["rtt_s"], nb, col["rate_bytes"], col["bidirectional"],  # noqa: E731
-                                     col["jitter_s"], col["loss"])
-        pred = col["kv_hops"] * hop(col["kv_bytes"]) + col["out_hops"] * hop(col["out_bytes"])
-        return (pred - col["comm_wait_s"]) / np.maximum(col["comm_wait_s"], 1e-3)   # relative error
+        return (comm_seconds(full(params), col) - col["comm_wait_s"]) / np.maximum(col["comm_wait_s"], 1e-3)
 
-    fit = least_squares(residual, x0=[1.0, 1.0, 0.001, 1.0, 0.5, 1.22],
-                        bounds=([0, 0, 0, 1, 0, 0.3], [10, 10, 1, 10, 3, 50]))
+    fit = least_squares(residual, x0=list(HOP_START),
+                        bounds=([0, 0, 0, 1, 0, 0.3, 0, 0], [10, 10, 1, 10, 3, 50, 1, 100]))
     return tuple(float(v) for v in full(fit.x))
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """Rows of a calibration CSV with numbers as numbers."""
+    def num(v: str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    with open(path, newline="") as f:
+        return [{k: num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def earlier_points(results: list[Path], name: str) -> list[dict]:
+    """Rows of ``name`` (compute.csv, links.csv) from earlier calibration folders among ``results``: their
+    measurements are reused without the raw runs."""
+    return [row for root in results for f in sorted(Path(root).glob(name))
+            if (f.parent / "calibration.json").is_file() for row in _read_csv(f)]
+
+
+def _sources(results: list[Path]) -> list[str]:
+    out = []
+    for r in results:
+        earlier = Path(r) / "calibration.json"
+        out += json.loads(earlier.read_text()).get("sources", []) if earlier.is_file() else [str(r)]
+    return out
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -302,7 +382,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def calibrate(results: list[Path], out: Path, cores: int | None = None, log=print) -> Calibration:
     """Fit a calibration from results folders and write it (with its data points) to ``out``."""
     cores = cores or os.cpu_count() or 1
-    cpoints = compute_points(results, cores)
+    cpoints = compute_points(results, cores) + earlier_points(results, "compute.csv")
     if not cpoints:
         raise ValueError("no measured runs (run.json + rank*.jsonl) under " + ", ".join(map(str, results)))
     device = fit_compute(cpoints, cores)
@@ -315,23 +395,33 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     device.step_overhead_s = float(np.median(residual))
     shapes = sorted({(p["tokens"], p["hidden"]) for p in cpoints})
     kpoints = codec_points([(max(8, t), h) for t, h in shapes[:: max(1, len(shapes) // 6)]])
-    lpoints = link_points(results)
+    lpoints = link_points(results) + earlier_points(results, "links.csv")
     shaped = [p for p in lpoints if p["configured_rate_mbit"]]
     efficiency = float(np.mean([p["wire_mbit"] / p["configured_rate_mbit"] for p in shaped])) if shaped else 1.0
     overhead = float(np.mean([(p["rtt_ms"] - p["configured_rtt_ms"]) / 2 / 1e3 for p in lpoints])) if lpoints else 0.0
     # "l20": not measured here; anchored to the paper's single-GPU FLUX time and codec timings, for GPU what-ifs
     calib = Calibration(devices={"cpu": device, "l20": l20_profile()}, codec=fit_codec(kpoints), link_efficiency=efficiency,
-                        link_overhead_s=max(0.0, overhead), sources=[str(r) for r in results])
-    hpoints = hop_points(results, calib)
-    if hpoints:
-        for name, value in zip(HOP_PARAMS, fit_hops(hpoints)):
+                        link_overhead_s=max(0.0, overhead), sources=_sources(results))
+    hpoints = hop_points(results, calib) + [
+        {"burst_bytes": burst_of(LinkSpec(rate_mbit=r["rate_bytes"] * 8 / 1e6 / (efficiency * PAYLOAD_FRACTION)))
+         if r["rate_bytes"] else 0} | r for r in earlier_points(results, "hops.csv")]
+    bench = linkbench_points(results, calib)
+    # Whole runs when there are any: on an emulation host their communication also pays for CPU contention
+    # (ranks and the delay line share the cores), which links measured alone (micro-benchmarks) do not show.
+    if hpoints or bench:
+        for name, value in zip(HOP_PARAMS, fit_hops(hpoints or bench)):
             setattr(calib, name, value)
+    if hpoints and bench:
+        col = _columns(hpoints)
+        ratio = np.median(col["comm_wait_s"] / np.maximum(comm_seconds(fit_hops(bench), col), 1e-9))
+        log(f"the runs' time blocked on communication is {ratio:.2f}x (median) what the links alone cost "
+            f"(fitted on {len(bench)} micro-benchmark points); the hop model is fitted on the runs")
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "hops.csv", hpoints)
     _write_csv(out / "compute.csv", cpoints)
     _write_csv(out / "codec.csv", kpoints)
     _write_csv(out / "links.csv", lpoints)
     calib.save(out)
-    log(f"calibrated from {len(cpoints)} layer timings, {len(kpoints)} codec timings, {len(lpoints)} link probes "
-        f"-> {out}")
+    log(f"calibrated from {len(cpoints)} layer timings, {len(kpoints)} codec timings, {len(lpoints)} link probes, "
+        f"hops fitted on {f'{len(hpoints)} run steps' if hpoints else f'{len(bench)} micro-benchmark points'} -> {out}")
     return calib

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import simpy
 
 from ..netem.profiles import LinkSpec
-from .calibration import Calibration, hop_seconds
+from .calibration import Calibration, burst_of, hop_seconds
 from .workload import Workload
 
 @dataclass(frozen=True)
@@ -68,10 +68,11 @@ class LinkModel:
     def _seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool) -> float:
         c = self.calib
         params = (c.hop_rtt_factor, c.hop_bandwidth_factor, self.hop_overhead, c.hop_bidirectional_factor,
-                  c.jitter_factor, c.loss_constant)
+                  c.jitter_factor, c.loss_constant, c.burst_factor, c.loss_rtts)
         rtt = 2 * (spec.delay_ms / 1e3 + c.link_overhead_s)
         rate = c.effective_rate_bytes(spec) or 0.0
-        return float(hop_seconds(params, rtt, nbytes, rate, bidirectional, spec.jitter_ms / 1e3, spec.loss_pct / 100))
+        return float(hop_seconds(params, rtt, nbytes, rate, bidirectional, spec.jitter_ms / 1e3, spec.loss_pct / 100,
+                                 burst_of(spec)))
 
 
 class Simulator:

@@ -41,22 +41,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_torchrun(job_file: Path, world: int, threads: int = 1) -> list[RankCommand]:
-    """All ranks on this machine over loopback: one torchrun with ``world`` processes."""
+ENGINE = "compactbed.runtime.engine"
+
+
+def local_torchrun(job_file: Path, world: int, threads: int = 1, module: str = ENGINE) -> list[RankCommand]:
+    """All ranks on this machine over loopback: one torchrun with ``world`` processes running ``module``."""
     argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--max_restarts=0",
-            "-m", "compactbed.runtime.engine", str(job_file)]
+            "-m", module, str(job_file)]
     return [RankCommand(argv, env=(("OMP_NUM_THREADS", str(threads)),))]
 
 
 def node_torchrun(job_file: Path, world: int, prefixes: Sequence[tuple[str, ...]], master_addr: str,
-                  interface: str, threads: int = 1) -> list[RankCommand]:
+                  interface: str, threads: int = 1, module: str = ENGINE) -> list[RankCommand]:
     """One torchrun per node (static rendezvous), each started through its node's prefix
     (e.g. ``ip netns exec NS``); gloo is pinned to the node's interface."""
     port = free_port()
     return [RankCommand([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--nnodes={world}",
                          f"--node_rank={k}", f"--master_addr={master_addr}", f"--master_port={port}",
-                         "--max_restarts=0", "-m", "compactbed.runtime.engine", str(job_file)],
+                         "--max_restarts=0", "-m", module, str(job_file)],
                         prefix=tuple(prefixes[k]),
                         env=(("OMP_NUM_THREADS", str(threads)), ("GLOO_SOCKET_IFNAME", interface)))
             for k in range(world)]

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from compactbed.netem.profiles import LinkSpec
-from compactbed.simulator.calibration import Calibration, DeviceProfile, fit_hops, hop_seconds
+from compactbed.simulator.calibration import HOP_PARAMS, Calibration, DeviceProfile, fit_hops, hop_seconds
 from compactbed.simulator.model import Cluster, Simulator
 from compactbed.simulator.predict import cluster_of, predict
 from compactbed.simulator.workload import FLUX_DEV, workload_of
@@ -95,16 +95,17 @@ def test_predict_table_and_published_shapes():
 
 
 def test_hop_fit_recovers_known_parameters():
-    truth = (1.2, 1.05, 0.004, 1.5, 0.7, 2.5)
+    truth = (1.2, 1.05, 0.004, 1.5, 0.7, 2.5, 0.6, 3.0)
     pts = []
-    rate = 12.5e6
+    rate, burst = 12.5e6, 40_000
     for rtt in (0.004, 0.02, 0.06):
-        for kv in (0, 60_000, 2.5e6, 12.5e6):
+        for kv in (0, 20_000, 60_000, 2.5e6, 12.5e6):
             for bidir, jitter, loss in ((0, 0, 0), (1, 0, 0), (0, 0.002, 0.005), (0, 0.004, 0), (0, 0, 0.001)):
-                hop = lambda nb: hop_seconds(truth, rtt, nb, rate, bidir, jitter, loss)  # noqa: E731
+                hop = lambda nb: hop_seconds(truth, rtt, nb, rate, bidir, jitter, loss, burst)  # noqa: E731
                 comm = 12 * hop(kv) + 3 * hop(12_000)
                 pts.append(dict(rtt_s=rtt, kv_hops=12, kv_bytes=kv, out_hops=3, out_bytes=12_000, rate_bytes=rate,
-                                bidirectional=bidir, jitter_s=jitter, loss=loss, comm_wait_s=float(comm)))
+                                bidirectional=bidir, jitter_s=jitter, loss=loss, burst_bytes=burst,
+                                comm_wait_s=float(comm)))
     fit = fit_hops(pts)
     assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for f, t in zip(fit, truth)), fit
 
@@ -124,3 +125,45 @@ def test_shared_uplink_slows_all_to_all():
     own = Simulator(w, Cluster((1.0,) * 4, links), CALIB).run().latency_s
     shared = Simulator(w, Cluster((1.0,) * 4, links, shared_uplink=True), CALIB).run().latency_s
     assert shared > own
+
+
+def test_calibrate_from_link_benchmarks_and_an_earlier_calibration(tmp_path):
+    """Without run hops, the hop model is fitted on micro-benchmark rows (links measured alone); an earlier
+    calibration folder's compute rows are reused. With run hops too, the runs win and calibrate reports how
+    much slower their communication is than the links alone."""
+    import csv
+    import shutil
+
+    from compactbed.simulator.calibration import DATA_DIR, calibrate
+    from compactbed.simulator.linkbench import FIELDS
+
+    shipped = Calibration.load(DATA_DIR)
+    truth = (1.3, 0.95, 0.002, 1.4, 0.5, 1.22, 0.8, 0.0)
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    with open(bench / "linkbench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for world in (2, 4):
+            for rate, delay in ((20, 2), (100, 10), (500, 20)):
+                for n in (4096, 24_000, 48_000, 131072, 524288, 2097152):
+                    rate_b = rate * 1e6 / 8 * shipped.link_efficiency * 1448 / 1514
+                    hop = hop_seconds(truth, 2 * (delay / 1e3 + shipped.link_overhead_s), n, rate_b, int(world == 2),
+                                      burst=max(32_000, rate * 1000 / 8))
+                    w.writerow(dict(world=world, rate_mbit=rate, delay_ms=delay, jitter_ms=0, loss_pct=0, bytes=n,
+                                    hops=world - 1, reps=3, seconds=(world - 1) * float(hop)))
+    no_hops = tmp_path / "earlier"
+    no_hops.mkdir()
+    for name in ("compute.csv", "links.csv", "calibration.json"):
+        shutil.copy(DATA_DIR / name, no_hops / name)
+    calib = calibrate([no_hops, bench], tmp_path / "out", log=lambda s: None)
+    fitted = tuple(getattr(calib, n) for n in HOP_PARAMS)
+    assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for f, t in zip(fitted, truth)), fitted
+    assert calib.devices["cpu"].b == pytest.approx(shipped.devices["cpu"].b, rel=1e-6)   # same compute rows
+    assert calib.sources == shipped.sources + [str(bench)]
+
+    said = []
+    with_runs = calibrate([DATA_DIR, bench], tmp_path / "out2", log=said.append)
+    runs_only = calibrate([DATA_DIR], tmp_path / "out3", log=lambda s: None)
+    assert [getattr(with_runs, n) for n in HOP_PARAMS] == [getattr(runs_only, n) for n in HOP_PARAMS]
+    assert any("x (median) what the links alone cost" in line for line in said), said

@@ -1,0 +1,165 @@
+"""Gloo hop micro-benchmark on emulated links: the link half of the simulator's calibration.
+
+Whole runs mix link time with compute imbalance (a rank blocked on a peer that is still computing). This
+measures what the collectives alone cost: P ranks in an emulated cluster issue ``all_gather_into_tensor`` (what
+ring attention's all-gather rotater, patch parallel and the output gather issue; gloo runs it as a ring of
+P-1 hops) for messages from kilobytes to megabytes, over a grid of links (rate, delay, jitter, loss).
+Calls run back to back, as a run's layers issue them (a barrier before each call drains the queues and
+measured 1.44x faster on a 2-rank 30 Mbit/15 ms link, which runs never see); a row holds the median over
+repetitions, averaged over ranks. The grid avoids the held-out validation links (30 Mbit/15 ms, Wi-Fi).
+A job's ``compute_s`` keeps each rank's core busy between calls, as a layer's compute does.
+
+    python -m compactbed.simulator.linkbench --out results/linkbench      # needs root (namespaces)
+
+writes ``linkbench.csv``; ``scenario calibrate ... results/linkbench`` fits the hop model from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from ..netem.profiles import LinkSpec
+
+SIZES = (4_096, 32_768, 131_072, 524_288, 2_097_152)
+MAX_CALL_S = 2.5            # skip sizes whose estimated all-gather takes longer on a link
+WORKER = "compactbed.simulator.linkbench"
+FIELDS = ("world", "rate_mbit", "delay_ms", "jitter_ms", "loss_pct", "bytes", "hops", "reps", "seconds")
+
+
+def grid(quick: bool = False) -> list[tuple[int, LinkSpec]]:
+    """(world size, link) points: rates x delays for 2 and 4 ranks, then jitter and loss at a few of them."""
+    L = LinkSpec
+    base = [L(rate_mbit=r, delay_ms=d) for r, d in
+            ((20, 2), (50, 5), (100, 1), (100, 10), (200, 3), (500, 20), (None, 5), (40, 12))]
+    impaired = [L(rate_mbit=150, delay_ms=4, jitter_ms=2), L(rate_mbit=100, delay_ms=10, jitter_ms=3),
+                L(rate_mbit=100, delay_ms=5, loss_pct=0.5), L(rate_mbit=150, delay_ms=4, loss_pct=0.2),
+                L(rate_mbit=100, delay_ms=10, jitter_ms=3, loss_pct=0.1), L(rate_mbit=50, delay_ms=5, loss_pct=1.0)]
+    points = [(w, s) for s in base + impaired for w in (2, 4)]
+    return points[::3] if quick else points
+
+
+def estimate_call_s(world: int, spec: LinkSpec, nbytes: int) -> float:
+    rate = (spec.rate_mbit or 10_000) * 1e6 / 8
+    return (world - 1) * (2 * (spec.delay_ms + spec.jitter_ms) / 1e3 + nbytes / rate) * (1 + 50 * spec.loss_pct / 100)
+
+
+# --- one rank (started by torchrun inside a node namespace) -------------------------------------------------
+def busy(seconds: float) -> None:
+    """Keep this rank's core busy with matrix products for ``seconds`` (a layer's compute)."""
+    import torch
+
+    a = torch.randn(256, 256)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+
+
+def worker(job_file: Path) -> None:
+    import torch
+    import torch.distributed as dist
+
+    job = json.loads(job_file.read_text())
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=job["timeout_s"]))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = []
+    for nbytes, reps in job["sizes"]:
+        x = torch.full((nbytes,), rank, dtype=torch.uint8)
+        out = torch.empty(nbytes * world, dtype=torch.uint8)
+        dist.all_gather_into_tensor(out, x)                      # connections warm, buffers allocated
+        dist.barrier()
+        times = []
+        for _ in range(reps):
+            if job.get("barrier", False):
+                dist.barrier()
+            if job.get("compute_s"):                              # a layer's compute between collectives
+                busy(job["compute_s"])
+            t0 = time.perf_counter()
+            dist.all_gather_into_tensor(out, x)
+            times.append(time.perf_counter() - t0)
+        if not all((out[i * nbytes:(i + 1) * nbytes] == i).all() for i in range(world)):
+            raise RuntimeError(f"all-gather of {nbytes} bytes returned wrong data")
+        rows.append(dict(bytes=nbytes, times=times))
+    (job_file.parent / f"rank{rank}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+# --- the driver ---------------------------------------------------------------------------------------------
+def measure(world: int, spec: LinkSpec, run_dir: Path, backend, sizes=SIZES) -> list[dict]:
+    """Bring up a cluster with ``spec`` on every link, run the workers, return one row per message size."""
+    from ..netem.cluster import EmulatedCluster
+    from ..netem.commands import NODE_IF
+    from ..testbed.launch import node_torchrun, run_ranks
+
+    plan = []
+    for n in sizes:
+        est = estimate_call_s(world, spec, n)
+        if est <= MAX_CALL_S:
+            plan.append((n, max(3, min(12, int(4.0 / max(est, 1e-3))))))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = run_dir / "job.json"
+    job.write_text(json.dumps(dict(sizes=plan, timeout_s=60)))
+    links = {(i, j): spec for i in range(world) for j in range(world) if i != j}
+    with EmulatedCluster(world, links, backend) as cluster:
+        prefixes = [cluster.prefix(k) for k in range(world)]
+        run_ranks(node_torchrun(job, world, prefixes, cluster.address(0), NODE_IF, module=WORKER),
+                  run_dir, timeout_s=300)
+    per_rank = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    rows = []
+    for i, (n, reps) in enumerate(plan):
+        medians = [statistics.median(ranks[i]["times"]) for ranks in per_rank]
+        rows.append(dict(world=world, rate_mbit=spec.rate_mbit or 0, delay_ms=spec.delay_ms, jitter_ms=spec.jitter_ms,
+                         loss_pct=spec.loss_pct, bytes=n, hops=world - 1, reps=reps,
+                         seconds=sum(medians) / len(medians)))
+    return rows
+
+
+def run(out: Path, quick: bool = False, log=print) -> Path:
+    """Measure the whole grid into ``out/linkbench.csv`` (rows are appended as each point finishes)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..netem.cluster import check_backend
+
+    check = check_backend()
+    if check.backend is None:
+        raise RuntimeError(f"link emulation unavailable: {check.reason}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "linkbench.csv"
+    points = grid(quick)
+    with open(path, "w", newline="") as f, Progress(TextColumn("{task.description:<44}"), BarColumn(),
+                                                     TextColumn("{task.completed}/{task.total}"),
+                                                     TimeElapsedColumn()) as progress:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        task = progress.add_task("link points", total=len(points))
+        for k, (world, spec) in enumerate(points):
+            progress.update(task, description=f"{world} ranks, {spec.describe()}")
+            for row in measure(world, spec, out / "runs" / f"p{k:02d}", check.backend):
+                w.writerow(row)
+            f.flush()
+            progress.advance(task)
+    log(f"{len(points)} link points ({check.backend} backend) -> {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0].endswith(".json"):       # torchrun worker
+        worker(Path(argv[0]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("results/linkbench"))
+    ap.add_argument("--quick", action="store_true", help="every third point of the grid")
+    a = ap.parse_args(argv)
+    run(a.out, a.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
