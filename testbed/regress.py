@@ -16,7 +16,10 @@ from pathlib import Path
 DEFAULT_TOLERANCES = {
     "bytes_on_wire": {"kind": "exact"},
     "compression_ratio": {"kind": "relative", "value": 1e-6},
-    "speedup_vs_uncompressed": {"kind": "relative", "value": 0.25, "note": "timing on a shared 2-core machine"},
+    "speedup_vs_uncompressed": {"kind": "relative", "value": 0.35,
+                                "note": "timing on a shared 2-core machine: identical code measured 7.19 s and "
+                                        "8.82 s for compact-1bit in one session, and speedups 20% apart "
+                                        "between sessions; losing compression drops it by ~65%"},
     "psnr_db": {"kind": "absolute", "value": 1.0, "note": "dB; exact methods capped at 100"},
     "simulator_abs_error": {"kind": "at_most", "value": 0.5,
                             "note": "|predicted / measured - 1|; guards against gross regressions only"},
