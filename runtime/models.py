@@ -155,6 +155,12 @@ class FluxPipelineModel(DiTModel):
     def cfg_scale(self, guidance: float) -> float:
         return 1.0 if self.distilled else guidance
 
+    def check_layout(self, resolution: int, world: int, ulysses: int = 1) -> None:
+        if resolution % self._latent_side:
+            raise ModelFolderError(f"resolution {resolution} px must be a multiple of {self._latent_side} (VAE /"
+                                   f"{self.pipe.vae_scale_factor}, then 2x2 patches)")
+        super().check_layout(resolution, world, ulysses)
+
     def to(self, device: torch.device | str) -> "FluxPipelineModel":
         self.pipe.to(device)
         return self

@@ -77,6 +77,8 @@ def test_conditions_and_layout_are_checked_against_the_model(pipe_dirs):
     model.check_layout(128, 4, 4)                       # 64 image and 16 text tokens, 4 heads
     with pytest.raises(ModelFolderError, match="64 image and 16 text tokens must divide by .* 3"):
         model.check_layout(128, 3)
+    with pytest.raises(ModelFolderError, match="resolution 120 px must be a multiple of 16"):
+        model.check_layout(120, 2)
     with pytest.raises(ModelFolderError, match="4 heads must divide by the Ulysses degree 8"):
         model.check_layout(256, 8, 8)
     with pytest.raises(ModelFolderError, match="conditioned on labels, but the scenario gives prompts"):
