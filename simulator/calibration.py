@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..netem.commands import burst_bytes
 from ..netem.profiles import LinkSpec
 
 PAYLOAD_FRACTION = 1448 / 1514      # TCP payload per wire byte at MTU 1500
@@ -219,8 +220,6 @@ def link_points(results: list[Path]) -> list[dict]:
 
 def burst_of(spec: LinkSpec) -> int:
     """Bytes the emulator's shaper lets through at line rate after an idle period (its htb burst)."""
-    from ..netem.commands import burst_bytes
-
     return burst_bytes(spec.rate_mbit) if spec.rate_mbit else 0
 
 
@@ -355,7 +354,7 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def earlier_points(results: list[Path], name: str) -> list[dict]:
-    """Rows of ``name`` (compute.csv, links.csv) from earlier calibration folders among ``results``: their
+    """Rows of ``name`` (compute.csv, links.csv, hops.csv) from earlier calibration folders among ``results``: their
     measurements are reused without the raw runs."""
     return [row for root in results for f in sorted(Path(root).glob(name))
             if (f.parent / "calibration.json").is_file() for row in _read_csv(f)]
@@ -402,9 +401,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     # "l20": not measured here; anchored to the paper's single-GPU FLUX time and codec timings, for GPU what-ifs
     calib = Calibration(devices={"cpu": device, "l20": l20_profile()}, codec=fit_codec(kpoints), link_efficiency=efficiency,
                         link_overhead_s=max(0.0, overhead), sources=_sources(results))
-    hpoints = hop_points(results, calib) + [
-        {"burst_bytes": burst_of(LinkSpec(rate_mbit=r["rate_bytes"] * 8 / 1e6 / (efficiency * PAYLOAD_FRACTION)))
-         if r["rate_bytes"] else 0} | r for r in earlier_points(results, "hops.csv")]
+    hpoints = hop_points(results, calib) + earlier_points(results, "hops.csv")
     bench = linkbench_points(results, calib)
     # Whole runs when there are any: on an emulation host their communication also pays for CPU contention
     # (ranks and the delay line share the cores), which links measured alone (micro-benchmarks) do not show.

@@ -250,9 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_simcheck)
 
     s = sub.add_parser("calibrate", help="fit the simulator's compute, codec and link models from measured runs",
-                       description="Read results folders written by `scenario run` and write calibration data "
-                                   "files (CSV/JSON) for the simulator.")
-    s.add_argument("results", nargs="+", help="results folders")
+                       description="Read results folders written by `scenario run` (also link micro-benchmark "
+                                   "folders of `python -m compactbed.simulator.linkbench` and earlier calibration "
+                                   "folders, whose rows are reused) and write calibration data files (CSV/JSON) "
+                                   "for the simulator.")
+    s.add_argument("results", nargs="+", help="results, link-benchmark or earlier calibration folders")
     s.add_argument("--out", default="calibration", help="output folder (default: ./calibration)")
     s.set_defaults(func=cmd_calibrate)
 
