@@ -1,4 +1,4 @@
-"""Gloo hop micro-benchmark on emulated links: the link half of the simulator's calibration.
+"""Gloo hop micro-benchmark on emulated links: what the links alone cost, for the simulator's calibration.
 
 Whole runs mix link time with compute imbalance (a rank blocked on a peer that is still computing). This
 measures what the collectives alone cost: P ranks in an emulated cluster issue ``all_gather_into_tensor`` (what
@@ -7,11 +7,13 @@ P-1 hops) for messages from kilobytes to megabytes, over a grid of links (rate, 
 Calls run back to back, as a run's layers issue them (a barrier before each call drains the queues and
 measured 1.44x faster on a 2-rank 30 Mbit/15 ms link, which runs never see); a row holds the median over
 repetitions, averaged over ranks. The grid avoids the held-out validation links (30 Mbit/15 ms, Wi-Fi).
-A job's ``compute_s`` keeps each rank's core busy between calls, as a layer's compute does.
+A job's ``compute_s`` keeps each rank's core busy between calls, as a layer's compute does; ``barrier: true``
+puts a barrier before each call.
 
     python -m compactbed.simulator.linkbench --out results/linkbench      # needs root (namespaces)
 
-writes ``linkbench.csv``; ``scenario calibrate ... results/linkbench`` fits the hop model from it.
+writes ``linkbench.csv``. ``scenario calibrate ... results/linkbench`` fits the hop model from it when no whole
+runs are given; with runs, it reports how much slower the runs' communication is than these links alone.
 """
 
 from __future__ import annotations
