@@ -54,6 +54,8 @@ class RankRun:
         compressed = job.method.compressed
         self.codec: ResidualCodec | None = make_codec(job.method.codec, job.backend, self.device) if compressed else None
         self.backend_reason = select_fused(job.backend, self.device)[1] if compressed else "uncompressed"
+        if self.codec is not None:
+            self.codec.warm_up(self.dtype, self.device)     # JIT/cache loading is start-up, not step time
         self.hooks = CommHooks(self.codec, self.rank, self.world)
         self.warmup_steps = self.sc.warmup.steps if (compressed or self.method.comm == "distrifusion") else 0
         self.records: list[dict] = []

@@ -97,3 +97,18 @@ def test_missing_base_reset_and_bad_shapes_are_errors():
         c.encode(K, torch.randn(2, 4, 8))
     c.reset()
     assert not c.bases
+
+
+@pytest.mark.parametrize("comp", KINDS, ids=lambda s: s.label())
+def test_warm_up_leaves_no_state_and_changes_no_payload(comp):
+    from compactbed.kernels.backend import make_codec
+
+    spec = CodecSpec(compressor=comp)
+    warmed, cold = make_codec(spec, "auto"), make_codec(spec, "auto")
+    warmed.seed(K, trajectory()[0])
+    warmed.warm_up(torch.float32)
+    assert list(warmed.bases) == [K]
+    cold.seed(K, trajectory()[0])
+    for x in trajectory(steps=3)[1:]:
+        assert torch.equal(warmed.encode(K, x), cold.encode(K, x))
+    assert warmed.digest(K) == cold.digest(K)
