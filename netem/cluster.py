@@ -144,7 +144,7 @@ class EmulatedCluster:
         cmds = C.topology_commands(self.names, self.n)
         for (s, d), spec in sorted(self.links.items()):
             cmds += C.link_commands(self.names, self.n, s, d, spec, self.backend)
-        if any(spec.loss_pct for spec in self.links.values()) and shutil.which("ethtool"):
+        if C.needs_offloads_off(self.links.values()) and shutil.which("ethtool"):
             cmds += C.offload_off_commands(self.names, self.n)
         for cmd in cmds:
             _run(cmd)

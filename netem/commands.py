@@ -10,6 +10,7 @@ plus iptables ``statistic`` DROP for loss and an NFQUEUE rule feeding the usersp
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -118,6 +119,12 @@ def delay_line_specs(n: int, links: dict[tuple[int, int], LinkSpec]) -> list[str
     """``Q:DELAY_MS:JITTER_MS`` arguments of the delay line for every delayed link (fallback backend)."""
     return [f"{queue_number(s, d, n)}:{spec.delay_ms}:{spec.jitter_ms}"
             for (s, d), spec in sorted(links.items()) if spec.delay_ms or spec.jitter_ms]
+
+
+def needs_offloads_off(links: Iterable[LinkSpec]) -> bool:
+    """An emulated cluster with any lossy link turns segmentation offloads off on every interface (see
+    :func:`offload_off_commands`), so all its traffic crosses the host's forwarding path packet by packet."""
+    return any(spec.loss_pct for spec in links)
 
 
 def offload_off_commands(names: Names, n: int) -> list[list[str]]:

@@ -9,14 +9,19 @@ reused) and writes a folder with
   hops.csv        one row per (run, rank, step) of all-gather methods: hops, RTT, bytes/rate, time blocked
   calibration.json  the fitted coefficients (non-negative least squares) that the simulator uses
 Compute per layer: s = share * (a + b * tokens*hidden^2 + c * tokens*kv_tokens*hidden), share = ranks per
-core on the measured host (4 ranks on 2 cores share 2x). Codec: s = a + b * raw bytes per (codec, op).
+core on the measured host (4 ranks on 2 cores share 2x). A local warmup step ends when its slowest rank does
+(nothing synchronizes ranks inside it): its time is f0 + f1 * (share - 1) times the modeled compute, fitted on the
+slowest rank's step time. Codec: s = a + b * raw bytes per (codec, op).
 Links: effective rate = configured rate x measured wire efficiency x payload fraction; extra one-way latency
 from the probes' RTT minus the configured delays; one collective hop (gloo) costs
 k_hop + k_rtt * RTT + k_bw * bytes / rate, the transfer term scaled by k_bidir when both directions of the
 link carry bulk data (a 2-rank ring: ACKs queue behind the reverse data), fitted by bounded least squares
 (scipy) on the measured time blocked on communication; jitter lengthens the round trip by ~k_j x jitter
 each way (in-order release), loss caps the rate at C * MSS / (RTT sqrt(p)) with C fitted and costs k_loss
-round trips per expected lost packet; a share k_burst of the shaper's burst passes at line rate.
+round trips per expected lost packet; a share k_burst of the shaper's burst passes at line rate. On the
+emulation host, a cluster with a lossy link runs with segmentation offloads off, so every 1500-byte packet
+crosses the host's forwarding path (veth, htb, iptables, the delay line) on its own: the links active at once
+share a forwarding capacity, fitted as seconds per payload byte.
 The hop model is fitted on whole runs when there are any (their communication also pays for the emulation
 host's CPU contention), else on link micro-benchmarks (``linkbench.csv``); with both, calibrate reports how
 much slower the runs' communication is than the links alone.
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..netem.commands import burst_bytes
+from ..netem.commands import burst_bytes, needs_offloads_off
 from ..netem.profiles import LinkSpec
 
 PAYLOAD_FRACTION = 1448 / 1514      # TCP payload per wire byte at MTU 1500
@@ -48,6 +53,9 @@ class DeviceProfile:
     c: float
     step_overhead_s: float = 0.0
     cores: int = 0
+    local_step_factor: tuple[float, float] = (1.0, 0.0)     # a local warmup step (every rank, whole sequence, no
+                                                            # communication) ends with its slowest rank: f0 + f1 *
+                                                            # (share - 1) x the modeled compute
     hop_overhead_s: float | None = None                     # transport's fixed cost per hop (None: calibrated)
     codec: dict[str, tuple[float, float]] | None = None     # this device's codec costs (None: calibrated)
 
@@ -66,6 +74,7 @@ class Calibration:
     loss_constant: float = 1.22          # lossy rate: min(rate, C * MSS / (RTT sqrt(p))) (Mathis form, C fitted)
     burst_factor: float = 0.0            # share of the shaper's burst allowance a message passes at line rate
     loss_rtts: float = 0.0               # round trips each expected lost packet costs (recovery)
+    forwarding_s_per_byte: float = 0.0   # emulation host, offloads off: links active at once share 1/this B/s
     sources: list[str] = field(default_factory=list)
 
     # --- queries used by the model ------------------------------------------------------------------------
@@ -110,6 +119,7 @@ class Calibration:
         for d in raw["devices"].values():
             if d.codec:
                 d.codec = {k: tuple(v) for k, v in d.codec.items()}
+            d.local_step_factor = tuple(d.local_step_factor)
         raw["codec"] = {k: tuple(v) for k, v in raw["codec"].items()}
         return cls(**raw)
 
@@ -175,6 +185,26 @@ def fit_compute(points: list[dict], cores: int) -> DeviceProfile:
     m = LinearRegression(positive=True, fit_intercept=False).fit(x, y)
     a, b, c = (float(v) for v in m.coef_)
     return DeviceProfile(a=a, b=b, c=c, cores=cores)
+
+
+def fit_local_step(points: list[dict], device: DeviceProfile) -> tuple[float, float]:
+    """(f0, f1) of the local warmup step: slowest rank's step time / modeled compute = f0 + f1 * (share - 1), by
+    non-negative least squares over the measured local steps (rows with tokens == kv_tokens, world > 1)."""
+    from sklearn.linear_model import LinearRegression
+
+    steps: dict[tuple, dict] = {}
+    for p in points:
+        if p["tokens"] == p["kv_tokens"] and p["world"] > 1:
+            s = steps.setdefault((p["run"], p["step"]), {"share": p["share"], "walls": {}, "modeled": {}})
+            s["walls"][p["rank"]] = p["wall_s"]
+            s["modeled"][p["rank"]] = s["modeled"].get(p["rank"], 0.0) + p["share"] * (
+                device.a + device.b * p["tokens"] * p["hidden"] ** 2 + device.c * p["tokens"] * p["kv_tokens"] * p["hidden"])
+    if not steps:
+        return (1.0, 0.0)
+    x = np.array([[1.0, s["share"] - 1] for s in steps.values()])
+    y = np.array([max(s["walls"].values()) / max(s["modeled"].values()) for s in steps.values()])
+    m = LinearRegression(positive=True, fit_intercept=False).fit(x, y)
+    return float(m.coef_[0]), float(m.coef_[1])
 
 
 def codec_points(shapes: list[tuple[int, int]], reps: int = 5) -> list[dict]:
@@ -244,13 +274,15 @@ def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
         rtt = 2 * (slow.delay_ms / 1e3 + calib.link_overhead_s)
         jitter, loss = slow.jitter_ms / 1e3, slow.loss_pct / 100
         layers = w.shape.layers
+        forwarding = p if not sc.on_hosts and needs_offloads_off(sc.link_between(i, j) for i in range(p)
+                                                                 for j in range(p) if i != j) else 0
         for r in recs:
             if r["warmup"] == "local":
                 continue
             warm = r["warmup"] == "sync"
             rows.append(dict(run=str(d), rank=r["rank"], step=r["step"], rtt_s=rtt, bidirectional=int(p == 2),
                              jitter_s=jitter, loss=loss, rate_bytes=rate or 0.0,
-                             burst_bytes=burst_of(slow) if rate else 0,
+                             burst_bytes=burst_of(slow) if rate else 0, forwarding=forwarding,
                              kv_hops=layers * (p - 1), kv_bytes=w.kv_wire_bytes(warm),
                              out_hops=p - 1, out_bytes=w.output_bytes(), comm_wait_s=r["comm_wait_s"]))
     return rows
@@ -270,7 +302,7 @@ def linkbench_points(results: list[Path], calib: "Calibration") -> list[dict]:
                                      rtt_s=2 * (spec.delay_ms / 1e3 + calib.link_overhead_s),
                                      bidirectional=int(int(r["world"]) == 2), jitter_s=spec.jitter_ms / 1e3,
                                      loss=spec.loss_pct / 100, rate_bytes=calib.effective_rate_bytes(spec) or 0.0,
-                                     burst_bytes=burst_of(spec),
+                                     burst_bytes=burst_of(spec), forwarding=int(r["world"]) if spec.loss_pct else 0,
                                      kv_hops=int(r["hops"]), kv_bytes=int(r["bytes"]), out_hops=0, out_bytes=0,
                                      comm_wait_s=float(r["seconds"])))
     return rows
@@ -279,12 +311,13 @@ def linkbench_points(results: list[Path], calib: "Calibration") -> list[dict]:
 MSS = 1448
 
 
-def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0, burst=0.0):
+def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0, burst=0.0, forwarding=0):
     """One gloo hop: a handshake round trip (jitter lengthens it: release is in order), the transfer at the
     link rate of what exceeds the shaper's burst allowance or, with loss, at most C * MSS / (RTT sqrt(p)); slower
     when the reverse direction carries bulk data too (its ACKs queue behind it); each expected lost packet
-    costs k_loss round trips; plus a fixed cost. Array-friendly."""
-    k_rtt, k_bw, k_hop, k_bidir, k_jit, c_loss, k_burst, k_loss = params
+    costs k_loss round trips; plus a fixed cost. ``forwarding`` > 0: this many links are active at once on the
+    emulation host's per-packet path, and share its capacity (1 / k_fwd bytes/s). Array-friendly."""
+    k_rtt, k_bw, k_hop, k_bidir, k_jit, c_loss, k_burst, k_loss, k_fwd = params
     rtt = np.asarray(rtt, float) + 2 * k_jit * np.asarray(jitter, float)
     loss = np.asarray(loss, float)
     rate = np.asarray(rate, float)
@@ -293,17 +326,18 @@ def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0
     eff = np.where(loss > 0, np.where(rate > 0, np.minimum(rate, lossy), lossy), rate)
     shaped = np.where(rate > 0, np.maximum(nbytes - k_burst * np.asarray(burst, float), 0.0), nbytes)
     transfer = np.where(eff > 0, shaped / np.where(eff > 0, eff, 1.0), 0.0)
+    transfer = np.maximum(transfer, nbytes * k_fwd * np.asarray(forwarding, float))
     retransmits = k_loss * loss * (nbytes / MSS + 2) * rtt
     return k_hop + k_rtt * rtt + k_bw * transfer * np.where(bidirectional, k_bidir, 1.0) + retransmits
 
 
 HOP_PARAMS = ("hop_rtt_factor", "hop_bandwidth_factor", "hop_overhead_s", "hop_bidirectional_factor",
-              "jitter_factor", "loss_constant", "burst_factor", "loss_rtts")
-HOP_START = (1.0, 1.0, 0.001, 1.0, 0.5, 1.22, 0.0, 0.0)     # also the values of terms the data cannot identify
+              "jitter_factor", "loss_constant", "burst_factor", "loss_rtts", "forwarding_s_per_byte")
+HOP_START = (1.0, 1.0, 0.001, 1.0, 0.5, 1.22, 0.0, 0.0, 0.0)  # also the values of terms the data cannot identify
 
 
 HOP_COLUMNS = ("rtt_s", "kv_hops", "kv_bytes", "out_hops", "out_bytes", "comm_wait_s", "bidirectional", "jitter_s",
-               "loss", "rate_bytes", "burst_bytes")
+               "loss", "rate_bytes", "burst_bytes", "forwarding")
 
 
 def _columns(points: list[dict]) -> dict[str, np.ndarray]:
@@ -313,7 +347,7 @@ def _columns(points: list[dict]) -> dict[str, np.ndarray]:
 def comm_seconds(params, col: dict[str, np.ndarray]) -> np.ndarray:
     """Predicted communication time of each hop row (K/V hops plus output-gather hops)."""
     hop = lambda nb: hop_seconds(params, col["rtt_s"], nb, col["rate_bytes"], col["bidirectional"],  # noqa: E731
-                                 col["jitter_s"], col["loss"], col["burst_bytes"])
+                                 col["jitter_s"], col["loss"], col["burst_bytes"], col["forwarding"])
     return col["kv_hops"] * hop(col["kv_bytes"]) + col["out_hops"] * hop(col["out_bytes"])
 
 
@@ -325,7 +359,7 @@ def fit_hops(points: list[dict]) -> tuple[float, ...]:
 
     col = _columns(points)
     free = [True] * 4 + [bool(col["jitter_s"].any())] + [bool(col["loss"].any())] + \
-           [bool(col["burst_bytes"].any())] + [bool(col["loss"].any())]
+           [bool(col["burst_bytes"].any())] + [bool(col["loss"].any())] + [bool(col["forwarding"].any())]
 
     def full(params):
         return [p if f else s for p, f, s in zip(params, free, HOP_START)]
@@ -333,8 +367,9 @@ def fit_hops(points: list[dict]) -> tuple[float, ...]:
     def residual(params):
         return (comm_seconds(full(params), col) - col["comm_wait_s"]) / np.maximum(col["comm_wait_s"], 1e-3)
 
-    fit = least_squares(residual, x0=list(HOP_START),
-                        bounds=([0, 0, 0, 1, 0, 0.3, 0, 0], [10, 10, 1, 10, 3, 50, 1, 100]))
+    x0 = list(HOP_START[:-1]) + [1 / 50e6]          # forwarding: start from 50 MB/s shared
+    fit = least_squares(residual, x0=x0, x_scale=[1, 1, 1e-3, 1, 1, 1, 1, 1, 1e-8],
+                        bounds=([0, 0, 0, 1, 0, 0.3, 0, 0, 0], [10, 10, 1, 10, 3, 50, 1, 100, 1e-6]))
     return tuple(float(v) for v in full(fit.x))
 
 
@@ -392,6 +427,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     residual = [max(0.0, ps[0]["wall_s"] - sum(q["seconds"] for q in ps) - ps[0]["comm_wait_s"] - ps[0]["codec_s"])
                 for ps in step_rows.values()]
     device.step_overhead_s = float(np.median(residual))
+    device.local_step_factor = fit_local_step(cpoints, device)
     shapes = sorted({(p["tokens"], p["hidden"]) for p in cpoints})
     kpoints = codec_points([(max(8, t), h) for t, h in shapes[:: max(1, len(shapes) // 6)]])
     lpoints = link_points(results) + earlier_points(results, "links.csv")

@@ -35,6 +35,8 @@ class Cluster:
     device: str = "cpu"
     shared_uplink: bool = False   # True: a node's sends to all peers share one NIC (real hosts); False: every
                                   # directed link is independent (the emulated hub topology)
+    forwarding: bool = False      # emulated on the calibrated host with offloads off (a lossy link): active
+                                  # links share the host's per-packet forwarding capacity
 
     @property
     def world(self) -> int:
@@ -58,21 +60,22 @@ class LinkModel:
         self.calib, self.hop_overhead = calib, calib.hop_overhead(device)
         self._memo: dict[tuple, float] = {}
 
-    def seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool = False) -> float:
-        """One collective hop of ``nbytes`` over ``spec`` (the calibrated hop model, see calibration.py)."""
-        key = (spec, nbytes, bidirectional)
+    def seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool = False, forwarding: int = 0) -> float:
+        """One collective hop of ``nbytes`` over ``spec`` (the calibrated hop model, see calibration.py), with
+        ``forwarding`` links active at once on the emulation host's per-packet path (0: not on it)."""
+        key = (spec, nbytes, bidirectional, forwarding)
         if key not in self._memo:
-            self._memo[key] = self._seconds(spec, nbytes, bidirectional)
+            self._memo[key] = self._seconds(spec, nbytes, bidirectional, forwarding)
         return self._memo[key]
 
-    def _seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool) -> float:
+    def _seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool, forwarding: int) -> float:
         c = self.calib
         params = (c.hop_rtt_factor, c.hop_bandwidth_factor, self.hop_overhead, c.hop_bidirectional_factor,
-                  c.jitter_factor, c.loss_constant, c.burst_factor, c.loss_rtts)
+                  c.jitter_factor, c.loss_constant, c.burst_factor, c.loss_rtts, c.forwarding_s_per_byte)
         rtt = 2 * (spec.delay_ms / 1e3 + c.link_overhead_s)
         rate = c.effective_rate_bytes(spec) or 0.0
         return float(hop_seconds(params, rtt, nbytes, rate, bidirectional, spec.jitter_ms / 1e3, spec.loss_pct / 100,
-                                 burst_of(spec)))
+                                 burst_of(spec), forwarding))
 
 
 class Simulator:
@@ -87,11 +90,14 @@ class Simulator:
 
     # --- per-layer costs --------------------------------------------------------------------------------------
     def layer_compute(self, rank: int, local: bool) -> float:
+        """One layer on ``rank``: its sequence shard, or (local warmup) the whole sequence, with the local step's
+        slowest-rank factor (calibration.DeviceProfile.local_step_factor)."""
         w = self.w
         tokens = w.batch * w.tokens if local else w.local_tokens
-        share = self.calib.share(w.world)
+        share = self.calib.share(w.world, self.c.device)
+        f0, f1 = self.calib.devices[self.c.device].local_step_factor if local and w.world > 1 else (1.0, 0.0)
         return self.calib.layer_seconds(tokens, w.batch * w.tokens, w.shape.hidden, share, self.c.device) \
-            * self.c.compute_scale[rank]
+            * self.c.compute_scale[rank] * (f0 + f1 * (share - 1))
 
     def codec_seconds(self, warm: bool) -> tuple[float, float]:
         """(encode, decode one payload) per layer for this rank."""
@@ -108,7 +114,8 @@ class Simulator:
         if p < 2:
             return 0.0
         both_ways = p == 2          # a 2-rank ring sends both ways over the same pair of links
-        slowest = max(self.links.seconds(self.c.links[(ranks[i], ranks[(i + 1) % p])], nbytes, both_ways)
+        active = self.c.world if self.c.forwarding else 0       # every rank sends one stream at a time
+        slowest = max(self.links.seconds(self.c.links[(ranks[i], ranks[(i + 1) % p])], nbytes, both_ways, active)
                       for i in range(p))
         return (p - 1) * slowest
 
@@ -119,7 +126,8 @@ class Simulator:
         if p < 2:
             return 0.0
         share = (p - 1) if self.c.shared_uplink else 1          # P-1 sends through one NIC
-        return max(self.links.seconds(self.c.links[(a, b)], share * nbytes / p, True)
+        active = self.c.world * (p - 1) if self.c.forwarding else 0
+        return max(self.links.seconds(self.c.links[(a, b)], share * nbytes / p, True, active)
                    for a in ranks for b in ranks if a != b)
 
     def exchange_seconds(self, warm: bool) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..netem.commands import needs_offloads_off
 from ..testbed.scenario import Scenario, parse_scenario
 from .calibration import Calibration
 from .model import Cluster, Prediction, Simulator
@@ -22,7 +23,9 @@ def cluster_of(scenario: Scenario, device: str = "cpu", unlimited_rate: bool = F
     links = {(i, j): scenario.link_between(i, j) for i in range(n) for j in range(n) if i != j}
     if unlimited_rate:
         links = {k: v.model_copy(update={"rate_mbit": None}) for k, v in links.items()}
-    return Cluster(tuple(node.compute_scale for node in scenario.nodes), links, device)
+    # the per-packet forwarding limit belongs to the emulation host the "cpu" profile was measured on
+    forwarding = device == "cpu" and not scenario.on_hosts and needs_offloads_off(links.values())
+    return Cluster(tuple(node.compute_scale for node in scenario.nodes), links, device, forwarding=forwarding)
 
 
 @dataclass
@@ -62,7 +65,8 @@ def predict(scenario: Scenario, calib: Calibration, device: str = "cpu", timelin
 
 @dataclass
 class Case:
-    """One measured method run and its prediction."""
+    """One measured configuration (results folder, link pass, method) and its prediction. ``measured_s`` is the
+    median over its repeats (the scenario's seeds), so one noisy run does not decide the error."""
 
     results: str
     links: str
@@ -70,6 +74,8 @@ class Case:
     world: int
     measured_s: float
     predicted_s: float
+    repeats: int = 1
+    spread: float = 0.0            # (max - min) / median of the repeats
 
     @property
     def error(self) -> float:
@@ -77,20 +83,23 @@ class Case:
 
 
 def validate(results: list[Path], calib: Calibration, device: str = "cpu") -> list[Case]:
-    """Predict every measured (pass, method) run under the results folders; errors per case."""
+    """Predict every measured (pass, method) configuration under the results folders; errors per case."""
     cases = []
     for root in results:
         for summary in sorted(Path(root).rglob("summary.json")):
             folder = summary.parent
             scenario = parse_scenario(yaml.safe_load((folder / "scenario.yaml").read_text()), str(folder))
             methods = {m.name: m for m in scenario.methods}
+            measured: dict[tuple[str, str], list[float]] = {}
             for row in json.loads(summary.read_text())["rows"]:
-                if row["status"] != "ok" or row["links"] == "loopback":
-                    continue
-                cluster = cluster_of(scenario, device, unlimited_rate=row["links"] == "bound")
-                pred = Simulator(workload_of(scenario, methods[row["method"]]), cluster, calib).run()
-                cases.append(Case(str(folder), row["links"], row["method"], scenario.world_size,
-                                  row["latency_s"], pred.latency_s))
+                if row["status"] == "ok" and row["links"] != "loopback":
+                    measured.setdefault((row["links"], row["method"]), []).append(row["latency_s"])
+            for (links, method), latencies in measured.items():
+                cluster = cluster_of(scenario, device, unlimited_rate=links == "bound")
+                pred = Simulator(workload_of(scenario, methods[method]), cluster, calib).run()
+                median = float(np.median(latencies))
+                cases.append(Case(str(folder), links, method, scenario.world_size, median, pred.latency_s,
+                                  len(latencies), (max(latencies) - min(latencies)) / median))
     return cases
 
 

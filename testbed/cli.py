@@ -158,13 +158,15 @@ def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
     if not cases:
         raise CommandError("no measured emulated runs in those folders")
     t = Table(title="simulator vs measured (held-out runs: not used for calibration)")
-    for col in ("results", "links", "method", "ranks", "measured s", "predicted s", "error"):
+    for col in ("results", "links", "method", "ranks", "runs", "measured s", "spread", "predicted s", "error"):
         t.add_column(col, justify="left" if col in ("results", "method", "links") else "right")
     for c in cases:
         t.add_row(Path(c.results).parent.name + "/" + Path(c.results).name, c.links, c.method, str(c.world),
-                  f"{c.measured_s:.2f}", f"{c.predicted_s:.2f}", f"{c.error:+.1%}")
+                  str(c.repeats), f"{c.measured_s:.2f}", f"{c.spread:.0%}" if c.repeats > 1 else "-",
+                  f"{c.predicted_s:.2f}", f"{c.error:+.1%}")
     console.print(t)
-    console.print(f"MAPE over {len(cases)} cases: {mape(cases):.1%}")
+    console.print(f"MAPE over {len(cases)} cases: {mape(cases):.1%} (measured: median over each case's seeds; "
+                  "spread: (max - min) / median)")
     return 0
 
 

@@ -95,19 +95,80 @@ def test_predict_table_and_published_shapes():
 
 
 def test_hop_fit_recovers_known_parameters():
-    truth = (1.2, 1.05, 0.004, 1.5, 0.7, 2.5, 0.6, 3.0)
+    truth = (1.2, 1.05, 0.004, 1.5, 0.7, 2.5, 0.6, 3.0, 1 / 40e6)
     pts = []
     rate, burst = 12.5e6, 40_000
     for rtt in (0.004, 0.02, 0.06):
         for kv in (0, 20_000, 60_000, 2.5e6, 12.5e6):
-            for bidir, jitter, loss in ((0, 0, 0), (1, 0, 0), (0, 0.002, 0.005), (0, 0.004, 0), (0, 0, 0.001)):
-                hop = lambda nb: hop_seconds(truth, rtt, nb, rate, bidir, jitter, loss, burst)  # noqa: E731
+            for bidir, jitter, loss, fwd in ((0, 0, 0, 0), (1, 0, 0, 0), (0, 0.002, 0.005, 4), (0, 0.004, 0, 0),
+                                             (0, 0, 0.001, 0), (0, 0, 0.0002, 8)):
+                hop = lambda nb: hop_seconds(truth, rtt, nb, rate, bidir, jitter, loss, burst, fwd)  # noqa: E731
                 comm = 12 * hop(kv) + 3 * hop(12_000)
                 pts.append(dict(rtt_s=rtt, kv_hops=12, kv_bytes=kv, out_hops=3, out_bytes=12_000, rate_bytes=rate,
-                                bidirectional=bidir, jitter_s=jitter, loss=loss, burst_bytes=burst,
+                                bidirectional=bidir, jitter_s=jitter, loss=loss, burst_bytes=burst, forwarding=fwd,
                                 comm_wait_s=float(comm)))
     fit = fit_hops(pts)
-    assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for f, t in zip(fit, truth)), fit
+    assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for f, t in zip(fit[:-1], truth[:-1])), fit
+    assert fit[-1] == pytest.approx(truth[-1], rel=0.02)
+
+
+def test_forwarding_limit_binds_only_on_the_emulation_host_with_offloads_off():
+    """A lossy emulated cluster turns offloads off: its active links share the host's per-packet forwarding
+    capacity. Clean links, real hosts and the GPU profile are not limited by it."""
+    import dataclasses
+
+    limited = dataclasses.replace(CALIB, forwarding_s_per_byte=1 / 20e6)       # 20 MB/s shared
+    lossy = sc(link={"rate_mbit": 400, "delay_ms": 2, "loss_pct": 0.01}, methods=["ring"])
+    clean = sc(link={"rate_mbit": 400, "delay_ms": 2}, methods=["ring"])
+    assert cluster_of(lossy).forwarding and not cluster_of(clean).forwarding
+    assert not cluster_of(lossy, device="l20").forwarding
+    w = workload_of(lossy, METHOD_PRESETS["ring"])
+    free = Simulator(w, cluster_of(lossy), CALIB).run().comm_s
+    capped = Simulator(w, cluster_of(lossy), limited).run().comm_s
+    # 4 links share 20 MB/s: each gets 5 MB/s instead of ~50 MB/s, so the bulk transfer takes ~10x longer
+    assert capped > 5 * free
+    w_clean = workload_of(clean, METHOD_PRESETS["ring"])
+    assert Simulator(w_clean, cluster_of(clean), limited).run().comm_s == \
+        pytest.approx(Simulator(w_clean, cluster_of(clean), CALIB).run().comm_s)
+
+
+def test_local_step_factor_is_fitted_on_the_slowest_rank():
+    from compactbed.simulator.calibration import fit_local_step
+
+    dev = DeviceProfile(a=0.0, b=1e-9, c=0.0, cores=2)
+    pts = []
+    for run, world in (("a", 2), ("b", 4), ("c", 4)):
+        share = max(1.0, world / 2)
+        for rank in range(world):
+            slow = 1.0 + (0.3 + 0.5 * (share - 1)) * (rank == world - 1)     # only the last rank is slower
+            modeled = share * dev.b * 1000 * 64 ** 2
+            for layer in range(4):
+                pts.append(dict(run=run, rank=rank, step=0, layer=layer, world=world, tokens=1000, kv_tokens=1000,
+                                hidden=64, share=share, seconds=modeled, wall_s=4 * modeled * slow))
+                pts.append(dict(run=run, rank=rank, step=1, layer=layer, world=world, tokens=250, kv_tokens=1000,
+                                hidden=64, share=share, seconds=modeled, wall_s=99.0))       # not a local step
+    f0, f1 = fit_local_step(pts, dev)
+    assert f0 == pytest.approx(1.3, rel=1e-6) and f1 == pytest.approx(0.5, rel=1e-6)
+
+
+def test_validation_compares_with_the_median_of_repeats(tmp_path):
+    import json
+
+    import yaml
+
+    from compactbed.simulator.predict import validate
+
+    folder = tmp_path / "res"
+    folder.mkdir()
+    (folder / "scenario.yaml").write_text(yaml.safe_dump(dict(name="s", nodes=2, link={"rate_mbit": 50, "delay_ms": 5},
+                                                              labels=8, steps=4, methods=["ring"], seeds=[0, 1, 2])))
+    rows = [dict(method="ring", seed=k, links="shaped", status="ok", latency_s=t) for k, t in enumerate((10.0, 30.0, 11.0))]
+    rows.append(dict(method="ring", seed=3, links="shaped", status="failed", latency_s=None))
+    (folder / "summary.json").write_text(json.dumps({"rows": rows}))
+    (case,) = validate([tmp_path], CALIB)
+    assert (case.method, case.links, case.repeats, case.measured_s) == ("ring", "shaped", 3, 11.0)
+    assert case.spread == pytest.approx(20 / 11)
+    assert case.error == pytest.approx(case.predicted_s / 11.0 - 1)
 
 
 def test_calibration_round_trip(tmp_path):
@@ -138,7 +199,7 @@ def test_calibrate_from_link_benchmarks_and_an_earlier_calibration(tmp_path):
     from compactbed.simulator.linkbench import FIELDS
 
     shipped = Calibration.load(DATA_DIR)
-    truth = (1.3, 0.95, 0.002, 1.4, 0.5, 1.22, 0.8, 0.0)
+    truth = (1.3, 0.95, 0.002, 1.4, 0.5, 1.22, 0.8, 0.0, 0.0)
     bench = tmp_path / "bench"
     bench.mkdir()
     with open(bench / "linkbench.csv", "w", newline="") as f:
