@@ -23,7 +23,8 @@ emulation host, a cluster with a lossy link runs with segmentation offloads off,
 crosses the host's forwarding path (veth, htb, iptables, the delay line) on its own: the links active at once
 share a forwarding capacity, fitted as seconds per payload byte; a hop takes the longer of its link time and
 its share of forwarding (the forwarding overlaps the round trips: this fitted the calibration runs better than
-adding the two, 10.8% against 11.3% mean error per step, 13.8% against 15.5% on lossy links).
+adding the two, 10.8% against 11.3% mean error per step, 13.8% against 15.5% on lossy links). When ranks
+outnumber the host's cores, each hop also waits k_sched x (ranks per core - 1) to be scheduled.
 The hop model is fitted on whole runs when there are any (their communication also pays for the emulation
 host's CPU contention), else on link micro-benchmarks (``linkbench.csv``); with both, calibrate reports how
 much slower the runs' communication is than the links alone.
@@ -77,6 +78,7 @@ class Calibration:
     burst_factor: float = 0.0            # share of the shaper's burst allowance a message passes at line rate
     loss_rtts: float = 0.0               # round trips each expected lost packet costs (recovery)
     forwarding_s_per_byte: float = 0.0   # emulation host, offloads off: links active at once share 1/this B/s
+    oversubscribed_hop_s: float = 0.0    # per hop and per rank beyond one per core: waiting to be scheduled
     sources: list[str] = field(default_factory=list)
 
     # --- queries used by the model ------------------------------------------------------------------------
@@ -255,7 +257,7 @@ def burst_of(spec: LinkSpec) -> int:
     return burst_bytes(spec.rate_mbit) if spec.rate_mbit else 0
 
 
-def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
+def hop_points(results: list[Path], calib: "Calibration", cores: int) -> list[dict]:
     """Per (run, rank, step) of synchronous all-gather methods: hops, RTT and bytes/rate sums vs the measured
     time blocked on communication."""
     from ..testbed.scenario import MethodSpec, parse_scenario
@@ -285,12 +287,13 @@ def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
             rows.append(dict(run=str(d), rank=r["rank"], step=r["step"], rtt_s=rtt, bidirectional=int(p == 2),
                              jitter_s=jitter, loss=loss, rate_bytes=rate or 0.0,
                              burst_bytes=burst_of(slow) if rate else 0, forwarding=forwarding,
+                             oversubscription=max(1.0, p / cores) - 1,
                              kv_hops=layers * (p - 1), kv_bytes=w.kv_wire_bytes(warm),
                              out_hops=p - 1, out_bytes=w.output_bytes(), comm_wait_s=r["comm_wait_s"]))
     return rows
 
 
-def linkbench_points(results: list[Path], calib: "Calibration") -> list[dict]:
+def linkbench_points(results: list[Path], calib: "Calibration", cores: int) -> list[dict]:
     """Hop rows from gloo micro-benchmarks (``linkbench.csv``, :mod:`.linkbench`): one all-gather of a message
     over P-1 ring hops on a link measured alone, in the same columns as :func:`hop_points`."""
     rows = []
@@ -305,6 +308,7 @@ def linkbench_points(results: list[Path], calib: "Calibration") -> list[dict]:
                                      bidirectional=int(int(r["world"]) == 2), jitter_s=spec.jitter_ms / 1e3,
                                      loss=spec.loss_pct / 100, rate_bytes=calib.effective_rate_bytes(spec) or 0.0,
                                      burst_bytes=burst_of(spec), forwarding=int(r["world"]) if spec.loss_pct else 0,
+                                     oversubscription=max(1.0, int(r["world"]) / cores) - 1,
                                      kv_hops=int(r["hops"]), kv_bytes=int(r["bytes"]), out_hops=0, out_bytes=0,
                                      comm_wait_s=float(r["seconds"])))
     return rows
@@ -313,14 +317,16 @@ def linkbench_points(results: list[Path], calib: "Calibration") -> list[dict]:
 MSS = 1448
 
 
-def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0, burst=0.0, forwarding=0):
+def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0, burst=0.0, forwarding=0,
+                oversubscription=0.0):
     """One gloo hop: a handshake round trip (jitter lengthens it: release is in order), the transfer at the
     link rate of what exceeds the shaper's burst allowance or, with loss, at most C * MSS / (RTT sqrt(p)); slower
     when the reverse direction carries bulk data too (its ACKs queue behind it); each expected lost packet
     costs k_loss round trips; plus a fixed cost. ``forwarding`` > 0: this many links are active at once on the
     emulation host's per-packet path and share its capacity (1 / k_fwd bytes/s); that work overlaps the round
-    trips, so the hop takes the longer of the two. Array-friendly."""
-    k_rtt, k_bw, k_hop, k_bidir, k_jit, c_loss, k_burst, k_loss, k_fwd = params
+    trips, so the hop takes the longer of the two. ``oversubscription``: ranks per core beyond one on the host
+    (share - 1); each hop then waits k_sched x that to be scheduled. Array-friendly."""
+    k_rtt, k_bw, k_hop, k_bidir, k_jit, c_loss, k_burst, k_loss, k_fwd, k_sched = params
     rtt = np.asarray(rtt, float) + 2 * k_jit * np.asarray(jitter, float)
     loss = np.asarray(loss, float)
     rate = np.asarray(rate, float)
@@ -331,16 +337,18 @@ def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0
     transfer = np.where(eff > 0, shaped / np.where(eff > 0, eff, 1.0), 0.0)
     retransmits = k_loss * loss * (nbytes / MSS + 2) * rtt
     link = k_rtt * rtt + k_bw * transfer * np.where(bidirectional, k_bidir, 1.0) + retransmits
-    return k_hop + np.maximum(link, nbytes * k_fwd * np.asarray(forwarding, float))
+    return k_hop + k_sched * np.asarray(oversubscription, float) + \
+        np.maximum(link, nbytes * k_fwd * np.asarray(forwarding, float))
 
 
 HOP_PARAMS = ("hop_rtt_factor", "hop_bandwidth_factor", "hop_overhead_s", "hop_bidirectional_factor",
-              "jitter_factor", "loss_constant", "burst_factor", "loss_rtts", "forwarding_s_per_byte")
-HOP_START = (1.0, 1.0, 0.001, 1.0, 0.5, 1.22, 0.0, 0.0, 0.0)  # also the values of terms the data cannot identify
+              "jitter_factor", "loss_constant", "burst_factor", "loss_rtts", "forwarding_s_per_byte",
+              "oversubscribed_hop_s")
+HOP_START = (1.0, 1.0, 0.001, 1.0, 0.5, 1.22, 0.0, 0.0, 0.0, 0.0)  # also the values of terms the data cannot identify
 
 
 HOP_COLUMNS = ("rtt_s", "kv_hops", "kv_bytes", "out_hops", "out_bytes", "comm_wait_s", "bidirectional", "jitter_s",
-               "loss", "rate_bytes", "burst_bytes", "forwarding")
+               "loss", "rate_bytes", "burst_bytes", "forwarding", "oversubscription")
 
 
 def _columns(points: list[dict]) -> dict[str, np.ndarray]:
@@ -350,7 +358,8 @@ def _columns(points: list[dict]) -> dict[str, np.ndarray]:
 def comm_seconds(params, col: dict[str, np.ndarray]) -> np.ndarray:
     """Predicted communication time of each hop row (K/V hops plus output-gather hops)."""
     hop = lambda nb: hop_seconds(params, col["rtt_s"], nb, col["rate_bytes"], col["bidirectional"],  # noqa: E731
-                                 col["jitter_s"], col["loss"], col["burst_bytes"], col["forwarding"])
+                                 col["jitter_s"], col["loss"], col["burst_bytes"], col["forwarding"],
+                                 col["oversubscription"])
     return col["kv_hops"] * hop(col["kv_bytes"]) + col["out_hops"] * hop(col["out_bytes"])
 
 
@@ -362,7 +371,8 @@ def fit_hops(points: list[dict]) -> tuple[float, ...]:
 
     col = _columns(points)
     free = [True] * 4 + [bool(col["jitter_s"].any())] + [bool(col["loss"].any())] + \
-           [bool(col["burst_bytes"].any())] + [bool(col["loss"].any())] + [bool(col["forwarding"].any())]
+           [bool(col["burst_bytes"].any())] + [bool(col["loss"].any())] + [bool(col["forwarding"].any())] + \
+           [bool(col["oversubscription"].any())]
 
     def full(params):
         return [p if f else s for p, f, s in zip(params, free, HOP_START)]
@@ -370,9 +380,9 @@ def fit_hops(points: list[dict]) -> tuple[float, ...]:
     def residual(params):
         return (comm_seconds(full(params), col) - col["comm_wait_s"]) / np.maximum(col["comm_wait_s"], 1e-3)
 
-    x0 = list(HOP_START[:-1]) + [1 / 50e6]          # forwarding: start from 50 MB/s shared
-    fit = least_squares(residual, x0=x0, x_scale=[1, 1, 1e-3, 1, 1, 1, 1, 1, 1e-8],
-                        bounds=([0, 0, 0, 1, 0, 0.3, 0, 0, 0], [10, 10, 1, 10, 3, 50, 1, 100, 1e-6]))
+    x0 = list(HOP_START[:-2]) + [1 / 50e6, 0.001]          # forwarding: start from 50 MB/s shared
+    fit = least_squares(residual, x0=x0, x_scale=[1, 1, 1e-3, 1, 1, 1, 1, 1, 1e-8, 1e-3],
+                        bounds=([0, 0, 0, 1, 0, 0.3, 0, 0, 0, 0], [10, 10, 1, 10, 3, 50, 1, 100, 1e-6, 1]))
     return tuple(float(v) for v in full(fit.x))
 
 
@@ -440,8 +450,8 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     # "l20": not measured here; anchored to the paper's single-GPU FLUX time and codec timings, for GPU what-ifs
     calib = Calibration(devices={"cpu": device, "l20": l20_profile()}, codec=fit_codec(kpoints), link_efficiency=efficiency,
                         link_overhead_s=max(0.0, overhead), sources=_sources(results))
-    hpoints = hop_points(results, calib) + earlier_points(results, "hops.csv")
-    bench = linkbench_points(results, calib)
+    hpoints = hop_points(results, calib, cores) + earlier_points(results, "hops.csv")
+    bench = linkbench_points(results, calib, cores)
     # Whole runs when there are any: on an emulation host their communication also pays for CPU contention
     # (ranks and the delay line share the cores), which links measured alone (micro-benchmarks) do not show.
     if hpoints or bench:

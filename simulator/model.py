@@ -56,8 +56,9 @@ class Prediction:
 class LinkModel:
     """Transfer time of a message over one directed link, from calibrated rate/latency."""
 
-    def __init__(self, calib: Calibration, device: str = "cpu"):
+    def __init__(self, calib: Calibration, device: str = "cpu", world: int = 1):
         self.calib, self.hop_overhead = calib, calib.hop_overhead(device)
+        self.oversubscription = calib.share(world, device) - 1
         self._memo: dict[tuple, float] = {}
 
     def seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool = False, forwarding: int = 0) -> float:
@@ -71,11 +72,12 @@ class LinkModel:
     def _seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool, forwarding: int) -> float:
         c = self.calib
         params = (c.hop_rtt_factor, c.hop_bandwidth_factor, self.hop_overhead, c.hop_bidirectional_factor,
-                  c.jitter_factor, c.loss_constant, c.burst_factor, c.loss_rtts, c.forwarding_s_per_byte)
+                  c.jitter_factor, c.loss_constant, c.burst_factor, c.loss_rtts, c.forwarding_s_per_byte,
+                  c.oversubscribed_hop_s)
         rtt = 2 * (spec.delay_ms / 1e3 + c.link_overhead_s)
         rate = c.effective_rate_bytes(spec) or 0.0
         return float(hop_seconds(params, rtt, nbytes, rate, bidirectional, spec.jitter_ms / 1e3, spec.loss_pct / 100,
-                                 burst_of(spec), forwarding))
+                                 burst_of(spec), forwarding, self.oversubscription))
 
 
 class Simulator:
@@ -84,7 +86,8 @@ class Simulator:
     def __init__(self, workload: Workload, cluster: Cluster, calib: Calibration, timeline: bool = False):
         if cluster.world != workload.world:
             raise ValueError(f"cluster has {cluster.world} ranks, workload {workload.world}")
-        self.w, self.c, self.calib, self.links = workload, cluster, calib, LinkModel(calib, cluster.device)
+        self.w, self.c, self.calib = workload, cluster, calib
+        self.links = LinkModel(calib, cluster.device, cluster.world)
         self.keep_timeline = timeline
         self._exchange: dict[bool, float] = {}
 

@@ -95,21 +95,23 @@ def test_predict_table_and_published_shapes():
 
 
 def test_hop_fit_recovers_known_parameters():
-    truth = (1.2, 1.05, 0.004, 1.5, 0.7, 2.5, 0.6, 3.0, 1 / 40e6)
+    truth = (1.2, 1.05, 0.004, 1.5, 0.7, 2.5, 0.6, 3.0, 1 / 40e6, 0.003)
     pts = []
     rate, burst = 12.5e6, 40_000
     for rtt in (0.004, 0.02, 0.06):
         for kv in (0, 20_000, 60_000, 2.5e6, 12.5e6):
-            for bidir, jitter, loss, fwd in ((0, 0, 0, 0), (1, 0, 0, 0), (0, 0.002, 0.005, 4), (0, 0.004, 0, 0),
-                                             (0, 0, 0.001, 0), (0, 0, 0.0002, 8)):
-                hop = lambda nb: hop_seconds(truth, rtt, nb, rate, bidir, jitter, loss, burst, fwd)  # noqa: E731
+            for bidir, jitter, loss, fwd, over in ((0, 0, 0, 0, 0), (1, 0, 0, 0, 0), (0, 0.002, 0.005, 4, 1),
+                                                   (0, 0.004, 0, 0, 1), (0, 0, 0.001, 0, 0), (0, 0, 0.0002, 8, 3)):
+                hop = lambda nb: hop_seconds(truth, rtt, nb, rate, bidir, jitter, loss, burst, fwd, over)  # noqa: E731
                 comm = 12 * hop(kv) + 3 * hop(12_000)
                 pts.append(dict(rtt_s=rtt, kv_hops=12, kv_bytes=kv, out_hops=3, out_bytes=12_000, rate_bytes=rate,
                                 bidirectional=bidir, jitter_s=jitter, loss=loss, burst_bytes=burst, forwarding=fwd,
-                                comm_wait_s=float(comm)))
+                                oversubscription=over, comm_wait_s=float(comm)))
     fit = fit_hops(pts)
-    assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for f, t in zip(fit[:-1], truth[:-1])), fit
-    assert fit[-1] == pytest.approx(truth[-1], rel=0.02)
+    forwarding = HOP_PARAMS.index("forwarding_s_per_byte")
+    assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for k, (f, t) in enumerate(zip(fit, truth))
+               if k != forwarding), fit
+    assert fit[forwarding] == pytest.approx(truth[forwarding], rel=0.02)
 
 
 def test_forwarding_limit_binds_only_on_the_emulation_host_with_offloads_off():
@@ -199,7 +201,7 @@ def test_calibrate_from_link_benchmarks_and_an_earlier_calibration(tmp_path):
     from compactbed.simulator.linkbench import FIELDS
 
     shipped = Calibration.load(DATA_DIR)
-    truth = (1.3, 0.95, 0.002, 1.4, 0.5, 1.22, 0.8, 0.0, 0.0)
+    truth = (1.3, 0.95, 0.002, 1.4, 0.5, 1.22, 0.8, 0.0, 0.0, 0.0)
     bench = tmp_path / "bench"
     bench.mkdir()
     with open(bench / "linkbench.csv", "w", newline="") as f:
@@ -228,3 +230,16 @@ def test_calibrate_from_link_benchmarks_and_an_earlier_calibration(tmp_path):
     runs_only = calibrate([DATA_DIR], tmp_path / "out3", log=lambda s: None)
     assert [getattr(with_runs, n) for n in HOP_PARAMS] == [getattr(runs_only, n) for n in HOP_PARAMS]
     assert any("x (median) what the links alone cost" in line for line in said), said
+
+
+def test_oversubscribed_hosts_pay_a_scheduling_wait_per_hop():
+    """4 ranks on the 2-core profile: every hop waits k_sched x (share - 1); 2 ranks (one per core) do not."""
+    import dataclasses
+
+    waiting = dataclasses.replace(CALIB, oversubscribed_hop_s=0.01)
+    for nodes, extra_per_hop in ((4, 0.01), (2, 0.0)):
+        s = sc(nodes=nodes, methods=["ring"])
+        w = workload_of(s, METHOD_PRESETS["ring"])
+        hops = s.steps * (w.shape.layers + 1) * (nodes - 1)        # K/V hops per layer + the output gather
+        base = Simulator(w, cluster_of(s), CALIB).run().comm_s
+        assert Simulator(w, cluster_of(s), waiting).run().comm_s - base == pytest.approx(hops * extra_per_hop)
