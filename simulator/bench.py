@@ -60,12 +60,12 @@ def sweep(calib: Calibration, configs: int = 1000, seed: int = 0) -> None:
 def published(calib: Calibration) -> None:
     calib.devices["l20"] = l20_profile()
     print("FLUX.1-dev, 4 ranks, 28 steps, 1 local warmup step, bf16, L20-class compute, one rate-limited NIC "
-          "per GPU, link delay 0.1 ms")
+          "per GPU (no shaper burst), link delay 0.1 ms")
     print(f"{'link':>9} {'method':>14} {'published s':>11} {'predicted s':>11} {'pub vs ring':>11} {'pred vs ring':>12}")
     for mbytes, table in PUBLISHED.items():
         link = LinkSpec(rate_mbit=mbytes * 8, delay_ms=0.1)
         cluster = Cluster((1.0,) * 4, {(i, j): link for i in range(4) for j in range(4) if i != j}, "l20",
-                          shared_uplink=True)
+                          shared_uplink=True, htb_shaped=False)
         pred = {}
         for name in table:
             if name == "single":

@@ -3,7 +3,7 @@
 Per denoising step every rank runs its layers; each layer's exchange follows the method's pattern, as the
 runtime executes it on gloo:
   ring / patch   K/V all-gather per layer (torch's ring attention uses an all-gather rotater; gloo's
-                 all-gather is a ring): P-1 rounds, each gated by the slowest link's delay + chunk time
+                 all-gather is a ring): P-1 rounds of forwarding, simulated round by round per link
   ulysses        two all-to-alls per layer (Q/K/V in, output back); each rank sends 1/P of its data to every
                  peer over separate links
   usp            both, on their sub-groups
@@ -37,6 +37,8 @@ class Cluster:
                                   # directed link is independent (the emulated hub topology)
     forwarding: bool = False      # emulated on the calibrated host with offloads off (a lossy link): active
                                   # links share the host's per-packet forwarding capacity
+    htb_shaped: bool = True       # links rate-limited by this project's htb shaper (emulated or hosts form), whose
+                                  # burst allowance passes at line rate; False: links that are that rate end to end
 
     @property
     def world(self) -> int:
@@ -56,9 +58,10 @@ class Prediction:
 class LinkModel:
     """Transfer time of a message over one directed link, from calibrated rate/latency."""
 
-    def __init__(self, calib: Calibration, device: str = "cpu", world: int = 1):
+    def __init__(self, calib: Calibration, device: str = "cpu", world: int = 1, htb_shaped: bool = True):
         self.calib, self.hop_overhead = calib, calib.hop_overhead(device)
         self.oversubscription = calib.share(world, device) - 1
+        self.htb_shaped = htb_shaped
         self._memo: dict[tuple, float] = {}
 
     def seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool = False, forwarding: int = 0) -> float:
@@ -77,7 +80,7 @@ class LinkModel:
         rtt = 2 * (spec.delay_ms / 1e3 + c.link_overhead_s)
         rate = c.effective_rate_bytes(spec) or 0.0
         return float(hop_seconds(params, rtt, nbytes, rate, bidirectional, spec.jitter_ms / 1e3, spec.loss_pct / 100,
-                                 burst_of(spec), forwarding, self.oversubscription))
+                                 burst_of(spec) if self.htb_shaped else 0, forwarding, self.oversubscription))
 
 
 class Simulator:
@@ -87,7 +90,7 @@ class Simulator:
         if cluster.world != workload.world:
             raise ValueError(f"cluster has {cluster.world} ranks, workload {workload.world}")
         self.w, self.c, self.calib = workload, cluster, calib
-        self.links = LinkModel(calib, cluster.device, cluster.world)
+        self.links = LinkModel(calib, cluster.device, cluster.world, cluster.htb_shaped)
         self.keep_timeline = timeline
         self._exchange: dict[bool, float] = {}
 
@@ -112,15 +115,28 @@ class Simulator:
         return self.calib.codec_seconds(kind, "encode", raw, dev), self.calib.codec_seconds(kind, "decode", raw, dev)
 
     def allgather_seconds(self, nbytes: float, ranks: list[int]) -> float:
-        """gloo ring all-gather of ``nbytes`` per rank: P-1 rounds, each as slow as the slowest ring link."""
+        """gloo ring all-gather of ``nbytes`` per rank, round by round: in round k every rank forwards the chunk
+        it received in round k-1 once that chunk is in and its link has finished the previous transfer; a hop's
+        latency (its cost for an empty message) overlaps the next transfer on the same link. On uniform links this
+        is (P-1) x one hop; on a link mix, latency adds up along each chunk's path while a slow link's transfers
+        queue one after another."""
         p = len(ranks)
         if p < 2:
             return 0.0
         both_ways = p == 2          # a 2-rank ring sends both ways over the same pair of links
         active = self.c.world if self.c.forwarding else 0       # every rank sends one stream at a time
-        slowest = max(self.links.seconds(self.c.links[(ranks[i], ranks[(i + 1) % p])], nbytes, both_ways, active)
-                      for i in range(p))
-        return (p - 1) * slowest
+        links = [self.c.links[(ranks[i], ranks[(i + 1) % p])] for i in range(p)]
+        latency = [self.links.seconds(spec, 0.0, both_ways, active) for spec in links]
+        transfer = [self.links.seconds(spec, nbytes, both_ways, active) - lat for spec, lat in zip(links, latency)]
+        received, link_free = [0.0] * p, [0.0] * p
+        for _ in range(p - 1):
+            arrived = [0.0] * p
+            for r in range(p):
+                start = max(received[r], link_free[r])
+                link_free[r] = start + transfer[r]
+                arrived[(r + 1) % p] = start + latency[r] + transfer[r]
+            received = arrived
+        return max(received)
 
     def alltoall_seconds(self, nbytes: float, ranks: list[int]) -> float:
         """Each rank sends nbytes/P to every peer over separate links; the slowest pair gates (hop costs are

@@ -243,3 +243,40 @@ def test_oversubscribed_hosts_pay_a_scheduling_wait_per_hop():
         hops = s.steps * (w.shape.layers + 1) * (nodes - 1)        # K/V hops per layer + the output gather
         base = Simulator(w, cluster_of(s), CALIB).run().comm_s
         assert Simulator(w, cluster_of(s), waiting).run().comm_s - base == pytest.approx(hops * extra_per_hop)
+
+
+def test_ring_all_gather_on_a_link_mix():
+    """gloo's ring: latency adds up along each chunk's path (P-1 consecutive links), while a slow link's transfers
+    queue one after another (it carries P-1 chunks)."""
+    s = sc(methods=["ring"])
+    w = workload_of(s, METHOD_PRESETS["ring"])
+    ring = list(range(4))
+
+    def gather(slow: LinkSpec, fast: LinkSpec, nbytes: float) -> tuple[float, float, float]:
+        links = {(i, j): fast for i in range(4) for j in range(4) if i != j} | {(1, 2): slow}
+        sim = Simulator(w, Cluster((1.0,) * 4, links, device="cpu"), CALIB)
+        return sim.allgather_seconds(nbytes, ring), sim.links.seconds(slow, nbytes), sim.links.seconds(fast, nbytes)
+
+    # latency-bound: unlimited rate, one long link; the chunk that skips it arrives early, the others cross it once
+    t, slow_hop, fast_hop = gather(LinkSpec(delay_ms=20), LinkSpec(delay_ms=1), 1000)
+    assert t == pytest.approx(slow_hop + 2 * fast_hop)
+    assert t < 3 * slow_hop / 2
+    # bandwidth-bound: the 10 Mbit link carries 3 chunks back to back
+    t, slow_hop, fast_hop = gather(LinkSpec(rate_mbit=10), LinkSpec(rate_mbit=1000), 1.25e6)
+    assert 3 * (slow_hop - CALIB.hop_overhead_s) <= t < 3 * slow_hop + fast_hop
+    # uniform links: (P-1) x one hop
+    t, _, fast_hop = gather(LinkSpec(rate_mbit=100, delay_ms=5), LinkSpec(rate_mbit=100, delay_ms=5), 2e5)
+    assert t == pytest.approx(3 * fast_hop)
+
+
+def test_shaper_burst_only_on_htb_shaped_links():
+    import dataclasses
+
+    from compactbed.simulator.model import LinkModel
+
+    calib = dataclasses.replace(CALIB, burst_factor=1.0)
+    link = LinkSpec(rate_mbit=100, delay_ms=1)                     # htb burst: 32 KB
+    shaped, end_to_end = LinkModel(calib), LinkModel(calib, htb_shaped=False)
+    assert shaped.seconds(link, 30_000) == pytest.approx(shaped.seconds(link, 0.0))
+    assert end_to_end.seconds(link, 30_000) - end_to_end.seconds(link, 0.0) == \
+        pytest.approx(30_000 / calib.effective_rate_bytes(link))
