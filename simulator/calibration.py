@@ -22,8 +22,8 @@ round trips per expected lost packet; a share k_burst of the shaper's burst pass
 emulation host, a cluster with a lossy link runs with segmentation offloads off, so every 1500-byte packet
 crosses the host's forwarding path (veth, htb, iptables, the delay line) on its own: the links active at once
 share a forwarding capacity, fitted as seconds per payload byte; a hop takes the longer of its link time and
-its share of forwarding (the forwarding overlaps the round trips: this fitted the calibration runs better than
-adding the two, 10.8% against 11.3% mean error per step, 13.8% against 15.5% on lossy links). When ranks
+its share of forwarding (the forwarding overlaps the round trips; on the shipped calibration runs, against adding
+the two: per-step error 11.3% vs 11.2%, lossy links 15.4% vs 15.6%, whole runs 4.9% vs 6.5%). When ranks
 outnumber the host's cores, each hop also waits k_sched x (ranks per core - 1) to be scheduled.
 The hop model is fitted on whole runs when there are any (their communication also pays for the emulation
 host's CPU contention), else on link micro-benchmarks (``linkbench.csv``); with both, calibrate reports how
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..netem.commands import burst_bytes, needs_offloads_off
+from ..netem.commands import burst_bytes
 from ..netem.profiles import LinkSpec
 
 PAYLOAD_FRACTION = 1448 / 1514      # TCP payload per wire byte at MTU 1500
@@ -61,6 +61,10 @@ class DeviceProfile:
                                                             # (share - 1) x the modeled compute
     hop_overhead_s: float | None = None                     # transport's fixed cost per hop (None: calibrated)
     codec: dict[str, tuple[float, float]] | None = None     # this device's codec costs (None: calibrated)
+
+    def layer_seconds(self, tokens: int, kv_tokens: int, hidden: int, share: float) -> float:
+        """One layer of ``tokens`` queries over ``kv_tokens`` keys with ``share`` ranks per core."""
+        return share * (self.a + self.b * tokens * hidden ** 2 + self.c * tokens * kv_tokens * hidden)
 
 
 @dataclass
@@ -89,8 +93,7 @@ class Calibration:
     def layer_seconds(self, tokens: int, kv_tokens: int, hidden: int, share: float, device: str) -> float:
         if device not in self.devices:
             raise KeyError(f"no compute profile for device {device!r}; known: {', '.join(self.devices)}")
-        d = self.devices[device]
-        return share * (d.a + d.b * tokens * hidden ** 2 + d.c * tokens * kv_tokens * hidden)
+        return self.devices[device].layer_seconds(tokens, kv_tokens, hidden, share)
 
     def codec_seconds(self, kind: str, op: str, raw_bytes: float, device: str = "cpu") -> float:
         table = self.devices[device].codec or self.codec
@@ -201,8 +204,8 @@ def fit_local_step(points: list[dict], device: DeviceProfile) -> tuple[float, fl
         if p["tokens"] == p["kv_tokens"] and p["world"] > 1:
             s = steps.setdefault((p["run"], p["step"]), {"share": p["share"], "walls": {}, "modeled": {}})
             s["walls"][p["rank"]] = p["wall_s"]
-            s["modeled"][p["rank"]] = s["modeled"].get(p["rank"], 0.0) + p["share"] * (
-                device.a + device.b * p["tokens"] * p["hidden"] ** 2 + device.c * p["tokens"] * p["kv_tokens"] * p["hidden"])
+            s["modeled"][p["rank"]] = s["modeled"].get(p["rank"], 0.0) + device.layer_seconds(
+                p["tokens"], p["kv_tokens"], p["hidden"], p["share"])
     if not steps:
         return (1.0, 0.0)
     x = np.array([[1.0, s["share"] - 1] for s in steps.values()])
@@ -257,10 +260,11 @@ def burst_of(spec: LinkSpec) -> int:
     return burst_bytes(spec.rate_mbit) if spec.rate_mbit else 0
 
 
-def hop_points(results: list[Path], calib: "Calibration", cores: int) -> list[dict]:
+def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
     """Per (run, rank, step) of synchronous all-gather methods: hops, RTT and bytes/rate sums vs the measured
     time blocked on communication."""
     from ..testbed.scenario import MethodSpec, parse_scenario
+    from .predict import cluster_of
     from .workload import workload_of
 
     rows = []
@@ -278,8 +282,7 @@ def hop_points(results: list[Path], calib: "Calibration", cores: int) -> list[di
         rtt = 2 * (slow.delay_ms / 1e3 + calib.link_overhead_s)
         jitter, loss = slow.jitter_ms / 1e3, slow.loss_pct / 100
         layers = w.shape.layers
-        forwarding = p if not sc.on_hosts and needs_offloads_off(sc.link_between(i, j) for i in range(p)
-                                                                 for j in range(p) if i != j) else 0
+        forwarding = p if cluster_of(sc).forwarding else 0
         for r in recs:
             if r["warmup"] == "local":
                 continue
@@ -287,13 +290,13 @@ def hop_points(results: list[Path], calib: "Calibration", cores: int) -> list[di
             rows.append(dict(run=str(d), rank=r["rank"], step=r["step"], rtt_s=rtt, bidirectional=int(p == 2),
                              jitter_s=jitter, loss=loss, rate_bytes=rate or 0.0,
                              burst_bytes=burst_of(slow) if rate else 0, forwarding=forwarding,
-                             oversubscription=max(1.0, p / cores) - 1,
+                             oversubscription=calib.share(p) - 1,
                              kv_hops=layers * (p - 1), kv_bytes=w.kv_wire_bytes(warm),
                              out_hops=p - 1, out_bytes=w.output_bytes(), comm_wait_s=r["comm_wait_s"]))
     return rows
 
 
-def linkbench_points(results: list[Path], calib: "Calibration", cores: int) -> list[dict]:
+def linkbench_points(results: list[Path], calib: "Calibration") -> list[dict]:
     """Hop rows from gloo micro-benchmarks (``linkbench.csv``, :mod:`.linkbench`): one all-gather of a message
     over P-1 ring hops on a link measured alone, in the same columns as :func:`hop_points`."""
     rows = []
@@ -308,7 +311,7 @@ def linkbench_points(results: list[Path], calib: "Calibration", cores: int) -> l
                                      bidirectional=int(int(r["world"]) == 2), jitter_s=spec.jitter_ms / 1e3,
                                      loss=spec.loss_pct / 100, rate_bytes=calib.effective_rate_bytes(spec) or 0.0,
                                      burst_bytes=burst_of(spec), forwarding=int(r["world"]) if spec.loss_pct else 0,
-                                     oversubscription=max(1.0, int(r["world"]) / cores) - 1,
+                                     oversubscription=calib.share(int(r["world"])) - 1,
                                      kv_hops=int(r["hops"]), kv_bytes=int(r["bytes"]), out_hops=0, out_bytes=0,
                                      comm_wait_s=float(r["seconds"])))
     return rows
@@ -450,8 +453,8 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     # "l20": not measured here; anchored to the paper's single-GPU FLUX time and codec timings, for GPU what-ifs
     calib = Calibration(devices={"cpu": device, "l20": l20_profile()}, codec=fit_codec(kpoints), link_efficiency=efficiency,
                         link_overhead_s=max(0.0, overhead), sources=_sources(results))
-    hpoints = hop_points(results, calib, cores) + earlier_points(results, "hops.csv")
-    bench = linkbench_points(results, calib, cores)
+    hpoints = hop_points(results, calib) + earlier_points(results, "hops.csv")
+    bench = linkbench_points(results, calib)
     # Whole runs when there are any: on an emulation host their communication also pays for CPU contention
     # (ranks and the delay line share the cores), which links measured alone (micro-benchmarks) do not show.
     if hpoints or bench:
