@@ -104,6 +104,10 @@ class Calibration:
         d = self.devices[device].hop_overhead_s
         return self.hop_overhead_s if d is None else d
 
+    def hop_params(self, device: str = "cpu") -> tuple[float, ...]:
+        """The hop model's parameters (:data:`HOP_PARAMS` order) with ``device``'s fixed cost per hop."""
+        return tuple(self.hop_overhead(device) if n == "hop_overhead_s" else getattr(self, n) for n in HOP_PARAMS)
+
     def effective_rate_bytes(self, spec: LinkSpec) -> float | None:
         if spec.rate_mbit is None:
             return None

@@ -60,7 +60,7 @@ class LinkModel:
     """Transfer time of a message over one directed link, from calibrated rate/latency."""
 
     def __init__(self, calib: Calibration, device: str = "cpu", world: int = 1, htb_shaped: bool = True):
-        self.calib, self.hop_overhead = calib, calib.hop_overhead(device)
+        self.calib, self.device = calib, device
         self.oversubscription = calib.share(world, device) - 1
         self.htb_shaped = htb_shaped
         self._memo: dict[tuple, float] = {}
@@ -75,9 +75,7 @@ class LinkModel:
 
     def _seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool, forwarding: int) -> float:
         c = self.calib
-        params = (c.hop_rtt_factor, c.hop_bandwidth_factor, self.hop_overhead, c.hop_bidirectional_factor,
-                  c.jitter_factor, c.loss_constant, c.burst_factor, c.loss_rtts, c.forwarding_s_per_byte,
-                  c.oversubscribed_hop_s)
+        params = c.hop_params(self.device)
         rtt = 2 * (spec.delay_ms / 1e3 + c.link_overhead_s)
         rate = c.effective_rate_bytes(spec) or 0.0
         return float(hop_seconds(params, rtt, nbytes, rate, bidirectional, spec.jitter_ms / 1e3, spec.loss_pct / 100,
