@@ -61,6 +61,8 @@ class DeviceProfile:
                                                             # (share - 1) x the modeled compute
     hop_overhead_s: float | None = None                     # transport's fixed cost per hop (None: calibrated)
     codec: dict[str, tuple[float, float]] | None = None     # this device's codec costs (None: calibrated)
+    codec_call_s: float = 0.0                               # in a run, each codec call (K and V apiece) also
+                                                            # pays this (stream state, framing, dispatch)
 
     def layer_seconds(self, tokens: int, kv_tokens: int, hidden: int, share: float) -> float:
         """One layer of ``tokens`` queries over ``kv_tokens`` keys with ``share`` ranks per core."""
@@ -96,9 +98,11 @@ class Calibration:
         return self.devices[device].layer_seconds(tokens, kv_tokens, hidden, share)
 
     def codec_seconds(self, kind: str, op: str, raw_bytes: float, device: str = "cpu") -> float:
-        table = self.devices[device].codec or self.codec
+        """One encode or decode of a layer's K/V (``raw_bytes`` uncompressed): two calls (K and V) in a run."""
+        d = self.devices[device]
+        table = d.codec or self.codec
         a, b = table.get(f"{kind}/{op}", table.get(f"1bit/{op}", (0.0, 0.0)))
-        return a + b * raw_bytes
+        return a + b * raw_bytes + 2 * d.codec_call_s
 
     def hop_overhead(self, device: str = "cpu") -> float:
         d = self.devices[device].hop_overhead_s
@@ -177,13 +181,15 @@ def compute_points(results: list[Path], cores: int) -> list[dict]:
     for d, job, run, recs in _runs(results):
         w = workload_of(parse_scenario(job["scenario"], str(d)), MethodSpec.model_validate(job["method"]))
         world, full = run["world"], w.batch * w.tokens
+        codec = w.method.codec.compressor.kind if w.method.compressed else ""
         for r in recs:
             local = r["warmup"] == "local"
             for layer, s in r["layer_compute_s"].items():
                 rows.append(dict(run=str(d), rank=r["rank"], step=r["step"], layer=int(layer), world=world,
                                  tokens=full if local else w.local_tokens,
                                  kv_tokens=full, hidden=w.shape.hidden, share=max(1.0, world / cores),
-                                 seconds=s, wall_s=r["wall_s"], comm_wait_s=r["comm_wait_s"], codec_s=r["codec_s"]))
+                                 seconds=s, wall_s=r["wall_s"], comm_wait_s=r["comm_wait_s"], codec_s=r["codec_s"],
+                                 codec=codec if r["warmup"] is None else "", kv_bytes=w.kv_bytes(), layers=w.shape.layers))
     return rows
 
 
@@ -216,6 +222,25 @@ def fit_local_step(points: list[dict], device: DeviceProfile) -> tuple[float, fl
     y = np.array([max(s["walls"].values()) / max(s["modeled"].values()) for s in steps.values()])
     m = LinearRegression(positive=True, fit_intercept=False).fit(x, y)
     return float(m.coef_[0]), float(m.coef_[1])
+
+
+def fit_codec_call(points: list[dict], calib: "Calibration", device: str = "cpu") -> float:
+    """Fixed cost per codec call in a run (K and V apiece): non-negative least squares of each compressed step's
+    measured codec time minus the kernel bench's cost of its bytes, over its calls (layers x 2 x (1 encode +
+    world-1 decodes)). Rows from earlier calibration files without the ``codec`` column are skipped."""
+    from sklearn.linear_model import LinearRegression
+
+    steps = {(p["run"], p["rank"], p["step"]): p for p in points if p.get("codec")}
+    if not steps:
+        return 0.0
+    x, y = [], []
+    for p in steps.values():
+        per_layer = sum(calib.codec_seconds(p["codec"], op, p["kv_bytes"], device) * n
+                        for op, n in (("encode", 1), ("decode", p["world"] - 1)))
+        x.append([p["layers"] * 2 * p["world"]])
+        y.append(p["codec_s"] - p["layers"] * per_layer)
+    m = LinearRegression(positive=True, fit_intercept=False).fit(np.array(x), np.array(y))
+    return float(m.coef_[0])
 
 
 def codec_points(shapes: list[tuple[int, int]], reps: int = 5) -> list[dict]:
@@ -428,7 +453,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         path.write_text("")
         return
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         w.writeheader()
         w.writerows(rows)
 
@@ -457,6 +482,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     # "l20": not measured here; anchored to the paper's single-GPU FLUX time and codec timings, for GPU what-ifs
     calib = Calibration(devices={"cpu": device, "l20": l20_profile()}, codec=fit_codec(kpoints), link_efficiency=efficiency,
                         link_overhead_s=max(0.0, overhead), sources=_sources(results))
+    device.codec_call_s = fit_codec_call(cpoints, calib)
     hpoints = hop_points(results, calib) + earlier_points(results, "hops.csv")
     bench = linkbench_points(results, calib)
     # Whole runs when there are any: on an emulation host their communication also pays for CPU contention

@@ -153,6 +153,27 @@ def test_local_step_factor_is_fitted_on_the_slowest_rank():
     assert f0 == pytest.approx(1.3, rel=1e-6) and f1 == pytest.approx(0.5, rel=1e-6)
 
 
+def test_codec_call_cost_is_fitted_on_the_runs_codec_time():
+    """A run's codec time = the kernel bench's cost of its bytes + a fixed cost per call (K and V apiece, one
+    encode and world-1 decodes per layer); warm-up steps and rows without a codec do not count."""
+    from compactbed.simulator.calibration import fit_codec_call
+
+    call = 3e-4
+    pts = []
+    for run, world, raw in (("a", 2, 200_000), ("b", 4, 400_000), ("c", 4, 100_000)):
+        per_layer = CALIB.codec_seconds("1bit", "encode", raw) + (world - 1) * CALIB.codec_seconds("1bit", "decode", raw)
+        for rank in range(world):
+            codec_s = 4 * (per_layer + 2 * world * call)
+            pts.append(dict(run=run, rank=rank, step=1, world=world, layers=4, codec="1bit", kv_bytes=raw,
+                            codec_s=codec_s))
+            pts.append(dict(run=run, rank=rank, step=0, world=world, layers=4, codec="", kv_bytes=raw, codec_s=9.0))
+    assert fit_codec_call(pts, CALIB) == pytest.approx(call, rel=1e-6)
+    assert fit_codec_call([p for p in pts if not p["codec"]], CALIB) == 0.0
+    dev = DeviceProfile(a=1e-4, b=1e-11, c=1e-11, cores=2, codec_call_s=call)
+    with_calls = Calibration(devices={"cpu": dev}, codec=CALIB.codec)
+    assert with_calls.codec_seconds("1bit", "decode", 1000) == pytest.approx(CALIB.codec_seconds("1bit", "decode", 1000) + 2 * call)
+
+
 def test_validation_compares_with_the_median_of_repeats(tmp_path):
     import json
 
