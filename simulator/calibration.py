@@ -11,7 +11,8 @@ reused) and writes a folder with
 Compute per layer: s = share * (a + b * tokens*hidden^2 + c * tokens*kv_tokens*hidden), share = ranks per
 core on the measured host (4 ranks on 2 cores share 2x). A local warmup step ends when its slowest rank does
 (nothing synchronizes ranks inside it): its time is f0 + f1 * (share - 1) times the modeled compute, fitted on the
-slowest rank's step time. Codec: s = a + b * raw bytes per (codec, op).
+slowest rank's step time. Codec: s = a + b * raw bytes per (codec, op), measured by the kernel bench, plus a
+fixed cost per call in a run (K and V apiece: stream state, framing, dispatch), fitted on the runs' codec time.
 Links: effective rate = configured rate x measured wire efficiency x payload fraction; extra one-way latency
 from the probes' RTT minus the configured delays; one collective hop (gloo) costs
 k_hop + k_rtt * RTT + k_bw * bytes / rate, the transfer term scaled by k_bidir when both directions of the
@@ -22,8 +23,8 @@ round trips per expected lost packet; a share k_burst of the shaper's burst pass
 emulation host, a cluster with a lossy link runs with segmentation offloads off, so every 1500-byte packet
 crosses the host's forwarding path (veth, htb, iptables, the delay line) on its own: the links active at once
 share a forwarding capacity, fitted as seconds per payload byte; a hop takes the longer of its link time and
-its share of forwarding (the forwarding overlaps the round trips; on the shipped calibration runs, against adding
-the two: per-step error 11.3% vs 11.2%, lossy links 15.4% vs 15.6%, whole runs 4.9% vs 6.5%). When ranks
+its share of forwarding (the forwarding overlaps the round trips; on the nine calibration runs of session 3,
+against adding the two: per-step error 11.3% vs 11.2%, lossy links 15.4% vs 15.6%, whole runs 4.9% vs 6.5%). When ranks
 outnumber the host's cores, each hop also waits k_sched x (ranks per core - 1) to be scheduled.
 The hop model is fitted on whole runs when there are any (their communication also pays for the emulation
 host's CPU contention), else on link micro-benchmarks (``linkbench.csv``); with both, calibrate reports how
@@ -189,7 +190,8 @@ def compute_points(results: list[Path], cores: int) -> list[dict]:
                                  tokens=full if local else w.local_tokens,
                                  kv_tokens=full, hidden=w.shape.hidden, share=max(1.0, world / cores),
                                  seconds=s, wall_s=r["wall_s"], comm_wait_s=r["comm_wait_s"], codec_s=r["codec_s"],
-                                 codec=codec if r["warmup"] is None else "", kv_bytes=w.kv_bytes(), layers=w.shape.layers))
+                                 codec=codec if r["warmup"] is None else "", kv_bytes=w.kv_bytes(),
+                                 layers=w.shape.layers))
     return rows
 
 

@@ -3,8 +3,9 @@
 Hand-picked calibration runs leave holes the held-out runs then fall into; a Latin hypercube
 (``scipy.stats.qmc``) spreads a campaign over the link space instead: node count, rate and delay (log scale),
 jitter, loss (half the designs lossless: a lossy link switches the emulation host to per-packet forwarding),
-one slower node (a link mix) and the image count. A design's expected run time is checked with the shipped
-simulator so a campaign stays within a time budget; designs over it are scaled down in image count.
+one node behind a slower, longer link (a link mix) and the image count. A design's expected run time is checked
+with the shipped simulator so a campaign stays within a time budget; designs over it are scaled down in image
+count.
 
 usage: python -m compactbed.simulator.design PREFIX --count N --seed S [--out DIR] [--seeds K] [--budget-s T]
 """
@@ -40,7 +41,7 @@ def scenario_of(name: str, u, output: str, seeds: int = 1) -> dict:
     if u[4] >= 0.5:
         link["loss_pct"] = round(_log((u[4] - 0.5) * 2, *LOSS_PCT), 3)
     sc = {"name": name, "nodes": nodes, "link": link}
-    if nodes > 2 and u[5] > 0.6:              # node 1 behind a slower, longer link
+    if nodes > 2 and u[5] > 0.6:              # node 1 behind a slower, longer link (clean: no jitter or loss)
         slow = {"rate_mbit": max(round(link["rate_mbit"] / 2), 10), "delay_ms": round(link["delay_ms"] * 2, 1)}
         sc["links"] = [{"src": a, "dst": b, **slow} for k in range(nodes) if k != 1 for a, b in ((1, k), (k, 1))]
     sc.update(labels=LABELS[min(int(u[6] * len(LABELS)), len(LABELS) - 1)], steps=8, guidance=1.0,

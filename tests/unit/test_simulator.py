@@ -161,7 +161,8 @@ def test_codec_call_cost_is_fitted_on_the_runs_codec_time():
     call = 3e-4
     pts = []
     for run, world, raw in (("a", 2, 200_000), ("b", 4, 400_000), ("c", 4, 100_000)):
-        per_layer = CALIB.codec_seconds("1bit", "encode", raw) + (world - 1) * CALIB.codec_seconds("1bit", "decode", raw)
+        per_layer = CALIB.codec_seconds("1bit", "encode", raw) \
+            + (world - 1) * CALIB.codec_seconds("1bit", "decode", raw)
         for rank in range(world):
             codec_s = 4 * (per_layer + 2 * world * call)
             pts.append(dict(run=run, rank=rank, step=1, world=world, layers=4, codec="1bit", kv_bytes=raw,
@@ -301,3 +302,25 @@ def test_shaper_burst_only_on_htb_shaped_links():
     assert shaped.seconds(link, 30_000) == pytest.approx(shaped.seconds(link, 0.0))
     assert end_to_end.seconds(link, 30_000) - end_to_end.seconds(link, 0.0) == \
         pytest.approx(30_000 / calib.effective_rate_bytes(link))
+
+
+def test_campaign_design_spreads_valid_scenarios_over_the_link_space():
+    """A Latin-hypercube campaign: every design is a valid scenario, the same seed gives the same designs, both
+    node counts, lossless and lossy links and a link mix appear, and the time budget halves the image count."""
+    from compactbed.simulator.design import design, predicted_seconds
+
+    designs = design("t", 12, seed=5)
+    assert design("t", 12, seed=5) == designs and design("t", 12, seed=6) != designs
+    scenarios = [parse_scenario(d, "t") for d in designs]
+    assert {s.world_size for s in scenarios} == {2, 4}
+    assert any(s.link.loss_pct for s in scenarios) and any(not s.link.loss_pct for s in scenarios)
+    mixed = [s for d, s in zip(designs, scenarios) if d.get("links")]
+    assert mixed and all(s.link_between(1, 0).rate_mbit < s.link_between(0, 2).rate_mbit for s in mixed)
+    for d in designs:
+        assert 40 <= d["link"]["rate_mbit"] <= 500 and 1 <= d["link"]["delay_ms"] <= 25
+    (big,) = design("t", 1, seed=5)
+    (small,) = design("t", 1, seed=5, budget_s=predicted_seconds(big) / 2)
+    assert small["labels"] < big["labels"]
+    assert predicted_seconds(small) <= predicted_seconds(big) / 2 or small["labels"] <= 32
+    with pytest.raises(ValueError):
+        design("t", 0, seed=1)
