@@ -13,7 +13,7 @@ from ..netem.commands import needs_offloads_off
 from ..testbed.scenario import Scenario, parse_scenario
 from .calibration import Calibration
 from .model import Cluster, Prediction, Simulator
-from .workload import workload_of
+from .workload import Workload, workload_of
 
 UNCOMPRESSED_BASELINE = "ring"
 
@@ -82,8 +82,24 @@ class Case:
         return self.predicted_s / self.measured_s - 1
 
 
-def validate(results: list[Path], calib: Calibration, device: str = "cpu") -> list[Case]:
-    """Predict every measured (pass, method) configuration under the results folders; errors per case."""
+@dataclass
+class MeasuredCase:
+    """A measured (results folder, link pass, method) with everything needed to simulate it."""
+
+    folder: Path
+    links: str
+    method: str
+    workload: Workload
+    cluster: Cluster
+    latencies: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return float(np.median(self.latencies))
+
+
+def measured_cases(results: list[Path], device: str = "cpu") -> list[MeasuredCase]:
+    """Every successful shaped or bound (pass, method) configuration under the results folders."""
     cases = []
     for root in results:
         for summary in sorted(Path(root).rglob("summary.json")):
@@ -96,11 +112,20 @@ def validate(results: list[Path], calib: Calibration, device: str = "cpu") -> li
                     measured.setdefault((row["links"], row["method"]), []).append(row["latency_s"])
             for (links, method), latencies in measured.items():
                 cluster = cluster_of(scenario, device, unlimited_rate=links == "bound")
-                pred = Simulator(workload_of(scenario, methods[method]), cluster, calib).run()
-                median = float(np.median(latencies))
-                cases.append(Case(str(folder), links, method, scenario.world_size, median, pred.latency_s,
-                                  len(latencies), (max(latencies) - min(latencies)) / median))
+                cases.append(MeasuredCase(folder, links, method, workload_of(scenario, methods[method]), cluster,
+                                          latencies))
     return cases
+
+
+def validate(results: list[Path], calib: Calibration, device: str = "cpu") -> list[Case]:
+    """Predict every measured (pass, method) configuration under the results folders; errors per case."""
+    out = []
+    for m in measured_cases(results, device):
+        pred = Simulator(m.workload, m.cluster, calib).run()
+        median = m.median_s
+        out.append(Case(str(m.folder), m.links, m.method, m.cluster.world, median, pred.latency_s,
+                        len(m.latencies), (max(m.latencies) - min(m.latencies)) / median))
+    return out
 
 
 def mape(cases: list[Case]) -> float:

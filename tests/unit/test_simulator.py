@@ -324,3 +324,44 @@ def test_campaign_design_spreads_valid_scenarios_over_the_link_space():
     assert predicted_seconds(small) <= predicted_seconds(big) / 2 or small["labels"] <= 32
     with pytest.raises(ValueError):
         design("t", 0, seed=1)
+
+
+def test_hop_parameters_refined_on_whole_runs_reproduce_their_latency(tmp_path):
+    """The whole-run refinement moves the free hop parameters until the simulated latencies match the measured
+    ones (here measured = simulated with a known round-trip factor); the other parameters stay put."""
+    import copy
+    import json
+
+    import yaml
+
+    from compactbed.simulator.calibration import HOP_PARAMS, refine_hops_on_runs
+
+    truth = copy.deepcopy(CALIB)
+    truth.hop_rtt_factor = 1.6
+    data = dict(name="s", nodes=4, link={"rate_mbit": 50, "delay_ms": 8}, labels=8, steps=4,
+                methods=["ring", "compact-1bit"], seeds=[0, 1])
+    folder = tmp_path / "res"
+    folder.mkdir()
+    (folder / "scenario.yaml").write_text(yaml.safe_dump(data))
+    scenario = parse_scenario(data, "s")
+    truth_s = {m: Simulator(workload_of(scenario, METHOD_PRESETS[m]), cluster_of(scenario), truth).run().latency_s
+               for m in ("ring", "compact-1bit")}
+    rows = [dict(method=m, seed=k, links="shaped", status="ok", latency_s=truth_s[m]) for m in truth_s for k in (0, 1)]
+    (folder / "summary.json").write_text(json.dumps({"rows": rows}))
+    calib = copy.deepcopy(CALIB)
+    free = [name == "hop_rtt_factor" for name in HOP_PARAMS]
+    assert refine_hops_on_runs([tmp_path], calib, free) == 2
+    assert calib.hop_rtt_factor == pytest.approx(1.6, rel=1e-3)
+    assert calib.hop_bandwidth_factor == CALIB.hop_bandwidth_factor
+    assert refine_hops_on_runs([tmp_path / "none"], calib) == 0
+
+
+def test_earlier_calibration_rows_of_runs_given_raw_are_not_counted_twice():
+    from compactbed.simulator.calibration import DATA_DIR, _read_csv, earlier_points
+
+    shipped = _read_csv(DATA_DIR / "hops.csv")
+    one_run = shipped[0]["run"]
+    fresh = [r for r in shipped if r["run"] == one_run]
+    kept = earlier_points([DATA_DIR], "hops.csv", fresh)
+    assert len(kept) == len(shipped) - len(fresh) and all(r["run"] != one_run for r in kept)
+    assert len(earlier_points([DATA_DIR], "hops.csv")) == len(shipped)
