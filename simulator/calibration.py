@@ -100,12 +100,16 @@ class Calibration:
             raise KeyError(f"no compute profile for device {device!r}; known: {', '.join(self.devices)}")
         return self.devices[device].layer_seconds(tokens, kv_tokens, hidden, share)
 
-    def codec_seconds(self, kind: str, op: str, raw_bytes: float, device: str = "cpu") -> float:
-        """One encode or decode of a layer's K/V (``raw_bytes`` uncompressed): two calls (K and V) in a run."""
-        d = self.devices[device]
-        table = d.codec or self.codec
+    def codec_kernel_seconds(self, kind: str, op: str, raw_bytes: float, device: str = "cpu") -> float:
+        """What the kernel bench measures for one encode or decode of ``raw_bytes``."""
+        table = self.devices[device].codec or self.codec
         a, b = table.get(f"{kind}/{op}", table.get(f"1bit/{op}", (0.0, 0.0)))
-        return a + b * raw_bytes + 2 * d.codec_call_s
+        return a + b * raw_bytes
+
+    def codec_seconds(self, kind: str, op: str, raw_bytes: float, device: str = "cpu") -> float:
+        """One encode or decode of a layer's K/V (``raw_bytes`` uncompressed) in a run: the kernels plus two calls'
+        fixed cost (K and V)."""
+        return self.codec_kernel_seconds(kind, op, raw_bytes, device) + 2 * self.devices[device].codec_call_s
 
     def hop_overhead(self, device: str = "cpu") -> float:
         d = self.devices[device].hop_overhead_s
@@ -239,7 +243,7 @@ def fit_codec_call(points: list[dict], calib: "Calibration", device: str = "cpu"
         return 0.0
     x, y = [], []
     for p in steps.values():
-        per_layer = sum(calib.codec_seconds(p["codec"], op, p["kv_bytes"], device) * n
+        per_layer = sum(calib.codec_kernel_seconds(p["codec"], op, p["kv_bytes"], device) * n
                         for op, n in (("encode", 1), ("decode", p["world"] - 1)))
         x.append([p["layers"] * 2 * p["world"]])
         y.append(p["codec_s"] - p["layers"] * per_layer)

@@ -51,13 +51,13 @@ def scenario_of(name: str, u, output: str, seeds: int = 1) -> dict:
     return sc
 
 
-def predicted_seconds(sc: dict) -> float:
-    """Expected wall time of a scenario's methods (all seeds) by the shipped simulator."""
+def predicted_seconds(sc: dict, calib=None) -> float:
+    """Expected wall time of a scenario's methods (all seeds) by the simulator (default: shipped calibration)."""
     from ..testbed.scenario import parse_scenario
     from .calibration import Calibration
     from .predict import predict
 
-    rows, _ = predict(parse_scenario(sc, "design"), Calibration.load())
+    rows, _ = predict(parse_scenario(sc, "design"), calib or Calibration.load())
     return sum(r.latency_s for r in rows) * len(sc.get("seeds", [0]))
 
 
@@ -66,13 +66,16 @@ def design(prefix: str, count: int, seed: int, output_root: str = "results/campa
     """``count`` scenarios named PREFIX_00.. from a Latin hypercube drawn with ``seed``."""
     from scipy.stats import qmc
 
+    from .calibration import Calibration
+
     if count < 1:
         raise ValueError("count must be at least 1")
+    calib = Calibration.load() if budget_s else None
     out = []
     for i, u in enumerate(qmc.LatinHypercube(d=7, seed=seed).random(count)):
         name = f"{prefix}_{i:02d}"
         sc = scenario_of(name, [float(x) for x in u], f"{output_root}/{name}", seeds)
-        while budget_s and sc["labels"] > 32 and predicted_seconds(sc) > budget_s:
+        while budget_s and sc["labels"] > 32 and predicted_seconds(sc, calib) > budget_s:
             sc["labels"] //= 2
         out.append(sc)
     return out
@@ -89,12 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
+    from .calibration import Calibration
+
+    calib = Calibration.load()
     for sc in design(args.prefix, args.count, args.seed, seeds=args.seeds, budget_s=args.budget_s):
         path = folder / f"{sc['name']}.yaml"
         head = (f"# Simulator campaign, Latin-hypercube design (python -m compactbed.simulator.design "
                 f"{args.prefix} --count {args.count} --seed {args.seed}).\n")
         path.write_text(head + yaml.safe_dump(sc, sort_keys=False, default_flow_style=None))
-        print(f"{path}  predicted {predicted_seconds(sc):.0f} s")
+        print(f"{path}  predicted {predicted_seconds(sc, calib):.0f} s")
     return 0
 
 

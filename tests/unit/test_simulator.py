@@ -156,6 +156,8 @@ def test_local_step_factor_is_fitted_on_the_slowest_rank():
 def test_codec_call_cost_is_fitted_on_the_runs_codec_time():
     """A run's codec time = the kernel bench's cost of its bytes + a fixed cost per call (K and V apiece, one
     encode and world-1 decodes per layer); warm-up steps and rows without a codec do not count."""
+    import copy
+
     from compactbed.simulator.calibration import fit_codec_call
 
     call = 3e-4
@@ -169,6 +171,9 @@ def test_codec_call_cost_is_fitted_on_the_runs_codec_time():
                             codec_s=codec_s))
             pts.append(dict(run=run, rank=rank, step=0, world=world, layers=4, codec="", kv_bytes=raw, codec_s=9.0))
     assert fit_codec_call(pts, CALIB) == pytest.approx(call, rel=1e-6)
+    refit = copy.deepcopy(CALIB)             # a calibration that already has a call cost fits the same one
+    refit.devices["cpu"].codec_call_s = 5 * call
+    assert fit_codec_call(pts, refit) == pytest.approx(call, rel=1e-6)
     assert fit_codec_call([p for p in pts if not p["codec"]], CALIB) == 0.0
     dev = DeviceProfile(a=1e-4, b=1e-11, c=1e-11, cores=2, codec_call_s=call)
     with_calls = Calibration(devices={"cpu": dev}, codec=CALIB.codec)
