@@ -201,13 +201,37 @@ def compute_points(results: list[Path], cores: int) -> list[dict]:
     return rows
 
 
+def is_local(p: dict) -> bool:
+    """A compute row of a local warmup step (every rank runs the whole sequence)."""
+    return p["tokens"] == p["kv_tokens"] and p["world"] > 1
+
+
+def layer_pace(points: list[dict]) -> dict[tuple, float]:
+    """Each synchronous step's layer as the exchange sees it: (run, step, layer) -> its slowest rank's compute."""
+    pace: dict[tuple, float] = {}
+    for p in points:
+        if not is_local(p):
+            key = (p["run"], p["step"], p["layer"])
+            pace[key] = max(pace.get(key, 0.0), p["seconds"])
+    return pace
+
+
 def fit_compute(points: list[dict], cores: int) -> DeviceProfile:
+    """Per-layer compute of the synchronous steps: each layer's slowest rank (:func:`layer_pace`), averaged per
+    (run, shape), fitted by non-negative least squares of the relative error (sklearn, weights 1/y^2) so that
+    small and large shapes count alike. Local warmup steps (cold first steps, every rank busy) are left to
+    :func:`fit_local_step`; without synchronous steps they are fitted instead."""
     from sklearn.linear_model import LinearRegression
 
-    x = np.array([[p["share"], p["share"] * p["tokens"] * p["hidden"] ** 2,
-                   p["share"] * p["tokens"] * p["kv_tokens"] * p["hidden"]] for p in points])
-    y = np.array([p["seconds"] for p in points])
-    m = LinearRegression(positive=True, fit_intercept=False).fit(x, y)
+    shape = {(p["run"], p["step"], p["layer"]): (p["run"], p["tokens"], p["kv_tokens"], p["hidden"], p["share"])
+             for p in points}
+    pace = layer_pace(points) or {(p["run"], p["step"], p["layer"], p["rank"]): p["seconds"] for p in points}
+    groups: dict[tuple, list[float]] = {}
+    for key, s in pace.items():
+        groups.setdefault(shape[key[:3]], []).append(s)
+    x = np.array([[share, share * t * h ** 2, share * t * kv * h] for _, t, kv, h, share in groups])
+    y = np.array([np.mean(v) for v in groups.values()])
+    m = LinearRegression(positive=True, fit_intercept=False).fit(x, y, sample_weight=1 / y ** 2)
     a, b, c = (float(v) for v in m.coef_)
     return DeviceProfile(a=a, b=b, c=c, cores=cores)
 
@@ -299,7 +323,8 @@ def burst_of(spec: LinkSpec) -> int:
 
 def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
     """Per (run, rank, step) of synchronous all-gather methods: hops, RTT and bytes/rate sums vs the measured
-    time blocked on communication."""
+    time blocked on communication; ``imbalance_s`` of that is waiting for slower ranks' compute (the model's
+    compute is each layer's slowest rank, :func:`layer_pace`), not for the links."""
     from ..testbed.scenario import MethodSpec, parse_scenario
     from .predict import cluster_of
     from .workload import workload_of
@@ -320,6 +345,10 @@ def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
         jitter, loss = slow.jitter_ms / 1e3, slow.loss_pct / 100
         layers = w.shape.layers
         forwarding = p if cluster_of(sc).forwarding else 0
+        pace: dict[tuple, float] = {}
+        for r in recs:
+            for layer, s in r["layer_compute_s"].items():
+                pace[r["step"], layer] = max(pace.get((r["step"], layer), 0.0), s)
         for r in recs:
             if r["warmup"] == "local":
                 continue
@@ -329,7 +358,8 @@ def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
                              burst_bytes=burst_of(slow) if rate else 0, forwarding=forwarding,
                              oversubscription=calib.share(p) - 1,
                              kv_hops=layers * (p - 1), kv_bytes=w.kv_wire_bytes(warm),
-                             out_hops=p - 1, out_bytes=w.output_bytes(), comm_wait_s=r["comm_wait_s"]))
+                             out_hops=p - 1, out_bytes=w.output_bytes(), comm_wait_s=r["comm_wait_s"],
+                             imbalance_s=sum(pace[r["step"], k] - s for k, s in r["layer_compute_s"].items())))
     return rows
 
 
@@ -390,12 +420,13 @@ HOP_UPPER = (10, 10, 1, 10, 3, 50, 1, 100, 1e-6, 1)
 HOP_SCALE = (1, 1, 1e-3, 1, 1, 1, 1, 1, 1e-8, 1e-3)
 
 
-HOP_COLUMNS = ("rtt_s", "kv_hops", "kv_bytes", "out_hops", "out_bytes", "comm_wait_s", "bidirectional", "jitter_s",
-               "loss", "rate_bytes", "burst_bytes", "forwarding", "oversubscription")
+HOP_COLUMNS = ("rtt_s", "kv_hops", "kv_bytes", "out_hops", "out_bytes", "comm_wait_s", "imbalance_s", "bidirectional",
+               "jitter_s", "loss", "rate_bytes", "burst_bytes", "forwarding", "oversubscription")
 
 
 def _columns(points: list[dict]) -> dict[str, np.ndarray]:
-    return {k: np.array([p.get(k, 0) for p in points], dtype=float) for k in HOP_COLUMNS}
+    """Hop rows as arrays; a column an earlier calibration's rows lack (empty in its CSV) reads as 0."""
+    return {k: np.array([p.get(k) or 0 for p in points], dtype=float) for k in HOP_COLUMNS}
 
 
 def comm_seconds(params, col: dict[str, np.ndarray]) -> np.ndarray:
@@ -407,7 +438,8 @@ def comm_seconds(params, col: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def fit_hops(points: list[dict]) -> tuple[float, ...]:
-    """Bounded least squares of the per-step communication time (scipy.optimize.least_squares). Jitter and
+    """Bounded least squares of the per-step communication time, the wait for slower ranks' compute taken out
+    (scipy.optimize.least_squares). Jitter and
     loss terms are only identified when the points include jittery / lossy links; otherwise they keep their
     starting values (:data:`HOP_START`)."""
     from scipy.optimize import least_squares
@@ -419,7 +451,8 @@ def fit_hops(points: list[dict]) -> tuple[float, ...]:
         return [p if f else s for p, f, s in zip(params, free, HOP_START)]
 
     def residual(params):
-        return (comm_seconds(full(params), col) - col["comm_wait_s"]) / np.maximum(col["comm_wait_s"], 1e-3)
+        target = col["comm_wait_s"] - col["imbalance_s"]
+        return (comm_seconds(full(params), col) - target) / np.maximum(target, 1e-3)
 
     x0 = list(HOP_START[:-2]) + [1 / 50e6, 0.001]          # forwarding: start from 50 MB/s shared
     fit = least_squares(residual, x0=x0, x_scale=HOP_SCALE, bounds=(HOP_LOWER, HOP_UPPER))
@@ -547,7 +580,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
             log(f"hop model refined on {fitted} whole runs (their latency, median over seeds)")
     if hpoints and bench:
         col = _columns(hpoints)
-        ratio = np.median(col["comm_wait_s"] / np.maximum(comm_seconds(fit_hops(bench), col), 1e-9))
+        ratio = np.median((col["comm_wait_s"] - col["imbalance_s"]) / np.maximum(comm_seconds(fit_hops(bench), col), 1e-9))
         log(f"the runs' time blocked on communication is {ratio:.2f}x (median) what the links alone cost "
             f"(fitted on {len(bench)} micro-benchmark points); the hop model is fitted on the runs")
     out.mkdir(parents=True, exist_ok=True)

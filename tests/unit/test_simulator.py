@@ -104,9 +104,10 @@ def test_hop_fit_recovers_known_parameters():
                                                    (0, 0.004, 0, 0, 1), (0, 0, 0.001, 0, 0), (0, 0, 0.0002, 8, 3)):
                 hop = lambda nb: hop_seconds(truth, rtt, nb, rate, bidir, jitter, loss, burst, fwd, over)  # noqa: E731
                 comm = 12 * hop(kv) + 3 * hop(12_000)
+                imbalance = 0.01 * (len(pts) % 3)        # waiting for a slower rank's compute, not for the link
                 pts.append(dict(rtt_s=rtt, kv_hops=12, kv_bytes=kv, out_hops=3, out_bytes=12_000, rate_bytes=rate,
                                 bidirectional=bidir, jitter_s=jitter, loss=loss, burst_bytes=burst, forwarding=fwd,
-                                oversubscription=over, comm_wait_s=float(comm)))
+                                oversubscription=over, comm_wait_s=float(comm) + imbalance, imbalance_s=imbalance))
     fit = fit_hops(pts)
     forwarding = HOP_PARAMS.index("forwarding_s_per_byte")
     assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for k, (f, t) in enumerate(zip(fit, truth))
@@ -132,6 +133,32 @@ def test_forwarding_limit_binds_only_on_the_emulation_host_with_offloads_off():
     w_clean = workload_of(clean, METHOD_PRESETS["ring"])
     assert Simulator(w_clean, cluster_of(clean), limited).run().comm_s == \
         pytest.approx(Simulator(w_clean, cluster_of(clean), CALIB).run().comm_s)
+
+
+def test_compute_is_fitted_on_each_layers_slowest_rank():
+    """Synchronous steps: the exchange waits for each layer's slowest rank, so that is what the profile fits, small
+    and large shapes alike (relative error); local warmup steps (cold, every rank busy) do not pull it."""
+    from compactbed.simulator.calibration import fit_compute
+
+    truth = DeviceProfile(a=2e-3, b=1e-9, c=4e-12, cores=2)
+    pts = []
+    for run, world, tokens in (("a", 2, 500), ("b", 2, 4000), ("c", 4, 1000), ("d", 4, 3000)):
+        share = max(1.0, world / 2)
+        pace = truth.layer_seconds(tokens, world * tokens, 64, share)
+        for rank in range(world):
+            for step in range(3):
+                for layer in range(4):
+                    slower = rank == (step + layer) % world              # a different rank is the slowest each time
+                    pts.append(dict(run=run, rank=rank, step=step, layer=layer, world=world, tokens=tokens,
+                                    kv_tokens=world * tokens, hidden=64, share=share,
+                                    seconds=pace if slower else 0.7 * pace))
+            pts.append(dict(run=run, rank=rank, step=9, layer=0, world=world, tokens=world * tokens,
+                            kv_tokens=world * tokens, hidden=64, share=share, seconds=50.0))     # a local step
+    fit = fit_compute(pts, cores=2)
+    for tokens, world in ((500, 2), (4000, 2), (1000, 4), (3000, 4), (2000, 4)):
+        share = max(1.0, world / 2)
+        assert fit.layer_seconds(tokens, world * tokens, 64, share) == pytest.approx(
+            truth.layer_seconds(tokens, world * tokens, 64, share), rel=1e-3)
 
 
 def test_local_step_factor_is_fitted_on_the_slowest_rank():
