@@ -9,7 +9,8 @@ reused) and writes a folder with
   hops.csv        one row per (run, rank, step) of all-gather methods: hops, RTT, bytes/rate, time blocked
   calibration.json  the fitted coefficients (non-negative least squares) that the simulator uses
 Compute per layer: s = share * (a + b * tokens*hidden^2 + c * tokens*kv_tokens*hidden), share = ranks per
-core on the measured host (4 ranks on 2 cores share 2x). A local warmup step ends when its slowest rank does
+core on the measured host (4 ranks on 2 cores share 2x), fitted on each synchronous layer's slowest rank (the
+exchange waits for it). A local warmup step ends when its slowest rank does
 (nothing synchronizes ranks inside it): its time is f0 + f1 * (share - 1) times the modeled compute, fitted on the
 slowest rank's step time. Codec: s = a + b * raw bytes per (codec, op), measured by the kernel bench, plus a
 fixed cost per call in a run (K and V apiece: stream state, framing, dispatch), fitted on the runs' codec time.
@@ -206,14 +207,17 @@ def is_local(p: dict) -> bool:
     return p["tokens"] == p["kv_tokens"] and p["world"] > 1
 
 
+def slowest(timings) -> dict:
+    """The largest of the seconds given per key: (key, seconds) pairs -> {key: max seconds}."""
+    out: dict = {}
+    for key, s in timings:
+        out[key] = max(out.get(key, 0.0), s)
+    return out
+
+
 def layer_pace(points: list[dict]) -> dict[tuple, float]:
     """Each synchronous step's layer as the exchange sees it: (run, step, layer) -> its slowest rank's compute."""
-    pace: dict[tuple, float] = {}
-    for p in points:
-        if not is_local(p):
-            key = (p["run"], p["step"], p["layer"])
-            pace[key] = max(pace.get(key, 0.0), p["seconds"])
-    return pace
+    return slowest(((p["run"], p["step"], p["layer"]), p["seconds"]) for p in points if not is_local(p))
 
 
 def fit_compute(points: list[dict], cores: int) -> DeviceProfile:
@@ -225,10 +229,11 @@ def fit_compute(points: list[dict], cores: int) -> DeviceProfile:
 
     shape = {(p["run"], p["step"], p["layer"]): (p["run"], p["tokens"], p["kv_tokens"], p["hidden"], p["share"])
              for p in points}
-    pace = layer_pace(points) or {(p["run"], p["step"], p["layer"], p["rank"]): p["seconds"] for p in points}
+    pace = layer_pace(points)
+    timings = pace.items() if pace else [((p["run"], p["step"], p["layer"]), p["seconds"]) for p in points]
     groups: dict[tuple, list[float]] = {}
-    for key, s in pace.items():
-        groups.setdefault(shape[key[:3]], []).append(s)
+    for key, s in timings:
+        groups.setdefault(shape[key], []).append(s)
     x = np.array([[share, share * t * h ** 2, share * t * kv * h] for _, t, kv, h, share in groups])
     y = np.array([np.mean(v) for v in groups.values()])
     m = LinearRegression(positive=True, fit_intercept=False).fit(x, y, sample_weight=1 / y ** 2)
@@ -243,7 +248,7 @@ def fit_local_step(points: list[dict], device: DeviceProfile) -> tuple[float, fl
 
     steps: dict[tuple, dict] = {}
     for p in points:
-        if p["tokens"] == p["kv_tokens"] and p["world"] > 1:
+        if is_local(p):
             s = steps.setdefault((p["run"], p["step"]), {"share": p["share"], "walls": {}, "modeled": {}})
             s["walls"][p["rank"]] = p["wall_s"]
             s["modeled"][p["rank"]] = s["modeled"].get(p["rank"], 0.0) + device.layer_seconds(
@@ -345,10 +350,7 @@ def hop_points(results: list[Path], calib: "Calibration") -> list[dict]:
         jitter, loss = slow.jitter_ms / 1e3, slow.loss_pct / 100
         layers = w.shape.layers
         forwarding = p if cluster_of(sc).forwarding else 0
-        pace: dict[tuple, float] = {}
-        for r in recs:
-            for layer, s in r["layer_compute_s"].items():
-                pace[r["step"], layer] = max(pace.get((r["step"], layer), 0.0), s)
+        pace = slowest(((r["step"], k), s) for r in recs for k, s in r["layer_compute_s"].items())
         for r in recs:
             if r["warmup"] == "local":
                 continue
@@ -439,9 +441,8 @@ def comm_seconds(params, col: dict[str, np.ndarray]) -> np.ndarray:
 
 def fit_hops(points: list[dict]) -> tuple[float, ...]:
     """Bounded least squares of the per-step communication time, the wait for slower ranks' compute taken out
-    (scipy.optimize.least_squares). Jitter and
-    loss terms are only identified when the points include jittery / lossy links; otherwise they keep their
-    starting values (:data:`HOP_START`)."""
+    (scipy.optimize.least_squares). Jitter and loss terms are only identified when the points include jittery /
+    lossy links; otherwise they keep their starting values (:data:`HOP_START`)."""
     from scipy.optimize import least_squares
 
     col = _columns(points)

@@ -62,15 +62,16 @@ def predicted_seconds(sc: dict, calib=None) -> float:
 
 
 def design(prefix: str, count: int, seed: int, output_root: str = "results/campaign", seeds: int = 1,
-           budget_s: float | None = None) -> list[dict]:
-    """``count`` scenarios named PREFIX_00.. from a Latin hypercube drawn with ``seed``."""
+           budget_s: float | None = None, calib=None) -> list[dict]:
+    """``count`` scenarios named PREFIX_00.. from a Latin hypercube drawn with ``seed``; ``calib`` prices the
+    budget check (default: the shipped calibration)."""
     from scipy.stats import qmc
 
     from .calibration import Calibration
 
     if count < 1:
         raise ValueError("count must be at least 1")
-    calib = Calibration.load() if budget_s else None
+    calib = calib or (Calibration.load() if budget_s else None)
     out = []
     for i, u in enumerate(qmc.LatinHypercube(d=7, seed=seed).random(count)):
         name = f"{prefix}_{i:02d}"
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from .calibration import Calibration
 
     calib = Calibration.load()
-    for sc in design(args.prefix, args.count, args.seed, seeds=args.seeds, budget_s=args.budget_s):
+    for sc in design(args.prefix, args.count, args.seed, seeds=args.seeds, budget_s=args.budget_s, calib=calib):
         path = folder / f"{sc['name']}.yaml"
         head = (f"# Simulator campaign, Latin-hypercube design (python -m compactbed.simulator.design "
                 f"{args.prefix} --count {args.count} --seed {args.seed}).\n")
