@@ -1,12 +1,14 @@
 """The ``scenario`` command: one entry point, one subcommand per job.
 
 Errors end with a one-line reason and a non-zero exit (2: bad input, 1: the job failed); ``--debug``
-shows the traceback instead.
+shows the traceback instead. ``kill -USR1 PID`` prints every thread's stack (a run that seems stuck).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import sys
 from pathlib import Path
 
@@ -276,9 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` dumps every thread's stack to the process's real stderr (where it has one)."""
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):      # no SIGUSR1 (Windows) or no real stderr (embedded)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _stacks_on_sigusr1()
     console = Console(stderr=False, highlight=False)
     if not console.is_terminal:
         console = Console(stderr=False, highlight=False, width=160)

@@ -103,7 +103,15 @@ def test_ctrl_c_tears_everything_down(tmp_path, report):
         pytest.fail("the run never reached step 2")
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:       # show where it is stuck (the CLI dumps its stacks on SIGUSR1)
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        out, _ = proc.communicate()
+        subprocess.run([sys.executable, "-m", "compactbed.testbed.cli", "netem", "cleanup"], capture_output=True)
+        pytest.fail(f"no exit within 60 s of SIGINT; its stacks:\n{out[-6000:]}")
     took = time.monotonic() - t0
     assert proc.returncode == 130, out[-500:]
     assert ours() == before
