@@ -16,8 +16,9 @@ slowest rank's step time. Codec: s = a + b * raw bytes per (codec, op), measured
 fixed cost per call in a run (K and V apiece: stream state, framing, dispatch), fitted on the runs' codec time.
 Links: effective rate = configured rate x measured wire efficiency x payload fraction; extra one-way latency
 from the probes' RTT minus the configured delays; one collective hop (gloo) costs
-k_hop + k_rtt * RTT + k_bw * bytes / rate, the transfer term scaled by k_bidir when both directions of the
-link carry bulk data (a 2-rank ring: ACKs queue behind the reverse data), fitted by bounded least squares
+k_hop + k_rtt * RTT + k_bw * bytes / rate, the transfer term scaled by 1 + (k_bidir - 1) * bytes / (bytes + n_bidir)
+when both directions of the link carry bulk data (a 2-rank ring: ACKs queue behind the reverse data, more so as a
+longer transfer fills the shaper's queue), fitted by bounded least squares
 (scipy) on the measured time blocked on communication; jitter lengthens the round trip by ~k_j x jitter
 each way (in-order release), loss caps the rate at C * MSS / (RTT sqrt(p)) with C fitted and costs k_loss
 round trips per expected lost packet; a share k_burst of the shaper's burst passes at line rate. On the
@@ -31,7 +32,9 @@ The hop model is fitted on whole runs when there are any (their communication al
 host's CPU contention), else on link micro-benchmarks (``linkbench.csv``); with both, calibrate reports how
 much slower the runs' communication is than the links alone. Where the inputs include results folders (not only
 earlier calibration rows), the per-step fit is then refined so the simulator reproduces those runs' latencies
-(:func:`refine_hops_on_runs`; leave-one-scenario-out error over 23 emulated scenarios: 8.6% vs 9.7%).
+(:func:`refine_hops_on_runs`; leave-one-scenario-out error over 23 emulated scenarios: 8.6% vs 9.7%). That
+refinement also fits what only whole runs show: a 2-rank ring's asynchronous transfers (DistriFusion's gathers,
+overlapping compute) cost a fitted factor of a synchronous one's.
 """
 
 from __future__ import annotations
@@ -83,12 +86,16 @@ class Calibration:
     hop_bandwidth_factor: float = 1.0    #   s = k_hop + k_rtt * RTT + k_bw * bytes / rate * (k_bidir if both
     hop_overhead_s: float = 0.0          #       directions of the link carry bulk data, as in a 2-rank ring)
     hop_bidirectional_factor: float = 1.0
+    bidirectional_half_bytes: float = 0.0  # the both-directions penalty grows with the message: k_bidir - 1 of it at
+                                         #   bytes / (bytes + this) (0: the whole penalty at any size)
     jitter_factor: float = 0.5           # in-order release under +-j jitter adds ~k_j * j to each one-way delay
     loss_constant: float = 1.22          # lossy rate: min(rate, C * MSS / (RTT sqrt(p))) (Mathis form, C fitted)
     burst_factor: float = 0.0            # share of the shaper's burst allowance a message passes at line rate
     loss_rtts: float = 0.0               # round trips each expected lost packet costs (recovery)
     forwarding_s_per_byte: float = 0.0   # emulation host, offloads off: links active at once share 1/this B/s
     oversubscribed_hop_s: float = 0.0    # per hop and per rank beyond one per core: waiting to be scheduled
+    async_transfer_factor: float = 1.0   # a 2-rank ring's asynchronous gathers (DistriFusion): transfers cost this x
+                                         #   a synchronous gather's
     sources: list[str] = field(default_factory=list)
 
     # --- queries used by the model ------------------------------------------------------------------------
@@ -398,7 +405,7 @@ def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0
     emulation host's per-packet path and share its capacity (1 / k_fwd bytes/s); that work overlaps the round
     trips, so the hop takes the longer of the two. ``oversubscription``: ranks per core beyond one on the host
     (share - 1); each hop then waits k_sched x that to be scheduled. Array-friendly."""
-    k_rtt, k_bw, k_hop, k_bidir, k_jit, c_loss, k_burst, k_loss, k_fwd, k_sched = params
+    k_rtt, k_bw, k_hop, k_bidir, n_bidir, k_jit, c_loss, k_burst, k_loss, k_fwd, k_sched = params
     rtt = np.asarray(rtt, float) + 2 * k_jit * np.asarray(jitter, float)
     loss = np.asarray(loss, float)
     rate = np.asarray(rate, float)
@@ -408,18 +415,23 @@ def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0
     shaped = np.where(rate > 0, np.maximum(nbytes - k_burst * np.asarray(burst, float), 0.0), nbytes)
     transfer = np.where(eff > 0, shaped / np.where(eff > 0, eff, 1.0), 0.0)
     retransmits = k_loss * loss * (nbytes / MSS + 2) * rtt
-    link = k_rtt * rtt + k_bw * transfer * np.where(bidirectional, k_bidir, 1.0) + retransmits
+    both = 1 + (k_bidir - 1) * nbytes / np.maximum(nbytes + n_bidir, 1e-9)
+    link = k_rtt * rtt + k_bw * transfer * np.where(bidirectional, both, 1.0) + retransmits
     return k_hop + k_sched * np.asarray(oversubscription, float) + \
         np.maximum(link, nbytes * k_fwd * np.asarray(forwarding, float))
 
 
 HOP_PARAMS = ("hop_rtt_factor", "hop_bandwidth_factor", "hop_overhead_s", "hop_bidirectional_factor",
-              "jitter_factor", "loss_constant", "burst_factor", "loss_rtts", "forwarding_s_per_byte",
+              "bidirectional_half_bytes", "jitter_factor", "loss_constant", "burst_factor", "loss_rtts", "forwarding_s_per_byte",
               "oversubscribed_hop_s")
-HOP_START = (1.0, 1.0, 0.001, 1.0, 0.5, 1.22, 0.0, 0.0, 0.0, 0.0)  # also the values of terms the data cannot identify
-HOP_LOWER = (0, 0, 0, 1, 0, 0.3, 0, 0, 0, 0)
-HOP_UPPER = (10, 10, 1, 10, 3, 50, 1, 100, 1e-6, 1)
-HOP_SCALE = (1, 1, 1e-3, 1, 1, 1, 1, 1, 1e-8, 1e-3)
+HOP_START = (1.0, 1.0, 0.001, 1.0, 1e5, 0.5, 1.22, 0.0, 0.0, 0.0, 0.0)  # also the values of terms the data cannot identify
+HOP_LOWER = (0, 0, 0, 1, 0, 0, 0.3, 0, 0, 0, 0)
+HOP_UPPER = (10, 10, 1, 10, 1e8, 3, 50, 1, 100, 1e-6, 1)
+HOP_SCALE = (1, 1, 1e-3, 1, 1e5, 1, 1, 1, 1, 1e-8, 1e-3)
+
+
+ASYNC_PARAMS = ("async_transfer_factor",)    # identified by whole runs of DistriFusion only
+ASYNC_START, ASYNC_LOWER, ASYNC_UPPER, ASYNC_SCALE = (1.0,), (0.3,), (2.0,), (1.0,)
 
 
 HOP_COLUMNS = ("rtt_s", "kv_hops", "kv_bytes", "out_hops", "out_bytes", "comm_wait_s", "imbalance_s", "bidirectional",
@@ -464,7 +476,7 @@ def identified(points: list[dict]) -> list[bool]:
     """Which hop parameters the rows can identify (jitter, loss, burst, forwarding and scheduling terms only where
     the rows have jittery, lossy, shaped, forwarded or oversubscribed links)."""
     col = _columns(points)
-    return [True] * 4 + [bool(col[k].any()) for k in ("jitter_s", "loss", "burst_bytes", "loss", "forwarding",
+    return [True] * 4 + [bool(col[k].any()) for k in ("bidirectional", "jitter_s", "loss", "burst_bytes", "loss", "forwarding",
                                                       "oversubscription")]
 
 
@@ -482,9 +494,11 @@ def refine_hops_on_runs(results: list[Path], calib: "Calibration", free: list[bo
     cases = measured_cases(results)
     if not cases:
         return 0
-    free = free or [True] * len(HOP_PARAMS)
-    names = [n for n, f in zip(HOP_PARAMS, free) if f]
-    lo, hi, scale = (np.array([v for v, f in zip(vals, free) if f]) for vals in (HOP_LOWER, HOP_UPPER, HOP_SCALE))
+    free = list(free or [True] * len(HOP_PARAMS))
+    free += [any(c.workload.method.comm == "distrifusion" for c in cases)] * len(ASYNC_PARAMS)
+    names = [n for n, f in zip(HOP_PARAMS + ASYNC_PARAMS, free) if f]
+    lo, hi, scale = (np.array([v for v, f in zip(vals, free) if f]) for vals in
+                     (HOP_LOWER + ASYNC_LOWER, HOP_UPPER + ASYNC_UPPER, HOP_SCALE + ASYNC_SCALE))
 
     def residual(x):
         for n, v in zip(names, x):

@@ -8,7 +8,8 @@ runtime executes it on gloo:
                  peer over separate links
   usp            both, on their sub-groups
   distrifusion   the all-gather of the previous step's K/V runs asynchronously, overlapping compute; a step
-                 waits only for what has not arrived by the time it needs it
+                 waits only for what has not arrived by the time it needs it; on 2 ranks the async transfers have
+                 their own calibrated cost factor (``async_gathers_seconds``)
 Compressed methods send codec payloads and pay encode/decode time. Warmup steps are full precision (sync) or
 computed for the whole sequence on every rank with no communication (local). A hop's cost (round trip,
 transfer, loss, jitter) comes from the calibrated hop model (``calibration.hop_seconds``). A collective occupies the links it uses (resources), so an
@@ -148,6 +149,15 @@ class Simulator:
         return max(self.links.seconds(self.c.links[(a, b)], share * nbytes / p, True, active)
                    for a in ranks for b in ranks if a != b)
 
+    def async_gathers_seconds(self) -> float:
+        """One step's DistriFusion refresh: L all-gathers, asynchronous; on a 2-rank ring (both directions loaded)
+        their transfers cost the calibrated ``async_transfer_factor`` x a synchronous gather's."""
+        everyone, L = list(range(self.w.world)), self.w.shape.layers
+        latency = self.allgather_seconds(0.0, everyone)
+        transfer = self.exchange_seconds(False) - latency
+        k = self.calib.async_transfer_factor if self.w.world == 2 else 1.0
+        return L * (latency + k * transfer)
+
     def exchange_seconds(self, warm: bool) -> float:
         """Communication of one layer for the method (all ranks); the same for every step of a kind."""
         if warm not in self._exchange:
@@ -212,7 +222,7 @@ class Simulator:
                 compute_end = start + L * (max(comp) + codec)
                 if pending_async is not None and not pending_async.triggered:
                     yield pending_async
-                pending_async = env.process(collective(L * exch, ring_links))
+                pending_async = env.process(collective(self.async_gathers_seconds(), ring_links))
                 yield env.timeout(max(0.0, compute_end - env.now))
             else:                                       # identical layers: one simulated, scaled by L
                 yield env.timeout(L * (max(comp) + codec))

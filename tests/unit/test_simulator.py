@@ -95,7 +95,7 @@ def test_predict_table_and_published_shapes():
 
 
 def test_hop_fit_recovers_known_parameters():
-    truth = (1.2, 1.05, 0.004, 1.5, 0.7, 2.5, 0.6, 3.0, 1 / 40e6, 0.003)
+    truth = (1.2, 1.05, 0.004, 1.5, 3e5, 0.7, 2.5, 0.6, 3.0, 1 / 40e6, 0.003)
     pts = []
     rate, burst = 12.5e6, 40_000
     for rtt in (0.004, 0.02, 0.06):
@@ -113,6 +113,42 @@ def test_hop_fit_recovers_known_parameters():
     assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for k, (f, t) in enumerate(zip(fit, truth))
                if k != forwarding), fit
     assert fit[forwarding] == pytest.approx(truth[forwarding], rel=0.02)
+
+
+def test_both_directions_penalty_grows_with_the_message():
+    """A 2-rank ring loads both directions: a message of bidirectional_half_bytes pays half of the k_bidir
+    penalty on its transfer, a much larger one nearly all of it, a tiny one almost none."""
+    params = [getattr(CALIB, n) for n in HOP_PARAMS]
+    params[HOP_PARAMS.index("hop_bidirectional_factor")] = 1.6
+    params[HOP_PARAMS.index("bidirectional_half_bytes")] = 4e5
+    rate, rtt = 10e6, 0.004
+
+    def penalty(nbytes):
+        one, both = (hop_seconds(params, rtt, nbytes, rate, b) - hop_seconds(params, rtt, 0.0, rate, b)
+                     for b in (0, 1))
+        return both / one
+
+    assert penalty(4e5) == pytest.approx(1.3)
+    assert penalty(4e8) == pytest.approx(1.6, rel=1e-3)
+    assert penalty(4e2) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_distrifusion_async_transfers_have_their_own_factor_on_two_ranks():
+    """DistriFusion's refresh is L whole gathers per step; the async transfer factor scales a 2-rank ring's
+    transfers (both directions loaded) and leaves round trips and larger rings alone."""
+    import dataclasses
+
+    for nodes in (2, 4):
+        s = sc(nodes=nodes, link={"rate_mbit": 200, "delay_ms": 20}, methods=["distrifusion"])
+        w = workload_of(s, METHOD_PRESETS["distrifusion"])
+        base = Simulator(w, cluster_of(s), CALIB)
+        L = w.shape.layers
+        latency, exch = base.allgather_seconds(0.0, list(range(nodes))), base.exchange_seconds(False)
+        assert base.async_gathers_seconds() == pytest.approx(L * exch)
+        cheaper = Simulator(w, cluster_of(s), dataclasses.replace(CALIB, async_transfer_factor=0.5))
+        k = 0.5 if nodes == 2 else 1.0
+        assert cheaper.async_gathers_seconds() == pytest.approx(L * (latency + k * (exch - latency)))
+        assert (cheaper.run().latency_s < base.run().latency_s) == (nodes == 2)
 
 
 def test_forwarding_limit_binds_only_on_the_emulation_host_with_offloads_off():
@@ -255,7 +291,7 @@ def test_calibrate_from_link_benchmarks_and_an_earlier_calibration(tmp_path):
     from compactbed.simulator.linkbench import FIELDS
 
     shipped = Calibration.load(DATA_DIR)
-    truth = (1.3, 0.95, 0.002, 1.4, 0.5, 1.22, 0.8, 0.0, 0.0, 0.0)
+    truth = (1.3, 0.95, 0.002, 1.4, 2e5, 0.5, 1.22, 0.8, 0.0, 0.0, 0.0)
     bench = tmp_path / "bench"
     bench.mkdir()
     with open(bench / "linkbench.csv", "w", newline="") as f:
