@@ -268,6 +268,15 @@ def fit_local_step(points: list[dict], device: DeviceProfile) -> tuple[float, fl
     return float(m.coef_[0]), float(m.coef_[1])
 
 
+def local_pace(points: list[dict], device: DeviceProfile) -> float | None:
+    """The host's compute pace in local warmup steps (every rank computes the whole sequence, nothing is
+    exchanged, so links and methods do not touch it): median of measured / modelled layer time over those rows;
+    None without local warmup steps."""
+    ratios = [p["seconds"] / device.layer_seconds(p["tokens"], p["kv_tokens"], p["hidden"], p["share"])
+              for p in points if is_local(p)]
+    return float(np.median(ratios)) if ratios else None
+
+
 def fit_codec_call(points: list[dict], calib: "Calibration", device: str = "cpu") -> float:
     """Fixed cost per codec call in a run (K and V apiece): non-negative least squares of each compressed step's
     measured codec time minus the kernel bench's cost of its bytes, over its calls (layers x 2 x (1 encode +

@@ -130,3 +130,25 @@ def validate(results: list[Path], calib: Calibration, device: str = "cpu") -> li
 
 def mape(cases: list[Case]) -> float:
     return float(np.mean([abs(c.error) for c in cases])) if cases else float("nan")
+
+
+def host_pace(results: list[Path], calib: Calibration, calib_folder: Path | None = None,
+              device: str = "cpu") -> dict[str, float]:
+    """Per results folder: the host's compute pace in its runs' local warmup steps relative to the calibration
+    runs' (their ``compute.csv``), e.g. 0.85 = the host computed 15% faster than when calibrated. A diagnostic of
+    host drift between measurement sessions; predictions do not use it (the warmup step is part of the measured
+    run). Folders without local warmup steps, or a calibration without its rows, are left out."""
+    from .calibration import DATA_DIR, _read_csv, compute_points, local_pace
+
+    rows = Path(calib_folder or DATA_DIR) / "compute.csv"
+    profile = calib.devices[device]
+    reference = local_pace(_read_csv(rows), profile) if rows.is_file() else None
+    if not reference:
+        return {}
+    out = {}
+    for root in results:
+        for summary in sorted(Path(root).rglob("summary.json")):
+            pace = local_pace(compute_points([summary.parent], profile.cores or 1), profile)
+            if pace:
+                out[str(summary.parent)] = pace / reference
+    return out

@@ -433,3 +433,50 @@ def test_earlier_calibration_rows_of_runs_given_raw_are_not_counted_twice():
     kept = earlier_points([DATA_DIR], "hops.csv", fresh)
     assert len(kept) == len(shipped) - len(fresh) and all(r["run"] != one_run for r in kept)
     assert len(earlier_points([DATA_DIR], "hops.csv")) == len(shipped)
+
+
+def test_host_pace_compares_local_warmup_compute_with_the_calibration_runs(tmp_path):
+    """A run whose local warmup steps (no communication) take 0.8x the modelled layer time, against calibration
+    rows at 1.0x, shows a host pace of 0.8; its synchronous steps (which wait on links) do not count; a run
+    without local warmup steps shows none."""
+    import json
+
+    import yaml
+
+    from compactbed.simulator.calibration import _write_csv
+    from compactbed.simulator.predict import host_pace
+
+    dev = CALIB.devices["cpu"]
+    data = dict(name="s", nodes=2, link={"rate_mbit": 50, "delay_ms": 5}, labels=8, steps=2, methods=["ring"],
+                warmup={"mode": "local", "steps": 1})
+    w = workload_of(parse_scenario(data, "s"), METHOD_PRESETS["ring"])
+    full, h = w.batch * w.tokens, w.shape.hidden
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    _write_csv(cal / "compute.csv", [dict(run="r", rank=0, step=0, layer=k, world=2, tokens=full, kv_tokens=full,
+                                          hidden=h, share=1.0, seconds=dev.layer_seconds(full, full, h, 1.0))
+                                     for k in range(3)])
+
+    def results(name, warmup):
+        folder = tmp_path / name
+        run = folder / "shaped" / "ring" / "seed0"
+        run.mkdir(parents=True)
+        (folder / "scenario.yaml").write_text(yaml.safe_dump(data))
+        (folder / "summary.json").write_text(json.dumps({"rows": []}))
+        (run / "job.json").write_text(json.dumps({"scenario": data, "method": METHOD_PRESETS["ring"].model_dump()}))
+        (run / "run.json").write_text(json.dumps({"world": 2}))
+        for rank in range(2):
+            recs = []
+            for step, mode in enumerate(warmup):
+                t = full if mode == "local" else w.local_tokens
+                scale = 0.8 if mode == "local" else 5.0
+                recs.append(dict(rank=rank, step=step, warmup=mode, wall_s=1.0, comm_wait_s=0.0, codec_s=0.0,
+                                 layer_compute_s={str(k): scale * dev.layer_seconds(t, full, h, 1.0)
+                                                  for k in range(w.shape.layers)}))
+            (run / f"rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return folder
+
+    warmed, synchronous = results("warmed", ["local", None]), results("sync", [None, None])
+    pace = host_pace([warmed, synchronous], CALIB, cal)
+    assert pace == {str(warmed): pytest.approx(0.8)}
+    assert host_pace([warmed], CALIB, tmp_path / "no-calibration") == {}
