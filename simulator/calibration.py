@@ -70,6 +70,8 @@ class DeviceProfile:
     codec: dict[str, tuple[float, float]] | None = None     # this device's codec costs (None: calibrated)
     codec_call_s: float = 0.0                               # in a run, each codec call (K and V apiece) also
                                                             # pays this (stream state, framing, dispatch)
+    reference_pace: float | None = None                     # calibration runs' median single-process reference
+                                                            # time / modelled (None: no host-speed scaling)
 
     def layer_seconds(self, tokens: int, kv_tokens: int, hidden: int, share: float) -> float:
         """One layer of ``tokens`` queries over ``kv_tokens`` keys with ``share`` ranks per core."""
@@ -268,13 +270,80 @@ def fit_local_step(points: list[dict], device: DeviceProfile) -> tuple[float, fl
     return float(m.coef_[0]), float(m.coef_[1])
 
 
-def local_pace(points: list[dict], device: DeviceProfile) -> float | None:
-    """The host's compute pace in local warmup steps (every rank computes the whole sequence, nothing is
-    exchanged, so links and methods do not touch it): median of measured / modelled layer time over those rows;
-    None without local warmup steps."""
-    ratios = [p["seconds"] / device.layer_seconds(p["tokens"], p["kv_tokens"], p["hidden"], p["share"])
-              for p in points if is_local(p)]
-    return float(np.median(ratios)) if ratios else None
+def results_folder(run: str) -> str:
+    """The results folder of a run directory (``<results>/<pass>/<method>/seed<k>``)."""
+    return str(Path(run).parents[2])
+
+
+def reference_pace(folder: Path, device: DeviceProfile) -> float | None:
+    """How fast the host computed during a results folder's run: the median wall time of its single-process
+    reference generations (summary.json; timed on one thread, like each rank, before the distributed runs, with
+    no links involved) over the modelled single-process compute of the same generation. None without reference
+    timings on one thread (``reference_threads``)."""
+    import yaml
+
+    from ..testbed.scenario import parse_scenario
+    from .workload import workload_of
+
+    folder = Path(folder)
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        scenario = parse_scenario(yaml.safe_load((folder / "scenario.yaml").read_text()), str(folder))
+    except (OSError, ValueError):
+        return None
+    refs = summary.get("reference_latency_s") or {}
+    if not refs or summary.get("reference_threads") != 1:
+        return None
+    w = workload_of(scenario, scenario.methods[0])
+    n = w.batch * w.tokens
+    modelled = w.steps * (w.shape.layers * device.layer_seconds(n, n, w.shape.hidden, 1.0) + device.step_overhead_s)
+    return float(np.median([float(v) for v in refs.values()])) / modelled
+
+
+def host_factors(folders, device: DeviceProfile) -> dict[str, float]:
+    """Each results folder's host speed relative to the calibration runs' median (1.2 = computed 20% slower):
+    :func:`reference_pace` / ``device.reference_pace``. Folders without reference timings, or a profile without a
+    reference pace, are left out (factor 1)."""
+    if not device.reference_pace:
+        return {}
+    paces = {str(f): reference_pace(Path(f), device) for f in folders}
+    return {f: p / device.reference_pace for f, p in paces.items() if p}
+
+
+def fit_compute_on_host(points: list[dict], cores: int,
+                        earlier_pace: float | None = None) -> tuple[DeviceProfile, list[dict]]:
+    """:func:`fit_compute` on the layer timings divided by their run's host factor (:func:`host_factors`: the
+    emulation host's speed drifts between sessions, and every run times a single-process reference generation).
+    The factors are measured against a first fit on the timings as they are; the profile's ``reference_pace``
+    against the final one. Rows whose results folder is not at hand keep the ``host_factor`` stored with them
+    (earlier calibrations' rows) and, without any folder, ``earlier_pace`` is kept, so that a calibration refitted
+    from its own rows is the same. Returns the profile and the rows divided by their ``host_factor`` (compute and
+    step wall times), the factor recorded in each."""
+    def folder(p):
+        return results_folder(p["run"]) if len(Path(p["run"]).parents) > 3 else ""
+
+    def scale(factors):
+        out = []
+        for p in points:
+            k = factors.get(folder(p)) or float(p.get("host_factor") or 1.0)
+            out.append(p | {"seconds": p["seconds"] / k, "wall_s": p["wall_s"] / k, "host_factor": k})
+        return out
+
+    folders = sorted({f for f in map(folder, points) if f and Path(f, "summary.json").is_file()})
+    scaled = scale(dict.fromkeys(folders, 1.0))
+    device = fit_compute(scaled, cores)
+
+    def pace():
+        paces = [x for x in (reference_pace(Path(f), device) for f in folders) if x]
+        return float(np.median(paces)) if paces else None
+
+    device.reference_pace = pace()
+    if device.reference_pace:
+        scaled = scale(host_factors(folders, device))
+        device = fit_compute(scaled, cores)
+        device.reference_pace = pace()
+    device.reference_pace = device.reference_pace or earlier_pace
+    return device, scaled
 
 
 def fit_codec_call(points: list[dict], calib: "Calibration", device: str = "cpu") -> float:
@@ -500,7 +569,7 @@ def refine_hops_on_runs(results: list[Path], calib: "Calibration", free: list[bo
     from .model import Simulator
     from .predict import measured_cases
 
-    cases = measured_cases(results)
+    cases = measured_cases(results, calib=calib)
     if not cases:
         return 0
     free = list(free or [True] * len(HOP_PARAMS))
@@ -563,6 +632,16 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def _earlier_reference_pace(results: list[Path]) -> float | None:
+    """The reference pace of the first earlier calibration folder among ``results`` that has one."""
+    for root in results:
+        if (Path(root) / "calibration.json").is_file():
+            pace = Calibration.load(Path(root)).devices.get("cpu")
+            if pace and pace.reference_pace:
+                return pace.reference_pace
+    return None
+
+
 def calibrate(results: list[Path], out: Path, cores: int | None = None, log=print) -> Calibration:
     """Fit a calibration from results folders and write it (with its data points) to ``out``."""
     cores = cores or os.cpu_count() or 1
@@ -570,15 +649,16 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     cpoints += earlier_points(results, "compute.csv", cpoints)
     if not cpoints:
         raise ValueError("no measured runs (run.json + rank*.jsonl) under " + ", ".join(map(str, results)))
-    device = fit_compute(cpoints, cores)
+    device, on_host = fit_compute_on_host(cpoints, cores, earlier_pace=_earlier_reference_pace(results))
+    cpoints = [p | {"host_factor": q["host_factor"]} for p, q in zip(cpoints, on_host)]
     # per-step time outside the layers (embeddings, final layer, sampler update), from the same records
     step_rows = {}
-    for p in cpoints:
+    for p in on_host:
         step_rows.setdefault((p["run"], p["rank"], p["step"]), []).append(p)
     residual = [max(0.0, ps[0]["wall_s"] - sum(q["seconds"] for q in ps) - ps[0]["comm_wait_s"] - ps[0]["codec_s"])
                 for ps in step_rows.values()]
     device.step_overhead_s = float(np.median(residual))
-    device.local_step_factor = fit_local_step(cpoints, device)
+    device.local_step_factor = fit_local_step(on_host, device)
     shapes = sorted({(p["tokens"], p["hidden"]) for p in cpoints})
     kpoints = codec_points([(max(8, t), h) for t, h in shapes[:: max(1, len(shapes) // 6)]])
     lpoints = link_points(results)

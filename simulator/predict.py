@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,7 @@ class Case:
     predicted_s: float
     repeats: int = 1
     spread: float = 0.0            # (max - min) / median of the repeats
+    host_factor: float = 1.0       # compute scaled by the host's speed during the run (see measured_cases)
 
     @property
     def error(self) -> float:
@@ -92,14 +93,19 @@ class MeasuredCase:
     workload: Workload
     cluster: Cluster
     latencies: list[float]
+    host_factor: float = 1.0       # the host's speed during the run vs the calibration's (compute scaled by it)
 
     @property
     def median_s(self) -> float:
         return float(np.median(self.latencies))
 
 
-def measured_cases(results: list[Path], device: str = "cpu") -> list[MeasuredCase]:
-    """Every successful shaped or bound (pass, method) configuration under the results folders."""
+def measured_cases(results: list[Path], device: str = "cpu", calib: Calibration | None = None) -> list[MeasuredCase]:
+    """Every successful shaped or bound (pass, method) configuration under the results folders. With ``calib``,
+    each folder's compute is scaled by its host factor (``calibration.host_factors``: its single-process reference
+    generation's time against the calibration runs'; measured before the distributed runs, no links involved)."""
+    from .calibration import host_factors
+
     cases = []
     for root in results:
         for summary in sorted(Path(root).rglob("summary.json")):
@@ -110,45 +116,26 @@ def measured_cases(results: list[Path], device: str = "cpu") -> list[MeasuredCas
             for row in json.loads(summary.read_text())["rows"]:
                 if row["status"] == "ok" and row["links"] != "loopback":
                     measured.setdefault((row["links"], row["method"]), []).append(row["latency_s"])
+            host = host_factors([folder], calib.devices[device]).get(str(folder), 1.0) if calib else 1.0
             for (links, method), latencies in measured.items():
                 cluster = cluster_of(scenario, device, unlimited_rate=links == "bound")
+                cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale))
                 cases.append(MeasuredCase(folder, links, method, workload_of(scenario, methods[method]), cluster,
-                                          latencies))
+                                          latencies, host))
     return cases
 
 
 def validate(results: list[Path], calib: Calibration, device: str = "cpu") -> list[Case]:
     """Predict every measured (pass, method) configuration under the results folders; errors per case."""
     out = []
-    for m in measured_cases(results, device):
+    for m in measured_cases(results, device, calib):
         pred = Simulator(m.workload, m.cluster, calib).run()
         median = m.median_s
         out.append(Case(str(m.folder), m.links, m.method, m.cluster.world, median, pred.latency_s,
-                        len(m.latencies), (max(m.latencies) - min(m.latencies)) / median))
+                        len(m.latencies), (max(m.latencies) - min(m.latencies)) / median, m.host_factor))
     return out
 
 
 def mape(cases: list[Case]) -> float:
     return float(np.mean([abs(c.error) for c in cases])) if cases else float("nan")
 
-
-def host_pace(results: list[Path], calib: Calibration, calib_folder: Path | None = None,
-              device: str = "cpu") -> dict[str, float]:
-    """Per results folder: the host's compute pace in its runs' local warmup steps relative to the calibration
-    runs' (their ``compute.csv``), e.g. 0.85 = the host computed 15% faster than when calibrated. A diagnostic of
-    host drift between measurement sessions; predictions do not use it (the warmup step is part of the measured
-    run). Folders without local warmup steps, or a calibration without its rows, are left out."""
-    from .calibration import DATA_DIR, _read_csv, compute_points, local_pace
-
-    rows = Path(calib_folder or DATA_DIR) / "compute.csv"
-    profile = calib.devices[device]
-    reference = local_pace(_read_csv(rows), profile) if rows.is_file() else None
-    if not reference:
-        return {}
-    out = {}
-    for root in results:
-        for summary in sorted(Path(root).rglob("summary.json")):
-            pace = local_pace(compute_points([summary.parent], profile.cores or 1), profile)
-            if pace:
-                out[str(summary.parent)] = pace / reference
-    return out

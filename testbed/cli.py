@@ -153,29 +153,26 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
-    from ..simulator.predict import host_pace, mape, validate
+    from ..simulator.predict import mape, validate
 
     _require_folders(args.results)
-    results, calib = [Path(p) for p in args.results], _calibration(args)
-    cases = validate(results, calib, args.device)
+    cases = validate([Path(p) for p in args.results], _calibration(args), args.device)
     if not cases:
         raise CommandError("no measured emulated runs in those folders")
-    pace = host_pace(results, calib, Path(args.calibration) if args.calibration else None, args.device)
     t = Table(title="simulator vs measured (held-out runs: not used for calibration)")
-    for col in ("results", "links", "method", "ranks", "runs", "measured s", "spread", "predicted s", "error",
-                "host pace"):
+    for col in ("results", "links", "method", "ranks", "runs", "measured s", "spread", "host", "predicted s",
+                "error"):
         t.add_column(col, justify="left" if col in ("results", "method", "links") else "right")
     for c in cases:
         t.add_row(Path(c.results).parent.name + "/" + Path(c.results).name, c.links, c.method, str(c.world),
                   str(c.repeats), f"{c.measured_s:.2f}", f"{c.spread:.0%}" if c.repeats > 1 else "-",
-                  f"{c.predicted_s:.2f}", f"{c.error:+.1%}", f"{pace[c.results]:.2f}x" if c.results in pace else "-")
+                  f"{c.host_factor:.2f}x", f"{c.predicted_s:.2f}", f"{c.error:+.1%}")
     console.print(t)
     console.print(f"MAPE over {len(cases)} cases: {mape(cases):.1%} (measured: median over each case's seeds; "
                   "spread: (max - min) / median)")
-    if pace:
-        console.print("host pace: compute time of the runs' local warmup steps (no communication) / the calibration "
-                      "runs'; below 1 the host computed faster than when calibrated. A diagnostic only: the "
-                      "prediction does not use it.")
+    console.print("host: the run's single-process reference generation (timed before the distributed runs, no "
+                  "links) against the calibration runs', relative to the model; the predicted compute is scaled "
+                  "by it")
     return 0
 
 

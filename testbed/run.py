@@ -97,14 +97,23 @@ def checked_model(scenario: Scenario) -> DiTModel:
     return model
 
 
+REFERENCE_THREADS = 1     # like every rank (OMP_NUM_THREADS=1): the reference's time is the host's speed probe
+
+
 def reference_images(model: DiTModel, scenario: Scenario, seed: int) -> tuple[np.ndarray, float]:
-    """Single-process diffusers sampling with the same seed, and its wall time."""
+    """Single-process diffusers sampling with the same seed, and its wall time on REFERENCE_THREADS threads (the
+    simulator compares it across runs to follow the host's speed)."""
     from ..runtime.sampling import sample_reference
 
-    t0 = time.perf_counter()
-    images = sample_reference(model, scenario.conditions, scenario.resolution, scenario.steps, seed,
-                              scenario.guidance).numpy()
-    return images, time.perf_counter() - t0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(REFERENCE_THREADS)
+    try:
+        t0 = time.perf_counter()
+        images = sample_reference(model, scenario.conditions, scenario.resolution, scenario.steps, seed,
+                                  scenario.guidance).numpy()
+        return images, time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def collect(run_dir: Path, method: MethodSpec, seed: int) -> MethodResult:
@@ -249,7 +258,7 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
         np.save(results / "reference" / f"seed{seed}.npy", refs[seed][0])
         console.print(f"single-process reference (seed {seed}): {refs[seed][1]:.2f} s")
     meta = dict(scenario=scenario.name, link_mode=link_mode, passes=passes,
-                reference_latency_s={s: r[1] for s, r in refs.items()})
+                reference_latency_s={s: r[1] for s, r in refs.items()}, reference_threads=REFERENCE_THREADS)
     for pass_name in passes:
         with link_pass(scenario, pass_name, check.backend if emulate else None, console, results) as commands, \
                 Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),

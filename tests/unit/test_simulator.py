@@ -435,48 +435,76 @@ def test_earlier_calibration_rows_of_runs_given_raw_are_not_counted_twice():
     assert len(earlier_points([DATA_DIR], "hops.csv")) == len(shipped)
 
 
-def test_host_pace_compares_local_warmup_compute_with_the_calibration_runs(tmp_path):
-    """A run whose local warmup steps (no communication) take 0.8x the modelled layer time, against calibration
-    rows at 1.0x, shows a host pace of 0.8; its synchronous steps (which wait on links) do not count; a run
-    without local warmup steps shows none."""
+def _results_folder(tmp_path, name, data, layer_scale, reference_s, threads=1):
+    """A results folder of one ring run (2 ranks, one synchronous step) whose layer times are ``layer_scale`` x
+    CALIB's model, with a single-process reference generation of ``reference_s`` on ``threads`` threads."""
     import json
 
     import yaml
 
-    from compactbed.simulator.calibration import _write_csv
-    from compactbed.simulator.predict import host_pace
-
     dev = CALIB.devices["cpu"]
-    data = dict(name="s", nodes=2, link={"rate_mbit": 50, "delay_ms": 5}, labels=8, steps=2, methods=["ring"],
-                warmup={"mode": "local", "steps": 1})
     w = workload_of(parse_scenario(data, "s"), METHOD_PRESETS["ring"])
-    full, h = w.batch * w.tokens, w.shape.hidden
-    cal = tmp_path / "cal"
-    cal.mkdir()
-    _write_csv(cal / "compute.csv", [dict(run="r", rank=0, step=0, layer=k, world=2, tokens=full, kv_tokens=full,
-                                          hidden=h, share=1.0, seconds=dev.layer_seconds(full, full, h, 1.0))
-                                     for k in range(3)])
+    folder = tmp_path / name
+    run = folder / "shaped" / "ring" / "seed0"
+    run.mkdir(parents=True)
+    (folder / "scenario.yaml").write_text(yaml.safe_dump(data))
+    rows = [dict(method="ring", seed=0, links="shaped", status="ok", latency_s=10.0)]
+    (folder / "summary.json").write_text(json.dumps({"rows": rows, "reference_latency_s": {"0": reference_s},
+                                                     "reference_threads": threads}))
+    (run / "job.json").write_text(json.dumps({"scenario": data, "method": METHOD_PRESETS["ring"].model_dump()}))
+    (run / "run.json").write_text(json.dumps({"world": 2}))
+    for rank in range(2):
+        rec = dict(rank=rank, step=0, warmup=None, wall_s=1.0, comm_wait_s=0.0, codec_s=0.0,
+                   layer_compute_s={str(k): layer_scale * dev.layer_seconds(w.local_tokens, w.batch * w.tokens,
+                                                                            w.shape.hidden, 1.0)
+                                    for k in range(w.shape.layers)})
+        (run / f"rank{rank}.jsonl").write_text(json.dumps(rec) + "\n")
+    return folder
 
-    def results(name, warmup):
-        folder = tmp_path / name
-        run = folder / "shaped" / "ring" / "seed0"
-        run.mkdir(parents=True)
-        (folder / "scenario.yaml").write_text(yaml.safe_dump(data))
-        (folder / "summary.json").write_text(json.dumps({"rows": []}))
-        (run / "job.json").write_text(json.dumps({"scenario": data, "method": METHOD_PRESETS["ring"].model_dump()}))
-        (run / "run.json").write_text(json.dumps({"world": 2}))
-        for rank in range(2):
-            recs = []
-            for step, mode in enumerate(warmup):
-                t = full if mode == "local" else w.local_tokens
-                scale = 0.8 if mode == "local" else 5.0
-                recs.append(dict(rank=rank, step=step, warmup=mode, wall_s=1.0, comm_wait_s=0.0, codec_s=0.0,
-                                 layer_compute_s={str(k): scale * dev.layer_seconds(t, full, h, 1.0)
-                                                  for k in range(w.shape.layers)}))
-            (run / f"rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-        return folder
 
-    warmed, synchronous = results("warmed", ["local", None]), results("sync", [None, None])
-    pace = host_pace([warmed, synchronous], CALIB, cal)
-    assert pace == {str(warmed): pytest.approx(0.8)}
-    assert host_pace([warmed], CALIB, tmp_path / "no-calibration") == {}
+def test_host_factor_follows_the_single_process_reference_and_scales_predicted_compute(tmp_path):
+    """A run whose one-thread reference generation took 1.5x the calibration runs' (relative to the model) gets
+    host factor 1.5 and its predicted compute scales by it; a reference on more threads, or a calibration without
+    a reference pace, gives none."""
+    import dataclasses
+
+    from compactbed.simulator.calibration import host_factors, reference_pace
+    from compactbed.simulator.predict import validate
+
+    data = dict(name="s", nodes=2, link={"rate_mbit": 50, "delay_ms": 5}, labels=8, steps=2, methods=["ring"])
+    base = _results_folder(tmp_path / "a", "base", data, 1.0, 0.2)
+    slow = _results_folder(tmp_path / "b", "slow", data, 1.0, 0.3)
+    threads = _results_folder(tmp_path / "c", "threads", data, 1.0, 0.3, threads=2)
+    dev = dataclasses.replace(CALIB.devices["cpu"])
+    dev.reference_pace = reference_pace(base, dev)
+    assert host_factors([base, slow, threads], dev) == {str(base): pytest.approx(1.0), str(slow): pytest.approx(1.5)}
+    assert host_factors([slow], CALIB.devices["cpu"]) == {}
+    calib = dataclasses.replace(CALIB, devices={"cpu": dev})
+    (at_base,), (at_slow,) = validate([tmp_path / "a"], calib), validate([tmp_path / "b"], calib)
+    assert at_slow.host_factor == pytest.approx(1.5) and at_base.host_factor == pytest.approx(1.0)
+    w = workload_of(parse_scenario(data, "s"), METHOD_PRESETS["ring"])
+    slower = Simulator(w, dataclasses.replace(cluster_of(parse_scenario(data, "s")), compute_scale=(1.5, 1.5)), CALIB)
+    assert at_slow.predicted_s == pytest.approx(slower.run().latency_s)
+    assert at_slow.predicted_s > at_base.predicted_s
+
+
+def test_compute_fit_takes_out_the_hosts_drift(tmp_path):
+    """Three runs of one shape on a host at 1.0x, 1.2x and 1.5x the model's time (layers and reference generation
+    alike): with host factors every run's rows agree, and the profile is the median host's; stored with the rows,
+    the factors make a refit from the rows alone (no results folders) the same."""
+    from compactbed.simulator.calibration import compute_points, fit_compute_on_host
+
+    data = dict(name="s", nodes=2, link={"rate_mbit": 50, "delay_ms": 5}, labels=8, steps=2, methods=["ring"])
+    runs = [_results_folder(tmp_path, f"h{k}", data, k, 0.2 * k) for k in (1.0, 1.2, 1.5)]
+    points = compute_points(runs, 2)
+    w = workload_of(parse_scenario(data, "s"), METHOD_PRESETS["ring"])
+    shape = (w.local_tokens, w.batch * w.tokens, w.shape.hidden, 1.0)
+    truth = 1.2 * CALIB.devices["cpu"].layer_seconds(*shape)
+    device, scaled = fit_compute_on_host(points, 2)
+    assert device.layer_seconds(*shape) == pytest.approx(truth, rel=1e-3)
+    assert all(p["seconds"] == pytest.approx(truth, rel=1e-3) for p in scaled)
+    stored = [p | {"run": "elsewhere/" + p["run"], "host_factor": q["host_factor"]}     # folders gone
+              for p, q in zip(points, scaled)]
+    again, _ = fit_compute_on_host(stored, 2, earlier_pace=device.reference_pace)
+    assert again.layer_seconds(*shape) == pytest.approx(device.layer_seconds(*shape), rel=1e-6)
+    assert again.reference_pace == device.reference_pace
