@@ -10,7 +10,9 @@ reused) and writes a folder with
   calibration.json  the fitted coefficients (non-negative least squares) that the simulator uses
 Compute per layer: s = share * (a + b * tokens*hidden^2 + c * tokens*kv_tokens*hidden), share = ranks per
 core on the measured host (4 ranks on 2 cores share 2x), fitted on each synchronous layer's slowest rank (the
-exchange waits for it). A local warmup step ends when its slowest rank does
+exchange waits for it), each run's timings divided by its host factor: the run's single-process reference
+generation (one thread, timed before the distributed runs) against the calibration runs' median, both relative to
+the model, so that the host's drift between sessions does not end up in the fit (:func:`fit_compute_on_host`). A local warmup step ends when its slowest rank does
 (nothing synchronizes ranks inside it): its time is f0 + f1 * (share - 1) times the modeled compute, fitted on the
 slowest rank's step time. Codec: s = a + b * raw bytes per (codec, op), measured by the kernel bench, plus a
 fixed cost per call in a run (K and V apiece: stream state, framing, dispatch), fitted on the runs' codec time.
