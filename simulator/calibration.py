@@ -12,9 +12,9 @@ Compute per layer: s = share * (a + b * tokens*hidden^2 + c * tokens*kv_tokens*h
 core on the measured host (4 ranks on 2 cores share 2x), fitted on each synchronous layer's slowest rank (the
 exchange waits for it), each run's timings divided by its host factor: the run's single-process reference
 generation (one thread, timed before the distributed runs) against the calibration runs' median, both relative to
-the model, so that the host's drift between sessions does not end up in the fit (:func:`fit_compute_on_host`). A local warmup step ends when its slowest rank does
-(nothing synchronizes ranks inside it): its time is f0 + f1 * (share - 1) times the modeled compute, fitted on the
-slowest rank's step time. Codec: s = a + b * raw bytes per (codec, op), measured by the kernel bench, plus a
+the model, so that the host's drift between sessions does not end up in the fit (:func:`fit_compute_on_host`).
+A local warmup step ends when its slowest rank does (nothing synchronizes ranks inside it): its time is
+f0 + f1 * (share - 1) times the modeled compute, fitted on the slowest rank's step time. Codec: s = a + b * raw bytes per (codec, op), measured by the kernel bench, plus a
 fixed cost per call in a run (K and V apiece: stream state, framing, dispatch), fitted on the runs' codec time.
 Links: effective rate = configured rate x measured wire efficiency x payload fraction; extra one-way latency
 from the probes' RTT minus the configured delays; one collective hop (gloo) costs
@@ -87,8 +87,8 @@ class Calibration:
     link_efficiency: float = 1.0
     link_overhead_s: float = 0.0
     hop_rtt_factor: float = 1.0          # one collective hop:
-    hop_bandwidth_factor: float = 1.0    #   s = k_hop + k_rtt * RTT + k_bw * bytes / rate * (k_bidir if both
-    hop_overhead_s: float = 0.0          #       directions of the link carry bulk data, as in a 2-rank ring)
+    hop_bandwidth_factor: float = 1.0    #   s = k_hop + k_rtt * RTT + k_bw * bytes / rate * (the both-directions
+    hop_overhead_s: float = 0.0          #       penalty below if both carry bulk data, as in a 2-rank ring)
     hop_bidirectional_factor: float = 1.0
     bidirectional_half_bytes: float = 0.0  # the both-directions penalty grows with the message: k_bidir - 1 of it at
                                          #   bytes / (bytes + this) (0: the whole penalty at any size)
@@ -502,9 +502,9 @@ def hop_seconds(params, rtt, nbytes, rate, bidirectional=0, jitter=0.0, loss=0.0
 
 
 HOP_PARAMS = ("hop_rtt_factor", "hop_bandwidth_factor", "hop_overhead_s", "hop_bidirectional_factor",
-              "bidirectional_half_bytes", "jitter_factor", "loss_constant", "burst_factor", "loss_rtts", "forwarding_s_per_byte",
-              "oversubscribed_hop_s")
-HOP_START = (1.0, 1.0, 0.001, 1.0, 1e5, 0.5, 1.22, 0.0, 0.0, 0.0, 0.0)  # also the values of terms the data cannot identify
+              "bidirectional_half_bytes", "jitter_factor", "loss_constant", "burst_factor", "loss_rtts",
+              "forwarding_s_per_byte", "oversubscribed_hop_s")
+HOP_START = (1.0, 1.0, 0.001, 1.0, 1e5, 0.5, 1.22, 0.0, 0.0, 0.0, 0.0)  # also the terms the data cannot identify
 HOP_LOWER = (0, 0, 0, 1, 0, 0, 0.3, 0, 0, 0, 0)
 HOP_UPPER = (10, 10, 1, 10, 1e8, 3, 50, 1, 100, 1e-6, 1)
 HOP_SCALE = (1, 1, 1e-3, 1, 1e5, 1, 1, 1, 1, 1e-8, 1e-3)
@@ -556,8 +556,8 @@ def identified(points: list[dict]) -> list[bool]:
     """Which hop parameters the rows can identify (jitter, loss, burst, forwarding and scheduling terms only where
     the rows have jittery, lossy, shaped, forwarded or oversubscribed links)."""
     col = _columns(points)
-    return [True] * 4 + [bool(col[k].any()) for k in ("bidirectional", "jitter_s", "loss", "burst_bytes", "loss", "forwarding",
-                                                      "oversubscription")]
+    return [True] * 4 + [bool(col[k].any()) for k in ("bidirectional", "jitter_s", "loss", "burst_bytes", "loss",
+                                                      "forwarding", "oversubscription")]
 
 
 def refine_hops_on_runs(results: list[Path], calib: "Calibration", free: list[bool] | None = None) -> int:

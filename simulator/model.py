@@ -203,6 +203,7 @@ class Simulator:
 
         ring_links = [(i, (i + 1) % p) for i in range(p)] if p > 1 else []
         output_gather = self.allgather_seconds(w.output_bytes(), list(range(p)))
+        async_refresh = self.async_gathers_seconds() if w.method.comm == "distrifusion" else 0.0
         compute = {local: [self.layer_compute(r, local) for r in range(p)] for local in (False, True)}
         step_bytes = {kind: p * (p - 1) * (L * (0 if kind == "local" else w.kv_wire_bytes(kind == "sync"))
                                            + w.output_bytes()) for kind in ("local", "sync", "steady")}
@@ -222,7 +223,7 @@ class Simulator:
                 compute_end = start + L * (max(comp) + codec)
                 if pending_async is not None and not pending_async.triggered:
                     yield pending_async
-                pending_async = env.process(collective(self.async_gathers_seconds(), ring_links))
+                pending_async = env.process(collective(async_refresh, ring_links))
                 yield env.timeout(max(0.0, compute_end - env.now))
             else:                                       # identical layers: one simulated, scaled by L
                 yield env.timeout(L * (max(comp) + codec))

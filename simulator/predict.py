@@ -138,4 +138,3 @@ def validate(results: list[Path], calib: Calibration, device: str = "cpu") -> li
 
 def mape(cases: list[Case]) -> float:
     return float(np.mean([abs(c.error) for c in cases])) if cases else float("nan")
-
