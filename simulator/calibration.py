@@ -644,8 +644,10 @@ def _earlier_reference_pace(results: list[Path]) -> float | None:
     return None
 
 
-def calibrate(results: list[Path], out: Path, cores: int | None = None, log=print) -> Calibration:
-    """Fit a calibration from results folders and write it (with its data points) to ``out``."""
+def calibrate(results: list[Path], out: Path, cores: int | None = None, log=print,
+              codec_rows: list[dict] | None = None) -> Calibration:
+    """Fit a calibration from results folders and write it (with its data points) to ``out``. ``codec_rows``:
+    codec timings to use (codec.csv rows) instead of measuring the kernels now."""
     cores = cores or os.cpu_count() or 1
     cpoints = compute_points(results, cores)
     cpoints += earlier_points(results, "compute.csv", cpoints)
@@ -662,7 +664,8 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     device.step_overhead_s = float(np.median(residual))
     device.local_step_factor = fit_local_step(on_host, device)
     shapes = sorted({(p["tokens"], p["hidden"]) for p in cpoints})
-    kpoints = codec_points([(max(8, t), h) for t, h in shapes[:: max(1, len(shapes) // 6)]])
+    kpoints = codec_rows if codec_rows is not None else \
+        codec_points([(max(8, t), h) for t, h in shapes[:: max(1, len(shapes) // 6)]])
     lpoints = link_points(results)
     lpoints += earlier_points(results, "links.csv", lpoints)
     shaped = [p for p in lpoints if p["configured_rate_mbit"]]

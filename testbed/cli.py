@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import functools
 import signal
 import sys
 from pathlib import Path
@@ -176,6 +177,40 @@ def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_crossval(args: argparse.Namespace, console: Console) -> int:
+    import numpy as np
+
+    from ..simulator.crossval import fit_without, leave_one_out
+    from ..simulator.predict import mape
+
+    _require_folders(args.results)
+    if args.codec_from and not (Path(args.codec_from) / "codec.csv").is_file():
+        raise CommandError(f"no codec.csv in {args.codec_from}")
+    fit = functools.partial(fit_without, codec_from=Path(args.codec_from)) if args.codec_from else fit_without
+    folders = [Path(p) for p in args.results]
+    cases = []
+    try:
+        for k, (folder, fold) in enumerate(leave_one_out(folders, fit, args.workers), 1):
+            cases += fold
+            errors = " ".join(f"{c.links}/{c.method} {c.error:+.1%}" for c in fold) or "no measured runs"
+            console.print(f"[{k}/{len(folders)}] {folder}: {errors}")
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+    if not cases:
+        raise CommandError("no measured emulated runs in those folders")
+    t = Table(title="left out one results folder at a time: error of its cases")
+    for col in ("ranks", "method", "cases", "MAPE", "mean error"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for key in sorted({(c.world, c.method) for c in cases}):
+        group = [c for c in cases if (c.world, c.method) == key]
+        t.add_row(str(key[0]), key[1], str(len(group)), f"{mape(group):.1%}",
+                  f"{np.mean([c.error for c in group]):+.1%}")
+    console.print(t)
+    console.print(f"leave-one-out MAPE over {len(cases)} cases of {len(folders)} folders: {mape(cases):.2%} "
+                  f"(mean error {np.mean([c.error for c in cases]):+.2%})")
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
     from ..dashboards.app import create_app
 
@@ -256,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration", help="calibration folder (default: the shipped one)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_simcheck)
+
+    s = sub.add_parser("crossval", help="leave-one-out error of the calibration over results folders",
+                       description="Fit the calibration on all results folders but one, predict the one left out, "
+                                   "for each folder in turn; print each fold's errors and the MAPE by ranks and "
+                                   "method. Codec timings come from a stored calibration (--codec-from).")
+    s.add_argument("results", nargs="+")
+    s.add_argument("--workers", type=int, default=1, help="folds fitted in parallel (processes)")
+    s.add_argument("--codec-from", help="calibration folder whose codec.csv is used (default: the shipped one)")
+    s.set_defaults(func=cmd_crossval)
 
     s = sub.add_parser("calibrate", help="fit the simulator's compute, codec and link models from measured runs",
                        description="Read results folders written by `scenario run` (also link micro-benchmark "

@@ -7,7 +7,7 @@ import pytest
 
 from compactbed.testbed.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "validate", "predict", "simcheck", "regress", "calibrate", "dashboard", "netem"]
+SUBCOMMANDS = ["run", "validate", "predict", "simcheck", "regress", "calibrate", "crossval", "dashboard", "netem"]
 
 
 def test_help_lists_and_explains_every_subcommand(capsys):
@@ -42,6 +42,15 @@ def test_missing_file_and_missing_results(tmp_path, capsys):
     assert main(["calibrate", str(tmp_path / "no_results")]) == 1
     err = capsys.readouterr().err
     assert "no such scenario file" in err and "no such results folder" in err
+
+
+def test_crossval_refuses_bad_input_with_one_reason(tmp_path, capsys):
+    assert main(["crossval", str(tmp_path / "no_results")]) == 1
+    assert main(["crossval", str(tmp_path), "--codec-from", str(tmp_path)]) == 1
+    assert main(["crossval", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "no such results folder" in err and f"no codec.csv in {tmp_path}" in err and "at least two" in err
+    assert "Traceback" not in err
 
 
 def test_console_script_is_installed_and_exits_nonzero_on_error(tmp_path):

@@ -2,6 +2,7 @@
 nodes and methods, and calibration files round-trip."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -508,3 +509,41 @@ def test_compute_fit_takes_out_the_hosts_drift(tmp_path):
     again, _ = fit_compute_on_host(stored, 2, earlier_pace=device.reference_pace)
     assert again.layer_seconds(*shape) == pytest.approx(device.layer_seconds(*shape), rel=1e-6)
     assert again.reference_pace == device.reference_pace
+
+
+def _fit_on_names(train):
+    """A stand-in fit whose calibration depends on exactly which folders it was given (picklable)."""
+    import copy
+
+    calib = copy.deepcopy(CALIB)
+    calib.hop_rtt_factor = 1.0 + sum(int(Path(f).name[-1]) for f in train)
+    return calib
+
+
+def test_leave_one_out_predicts_each_folder_with_a_fit_that_never_saw_it(tmp_path):
+    import json
+
+    import yaml
+
+    from compactbed.simulator.crossval import leave_one_out
+    from compactbed.simulator.predict import validate
+
+    folders = []
+    for k, delay in enumerate((2, 10, 30)):
+        folder = tmp_path / f"run{k + 1}"
+        folder.mkdir()
+        (folder / "scenario.yaml").write_text(yaml.safe_dump(dict(
+            name=f"s{k}", nodes=2, link={"rate_mbit": 50, "delay_ms": delay}, labels=8, steps=4, methods=["ring"])))
+        rows = [dict(method="ring", seed=0, links="shaped", status="ok", latency_s=5.0)]
+        (folder / "summary.json").write_text(json.dumps({"rows": rows}))
+        folders.append(folder)
+    for workers in (1, 2):
+        folds = dict(leave_one_out(folders, _fit_on_names, workers))
+        assert set(folds) == set(folders)
+        for folder in folders:
+            others = [f for f in folders if f != folder]
+            (case,) = folds[folder]
+            assert case.predicted_s == pytest.approx(validate([folder], _fit_on_names(others))[0].predicted_s)
+            assert case.predicted_s != pytest.approx(validate([folder], _fit_on_names(folders))[0].predicted_s)
+    with pytest.raises(ValueError, match="at least two"):
+        list(leave_one_out(folders[:1], _fit_on_names))
