@@ -14,8 +14,9 @@ exchange waits for it), each run's timings divided by its host factor: the run's
 generation (one thread, timed before the distributed runs) against the calibration runs' median, both relative to
 the model, so that the host's drift between sessions does not end up in the fit (:func:`fit_compute_on_host`).
 A local warmup step ends when its slowest rank does (nothing synchronizes ranks inside it): its time is
-f0 + f1 * (share - 1) times the modeled compute, fitted on the slowest rank's step time. Codec: s = a + b * raw bytes per (codec, op), measured by the kernel bench, plus a
-fixed cost per call in a run (K and V apiece: stream state, framing, dispatch), fitted on the runs' codec time.
+f0 + f1 * (share - 1) times the modeled compute, fitted on the slowest rank's step time. Codec: s = a + b * raw
+bytes per (codec, op), measured by the kernel bench, plus a fixed cost per call in a run (K and V apiece: stream
+state, framing, dispatch), fitted on the runs' codec time.
 Links: effective rate = configured rate x measured wire efficiency x payload fraction; extra one-way latency
 from the probes' RTT minus the configured delays; one collective hop (gloo) costs
 k_hop + k_rtt * RTT + k_bw * bytes / rate, the transfer term scaled by 1 + (k_bidir - 1) * bytes / (bytes + n_bidir)

@@ -12,10 +12,10 @@ runtime executes it on gloo:
                  their own calibrated cost factor (``async_gathers_seconds``)
 Compressed methods send codec payloads and pay encode/decode time. Warmup steps are full precision (sync) or
 computed for the whole sequence on every rank with no communication (local). A hop's cost (round trip,
-transfer, loss, jitter) comes from the calibrated hop model (``calibration.hop_seconds``). A collective occupies the links it uses (resources), so an
-asynchronous gather and the next synchronous exchange contend. Layers of a step are identical, so one layer
-is simulated and scaled: cost is linear in nodes x steps (and constant in layers), plus P^2 once per distinct
-collective for the round-by-round ring (memoized).
+transfer, loss, jitter) comes from the calibrated hop model (``calibration.hop_seconds``). A collective occupies
+the links it uses (resources), so an asynchronous gather and the next synchronous exchange contend. Layers of a
+step are identical, so one layer is simulated and scaled: cost is linear in nodes x steps (and constant in
+layers), plus P^2 once per distinct collective for the round-by-round ring (memoized).
 """
 
 from __future__ import annotations
