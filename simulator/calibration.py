@@ -52,6 +52,7 @@ import numpy as np
 
 from ..netem.commands import burst_bytes
 from ..netem.profiles import LinkSpec
+from .runs import MeasuredRun, is_calibration, read_runs, write_runs
 
 PAYLOAD_FRACTION = 1448 / 1514      # TCP payload per wire byte at MTU 1500
 DATA_DIR = Path(__file__).with_name("data")
@@ -278,47 +279,39 @@ def results_folder(run: str) -> str:
     return str(Path(run).parents[2])
 
 
-def reference_pace(folder: Path, device: DeviceProfile) -> float | None:
+def reference_pace(run: MeasuredRun, device: DeviceProfile) -> float | None:
     """How fast the host computed during a results folder's run: the median wall time of its single-process
-    reference generations (summary.json; timed on one thread, like each rank, before the distributed runs, with
-    no links involved) over the modelled single-process compute of the same generation. None without reference
-    timings on one thread (``reference_threads``)."""
-    import yaml
-
+    reference generations (timed on one thread, like each rank, before the distributed runs, with no links
+    involved) over the modelled single-process compute of the same generation. None without reference timings on
+    one thread (``reference_threads``)."""
     from ..testbed.scenario import parse_scenario
     from .workload import workload_of
 
-    folder = Path(folder)
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        scenario = parse_scenario(yaml.safe_load((folder / "scenario.yaml").read_text()), str(folder))
-    except (OSError, ValueError):
+    if not run.reference_latency_s or run.reference_threads != 1:
         return None
-    refs = summary.get("reference_latency_s") or {}
-    if not refs or summary.get("reference_threads") != 1:
-        return None
+    scenario = parse_scenario(run.scenario, run.folder)
     w = workload_of(scenario, scenario.methods[0])
     n = w.batch * w.tokens
     modelled = w.steps * (w.shape.layers * device.layer_seconds(n, n, w.shape.hidden, 1.0) + device.step_overhead_s)
-    return float(np.median([float(v) for v in refs.values()])) / modelled
+    return float(np.median(list(run.reference_latency_s.values()))) / modelled
 
 
-def host_factors(folders, device: DeviceProfile) -> dict[str, float]:
-    """Each results folder's host speed relative to the calibration runs' median (1.2 = computed 20% slower):
-    :func:`reference_pace` / ``device.reference_pace``. Folders without reference timings, or a profile without a
-    reference pace, are left out (factor 1)."""
+def host_factors(runs: list[MeasuredRun], device: DeviceProfile) -> dict[str, float]:
+    """Each run's host speed relative to the calibration runs' median (1.2 = computed 20% slower):
+    :func:`reference_pace` / ``device.reference_pace``, keyed by results folder. Runs without reference timings, or
+    a profile without a reference pace, are left out (factor 1)."""
     if not device.reference_pace:
         return {}
-    paces = {str(f): reference_pace(Path(f), device) for f in folders}
+    paces = {r.folder: reference_pace(r, device) for r in runs}
     return {f: p / device.reference_pace for f, p in paces.items() if p}
 
 
-def fit_compute_on_host(points: list[dict], cores: int,
-                        earlier_pace: float | None = None) -> tuple[DeviceProfile, list[dict]]:
+def fit_compute_on_host(points: list[dict], cores: int, earlier_pace: float | None = None,
+                        runs: list[MeasuredRun] = ()) -> tuple[DeviceProfile, list[dict]]:
     """:func:`fit_compute` on the layer timings divided by their run's host factor (:func:`host_factors`: the
     emulation host's speed drifts between sessions, and every run times a single-process reference generation).
     The factors are measured against a first fit on the timings as they are; the profile's ``reference_pace``
-    against the final one. Rows whose results folder is not at hand keep the ``host_factor`` stored with them
+    against the final one. Rows whose results folder has no run among ``runs`` keep the ``host_factor`` stored with them
     (earlier calibrations' rows) and, without any folder, ``earlier_pace`` is kept, so that a calibration refitted
     from its own rows is the same. Returns the profile and the rows divided by their ``host_factor`` (compute and
     step wall times), the factor recorded in each."""
@@ -332,17 +325,18 @@ def fit_compute_on_host(points: list[dict], cores: int,
             out.append(p | {"seconds": p["seconds"] / k, "wall_s": p["wall_s"] / k, "host_factor": k})
         return out
 
-    folders = sorted({f for f in map(folder, points) if f and Path(f, "summary.json").is_file()})
-    scaled = scale(dict.fromkeys(folders, 1.0))
+    present = set(map(folder, points))
+    runs = [r for r in runs if r.folder in present]
+    scaled = scale(dict.fromkeys((r.folder for r in runs), 1.0))
     device = fit_compute(scaled, cores)
 
     def pace():
-        paces = [x for x in (reference_pace(Path(f), device) for f in folders) if x]
+        paces = [x for x in (reference_pace(r, device) for r in runs) if x]
         return float(np.median(paces)) if paces else None
 
     device.reference_pace = pace()
     if device.reference_pace:
-        scaled = scale(host_factors(folders, device))
+        scaled = scale(host_factors(runs, device))
         device = fit_compute(scaled, cores)
         device.reference_pace = pace()
     device.reference_pace = device.reference_pace or earlier_pace
@@ -561,12 +555,13 @@ def identified(points: list[dict]) -> list[bool]:
                                                       "forwarding", "oversubscription")]
 
 
-def refine_hops_on_runs(results: list[Path], calib: "Calibration", free: list[bool] | None = None) -> int:
+def refine_hops_on_runs(results: list, calib: "Calibration", free: list[bool] | None = None) -> int:
     """Refine the hop parameters (in place) so that the simulator reproduces the measured runs' latencies:
     bounded least squares (scipy) of each (scenario, link pass, method)'s relative error, median over its seeds,
     starting from the per-step fit. The per-step fit sees the time blocked on communication alone; whole runs
     also show how compute and communication combine in a step, the compute fit's errors included. ``free``:
-    which of :data:`HOP_PARAMS` may move (default: all). Returns the number of cases fitted (0: none, unchanged)."""
+    which of :data:`HOP_PARAMS` may move (default: all). ``results``: paths or measured runs (:func:`.runs.read_runs`).
+    Returns the number of cases fitted (0: none, unchanged)."""
     from scipy.optimize import least_squares
 
     from .model import Simulator
@@ -607,22 +602,29 @@ def _read_csv(path: Path) -> list[dict]:
         return [{k: num(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def earlier_points(results: list[Path], name: str, fresh: list[dict] = ()) -> list[dict]:
+def earlier_points(results: list[Path], name: str, fresh: list[dict] = (), exclude: set[str] = frozenset()
+                   ) -> list[dict]:
     """Rows of ``name`` (compute.csv, links.csv, hops.csv) from earlier calibration folders among ``results``: their
     measurements are reused without the raw runs; rows of runs (or probe files) also in ``fresh``, the rows just
-    read from raw results, are left out so that nothing counts twice."""
+    read from raw results, are left out so that nothing counts twice, and so are rows of the results folders in
+    ``exclude``."""
     key = "source" if name == "links.csv" else "run"
     seen = {row[key] for row in fresh}
+
+    def excluded(row) -> bool:
+        return bool(exclude) and any(str(p) in exclude for p in Path(row[key]).parents)
+
     return [row for root in results for f in sorted(Path(root).glob(name))
-            if (f.parent / "calibration.json").is_file() for row in _read_csv(f) if row[key] not in seen]
+            if (f.parent / "calibration.json").is_file() for row in _read_csv(f)
+            if row[key] not in seen and not excluded(row)]
 
 
-def _sources(results: list[Path]) -> list[str]:
+def _sources(results: list[Path], exclude: set[str] = frozenset()) -> list[str]:
     out = []
     for r in results:
         earlier = Path(r) / "calibration.json"
         out += json.loads(earlier.read_text()).get("sources", []) if earlier.is_file() else [str(r)]
-    return list(dict.fromkeys(out))
+    return [s for s in dict.fromkeys(out) if s not in exclude]
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -635,6 +637,17 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def _inputs(results: list[Path], exclude: set[str]) -> list[Path]:
+    """The calibration's inputs one by one: earlier calibration folders as given, every results folder (with
+    summary.json) under the other paths, except those in ``exclude``; paths without any (link micro-benchmark
+    folders) as given."""
+    out = []
+    for root in map(Path, results):
+        found = [] if is_calibration(root) else sorted(s.parent for s in root.rglob("summary.json"))
+        out += [f for f in found if str(f) not in exclude] if found else [root]
+    return out
+
+
 def _earlier_reference_pace(results: list[Path]) -> float | None:
     """The reference pace of the first earlier calibration folder among ``results`` that has one."""
     for root in results:
@@ -645,16 +658,25 @@ def _earlier_reference_pace(results: list[Path]) -> float | None:
     return None
 
 
+def _earlier_calibration(results: list[Path]) -> Calibration | None:
+    """The first earlier calibration among ``results``."""
+    return next((Calibration.load(Path(r)) for r in results if is_calibration(r)), None)
+
+
 def calibrate(results: list[Path], out: Path, cores: int | None = None, log=print,
-              codec_rows: list[dict] | None = None) -> Calibration:
-    """Fit a calibration from results folders and write it (with its data points) to ``out``. ``codec_rows``:
-    codec timings to use (codec.csv rows) instead of measuring the kernels now."""
+              codec_rows: list[dict] | None = None, exclude: set[str] = frozenset()) -> Calibration:
+    """Fit a calibration from results folders (and earlier calibration folders) and write it, with its data points
+    and measured runs, to ``out``. ``codec_rows``: codec timings to use (codec.csv rows) instead of measuring the
+    kernels now. ``exclude``: results folders of earlier calibrations to leave out (rows and runs)."""
     cores = cores or os.cpu_count() or 1
+    exclude = set(map(str, exclude))
+    results = _inputs(results, exclude)
+    runs = read_runs(results, exclude)
     cpoints = compute_points(results, cores)
-    cpoints += earlier_points(results, "compute.csv", cpoints)
+    cpoints += earlier_points(results, "compute.csv", cpoints, exclude)
     if not cpoints:
         raise ValueError("no measured runs (run.json + rank*.jsonl) under " + ", ".join(map(str, results)))
-    device, on_host = fit_compute_on_host(cpoints, cores, earlier_pace=_earlier_reference_pace(results))
+    device, on_host = fit_compute_on_host(cpoints, cores, _earlier_reference_pace(results), runs)
     cpoints = [p | {"host_factor": q["host_factor"]} for p, q in zip(cpoints, on_host)]
     # per-step time outside the layers (embeddings, final layer, sampler update), from the same records
     step_rows = {}
@@ -668,16 +690,20 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     kpoints = codec_rows if codec_rows is not None else \
         codec_points([(max(8, t), h) for t, h in shapes[:: max(1, len(shapes) // 6)]])
     lpoints = link_points(results)
-    lpoints += earlier_points(results, "links.csv", lpoints)
+    lpoints += earlier_points(results, "links.csv", lpoints, exclude)
     shaped = [p for p in lpoints if p["configured_rate_mbit"]]
     efficiency = float(np.mean([p["wire_mbit"] / p["configured_rate_mbit"] for p in shaped])) if shaped else 1.0
     overhead = float(np.mean([(p["rtt_ms"] - p["configured_rtt_ms"]) / 2 / 1e3 for p in lpoints])) if lpoints else 0.0
     # "l20": not measured here; anchored to the paper's single-GPU FLUX time and codec timings, for GPU what-ifs
     calib = Calibration(devices={"cpu": device, "l20": l20_profile()}, codec=fit_codec(kpoints), link_efficiency=efficiency,
-                        link_overhead_s=max(0.0, overhead), sources=_sources(results))
+                        link_overhead_s=max(0.0, overhead), sources=_sources(results, exclude))
+    earlier = _earlier_calibration(results)
+    if earlier:     # whole runs of DistriFusion refit it below; without any, an earlier calibration's value stays
+        for name in ASYNC_PARAMS:
+            setattr(calib, name, getattr(earlier, name))
     device.codec_call_s = fit_codec_call(cpoints, calib)
     hpoints = hop_points(results, calib)
-    hpoints += earlier_points(results, "hops.csv", hpoints)
+    hpoints += earlier_points(results, "hops.csv", hpoints, exclude)
     bench = linkbench_points(results, calib)
     # Whole runs when there are any: on an emulation host their communication also pays for CPU contention
     # (ranks and the delay line share the cores), which links measured alone (micro-benchmarks) do not show.
@@ -685,7 +711,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
         for name, value in zip(HOP_PARAMS, fit_hops(hpoints or bench)):
             setattr(calib, name, value)
     if hpoints:
-        fitted = refine_hops_on_runs(results, calib, identified(hpoints))
+        fitted = refine_hops_on_runs(runs, calib, identified(hpoints))
         if fitted:
             log(f"hop model refined on {fitted} whole runs (their latency, median over seeds)")
     if hpoints and bench:
@@ -698,6 +724,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     _write_csv(out / "compute.csv", cpoints)
     _write_csv(out / "codec.csv", kpoints)
     _write_csv(out / "links.csv", lpoints)
+    write_runs(out, runs)
     calib.save(out)
     log(f"calibrated from {len(cpoints)} layer timings, {len(kpoints)} codec timings, {len(lpoints)} link probes, "
         f"hops fitted on {f'{len(hpoints)} run steps' if hpoints else f'{len(bench)} micro-benchmark points'} -> {out}")

@@ -3,7 +3,8 @@
 Per denoising step every rank runs its layers; each layer's exchange follows the method's pattern, as the
 runtime executes it on gloo:
   ring / patch   K/V all-gather per layer (torch's ring attention uses an all-gather rotater; gloo's
-                 all-gather is a ring): P-1 rounds of forwarding, simulated round by round per link
+                 all-gather is a ring): P-1 rounds, each chunk sent in two halves after the receiver's ready
+                 notice, simulated operation by operation per link (:meth:`Simulator.allgather_exits`)
   ulysses        two all-to-alls per layer (Q/K/V in, output back); each rank sends 1/P of its data to every
                  peer over separate links
   usp            both, on their sub-groups
@@ -13,9 +14,13 @@ runtime executes it on gloo:
 Compressed methods send codec payloads and pay encode/decode time. Warmup steps are full precision (sync) or
 computed for the whole sequence on every rank with no communication (local). A hop's cost (round trip,
 transfer, loss, jitter) comes from the calibrated hop model (``calibration.hop_seconds``). A collective occupies
-the links it uses (resources), so an asynchronous gather and the next synchronous exchange contend. Layers of a
-step are identical, so one layer is simulated and scaled: cost is linear in nodes x steps (and constant in
-layers), plus P^2 once per distinct collective for the round-by-round ring (memoized).
+the links it uses (resources), so an asynchronous gather and the next synchronous exchange contend.
+Where ranks outnumber the host's cores (the emulation host), ring and patch steps follow every rank on its own:
+it computes on the cores shared with whichever ranks compute at the same time (processor sharing) from the moment
+it left the previous gather, so ranks staggered by a link mix share the cores less than in lockstep. Elsewhere
+ranks run in lockstep and the layers of a step, being identical, are simulated once and scaled. Cost grows at most
+linearly in nodes x layers x steps (per-rank layers are memoized on the ranks' offsets, which settle after a few
+layers), plus P^2 per distinct collective for the ring's operations.
 """
 
 from __future__ import annotations
@@ -45,6 +50,32 @@ class Cluster:
     @property
     def world(self) -> int:
         return len(self.compute_scale)
+
+
+def processor_sharing(starts: list[float], works: list[float], cores: float) -> list[float]:
+    """Finish times of jobs arriving at ``starts`` with ``works`` seconds of one-core work, on ``cores`` cores shared
+    equally by the jobs running at each moment (each runs at min(1, cores / running) of a core)."""
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    left, finish, running = list(works), [0.0] * len(works), []
+    t, nxt = starts[order[0]] if order else 0.0, 0
+    while running or nxt < len(order):
+        while nxt < len(order) and starts[order[nxt]] <= t:
+            running.append(order[nxt])
+            nxt += 1
+        if not running:
+            t = starts[order[nxt]]
+            continue
+        rate = min(1.0, cores / len(running))
+        dt = min(left[j] for j in running) / rate
+        if nxt < len(order):
+            dt = min(dt, starts[order[nxt]] - t)
+        t += dt
+        for j in running:
+            left[j] -= dt * rate
+        for j in [j for j in running if left[j] <= 1e-12]:
+            finish[j] = t
+            running.remove(j)
+    return finish
 
 
 @dataclass
@@ -93,6 +124,7 @@ class Simulator:
         self.links = LinkModel(calib, cluster.device, cluster.world, cluster.htb_shaped)
         self.keep_timeline = timeline
         self._exchange: dict[bool, float] = {}
+        self._layers: dict[tuple, tuple] = {}
 
     # --- per-layer costs --------------------------------------------------------------------------------------
     def layer_compute(self, rank: int, local: bool) -> float:
@@ -115,28 +147,40 @@ class Simulator:
         return self.calib.codec_seconds(kind, "encode", raw, dev), self.calib.codec_seconds(kind, "decode", raw, dev)
 
     def allgather_seconds(self, nbytes: float, ranks: list[int]) -> float:
-        """gloo ring all-gather of ``nbytes`` per rank, round by round: in round k every rank forwards the chunk
-        it received in round k-1 once that chunk is in and its link has finished the previous transfer; a hop's
-        latency (its cost for an empty message) overlaps the next transfer on the same link. On uniform links this
-        is (P-1) x one hop; on a link mix, latency adds up along each chunk's path while a slow link's transfers
-        queue one after another."""
+        """gloo ring all-gather of ``nbytes`` per rank with every rank entering at once: the time its last rank
+        has every chunk (:meth:`allgather_exits`)."""
+        return max(self.allgather_exits(nbytes, [0.0] * len(ranks), ranks)) if len(ranks) > 1 else 0.0
+
+    def allgather_exits(self, nbytes: float, entry: list[float], ranks: list[int] | None = None) -> list[float]:
+        """When each rank of a gloo ring all-gather of ``nbytes`` per rank has every chunk, given when each entered
+        it. gloo sends each rank's chunk in two halves, 2(P-1) operations with two in flight: a rank posts operation
+        i (send to its successor, receive from its predecessor) once operation i-2 has completed on both sides. A
+        send starts only once the receiver's ready notice is in (gloo's rendezvous): a hop's latency (its cost for
+        an empty message) is that notice's way back plus the data's way there, half each. So a rank that enters
+        late holds up its predecessor's sends too, and a slow hop holds up the ranks after it; a half's transfer
+        overlaps the next half's notice. With equal entries on uniform links: (P-1) x one hop for small messages,
+        (P-1) transfers plus one latency for large ones."""
+        ranks = list(range(len(entry))) if ranks is None else ranks
         p = len(ranks)
         if p < 2:
-            return 0.0
+            return list(entry)
         both_ways = p == 2          # a 2-rank ring sends both ways over the same pair of links
         active = self.c.world if self.c.forwarding else 0       # every rank sends one stream at a time
         links = [self.c.links[(ranks[i], ranks[(i + 1) % p])] for i in range(p)]
         latency = [self.links.seconds(spec, 0.0, both_ways, active) for spec in links]
-        transfer = [self.links.seconds(spec, nbytes, both_ways, active) - lat for spec, lat in zip(links, latency)]
-        received, link_free = [0.0] * p, [0.0] * p
-        for _ in range(p - 1):
-            arrived = [0.0] * p
+        half = [(self.links.seconds(spec, nbytes, both_ways, active) - lat) / 2 for spec, lat in zip(links, latency)]
+        done = [list(entry), list(entry)]           # operations i-2 and i-1 completed (posts of i and i+1)
+        link_free = list(entry)
+        for _ in range(2 * (p - 1)):
+            posted = done[0]
+            arrived, sent = [0.0] * p, [0.0] * p
             for r in range(p):
-                start = max(received[r], link_free[r])
-                link_free[r] = start + transfer[r]
-                arrived[(r + 1) % p] = start + latency[r] + transfer[r]
-            received = arrived
-        return max(received)
+                nxt = (r + 1) % p
+                start = max(posted[r], posted[nxt] + latency[r] / 2, link_free[r])
+                sent[r] = link_free[r] = start + half[r]
+                arrived[nxt] = start + latency[r] / 2 + half[r]
+            done = [done[1], [max(a, t) for a, t in zip(arrived, sent)]]
+        return [max(a, b) for a, b in zip(*done)]
 
     def alltoall_seconds(self, nbytes: float, ranks: list[int]) -> float:
         """Each rank sends nbytes/P to every peer over separate links; the slowest pair gates (hop costs are
@@ -181,6 +225,55 @@ class Simulator:
             t += max(self.allgather_seconds(payload / u, g) for g in groups)
         return t
 
+    # --- ranks one by one on shared cores ---------------------------------------------------------------------
+    def ranks_share_cores(self) -> bool:
+        """Ranks outnumber the host's cores and every layer ends in a synchronous all-gather: each rank is then
+        simulated on its own (its compute on the cores shared with whichever ranks compute at the same time, its
+        own gather entry and exit) instead of in lockstep, because ranks that leave a gather early compute with
+        fewer others (on a link mix, 4 ranks on 2 cores compute at ~1.6x one core's time, not 2x)."""
+        return self.w.method.comm in ("ring", "patch") and self.calib.share(self.w.world, self.c.device) > 1
+
+    def layer_per_rank(self, ready: tuple[float, ...], warm: bool) -> tuple[tuple[float, ...], ...]:
+        """One synchronous layer with each rank ready to compute at ``ready``: compute (processor sharing of the
+        host's cores), encode, all-gather, decode. Returns when each rank is ready for the next layer, ends its
+        compute, enters and leaves the gather (memoized on the ranks' offsets)."""
+        key = (tuple(round(x, 9) for x in ready), warm)
+        if key not in self._layers:
+            w, p = self.w, self.w.world
+            one_core = self.calib.layer_seconds(w.local_tokens, w.batch * w.tokens, w.shape.hidden, 1.0, self.c.device)
+            done = processor_sharing(list(ready), [one_core * s for s in self.c.compute_scale],
+                                     self.calib.devices[self.c.device].cores)
+            enc, dec = self.codec_seconds(warm)
+            entry = [t + enc for t in done]
+            exits = self.allgather_exits(w.kv_wire_bytes(warm), entry)
+            self._layers[key] = (tuple(t + (p - 1) * dec for t in exits), tuple(done), tuple(entry), tuple(exits))
+        return self._layers[key]
+
+    def step_per_rank(self, lag: list[float], warm: bool) -> tuple[float, list[float], float, list]:
+        """One synchronous step, ranks ready ``lag`` (<= 0) before the previous step's end. Returns the step's
+        duration from that end, each rank's lag at its end, its summed slowest-rank compute, and per-rank intervals
+        (rank, kind, start, end) relative to the previous end."""
+        w, L = self.w, self.w.shape.layers
+        base = min(lag)
+        ready = tuple(x - base for x in lag)
+        compute, spans = 0.0, []
+        for _ in range(L):
+            nxt, done, entry, exits = self.layer_per_rank(ready, warm)
+            compute += max(d - r for d, r in zip(done, ready))
+            if self.keep_timeline:
+                for r in range(w.world):
+                    spans += [(r, "compute", base + ready[r], base + done[r]),
+                              (r, "codec", base + done[r], base + entry[r]), (r, "comm", base + entry[r], base + exits[r]),
+                              (r, "codec", base + exits[r], base + nxt[r])]
+            shift = min(nxt)
+            base, ready = base + shift, tuple(x - shift for x in nxt)
+        out = self.allgather_exits(w.output_bytes(), list(ready))
+        overhead = self.calib.devices[self.c.device].step_overhead_s * self.calib.share(w.world, self.c.device)
+        end = base + max(out) + overhead
+        if self.keep_timeline:
+            spans += [(r, "comm", base + ready[r], base + out[r]) for r in range(w.world)]
+        return end, [base + t + overhead - end for t in out], compute, spans
+
     # --- the event model --------------------------------------------------------------------------------------
     def run(self) -> Prediction:
         env = simpy.Environment()
@@ -208,9 +301,11 @@ class Simulator:
         step_bytes = {kind: p * (p - 1) * (L * (0 if kind == "local" else w.kv_wire_bytes(kind == "sync"))
                                            + w.output_bytes()) for kind in ("local", "sync", "steady")}
         pending_async = None
+        per_rank = self.ranks_share_cores()
+        lag = [0.0] * p
 
         def step_process(k: int):
-            nonlocal pending_async
+            nonlocal pending_async, lag
             warm = k < w.warmup_steps
             local = warm and w.warmup_mode == "local"
             comp = compute[local]
@@ -218,6 +313,16 @@ class Simulator:
             codec = enc + (p - 1) * dec
             exch = 0.0 if local else self.exchange_seconds(warm)
             start = env.now
+            if per_rank and not local:
+                duration, lag, slowest, spans = self.step_per_rank(lag, warm)
+                yield env.timeout(duration)
+                stats["compute"] += slowest
+                stats["codec"] += L * codec
+                stats["comm"] += duration - slowest - L * codec
+                stats["bytes"] += step_bytes["sync" if warm else "steady"]
+                timeline.extend((r, kind, start + a, start + b) for r, kind, a, b in spans)
+                return
+            lag = [0.0] * p
             if w.method.comm == "distrifusion" and not warm:
                 # compute this step with stale K/V while last step's gather may still be running
                 compute_end = start + L * (max(comp) + codec)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ..netem.commands import needs_offloads_off
 from ..testbed.scenario import Scenario, parse_scenario
 from .calibration import Calibration
 from .model import Cluster, Prediction, Simulator
+from .runs import read_runs
 from .workload import Workload, workload_of
 
 UNCOMPRESSED_BASELINE = "ring"
@@ -100,33 +99,32 @@ class MeasuredCase:
         return float(np.median(self.latencies))
 
 
-def measured_cases(results: list[Path], device: str = "cpu", calib: Calibration | None = None) -> list[MeasuredCase]:
-    """Every successful shaped or bound (pass, method) configuration under the results folders. With ``calib``,
-    each folder's compute is scaled by its host factor (``calibration.host_factors``: its single-process reference
-    generation's time against the calibration runs'; measured before the distributed runs, no links involved)."""
+def measured_cases(results: list, device: str = "cpu", calib: Calibration | None = None) -> list[MeasuredCase]:
+    """Every successful shaped or bound (pass, method) configuration of the measured runs under ``results`` (paths
+    or runs, :func:`.runs.read_runs`). With ``calib``, each run's compute is scaled by its host factor
+    (``calibration.host_factors``: its single-process reference generation's time against the calibration runs';
+    measured before the distributed runs, no links involved)."""
     from .calibration import host_factors
 
     cases = []
-    for root in results:
-        for summary in sorted(Path(root).rglob("summary.json")):
-            folder = summary.parent
-            scenario = parse_scenario(yaml.safe_load((folder / "scenario.yaml").read_text()), str(folder))
-            methods = {m.name: m for m in scenario.methods}
-            measured: dict[tuple[str, str], list[float]] = {}
-            for row in json.loads(summary.read_text())["rows"]:
-                if row["status"] == "ok" and row["links"] != "loopback":
-                    measured.setdefault((row["links"], row["method"]), []).append(row["latency_s"])
-            host = host_factors([folder], calib.devices[device]).get(str(folder), 1.0) if calib else 1.0
-            for (links, method), latencies in measured.items():
-                cluster = cluster_of(scenario, device, unlimited_rate=links == "bound")
-                cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale))
-                cases.append(MeasuredCase(folder, links, method, workload_of(scenario, methods[method]), cluster,
-                                          latencies, host))
+    for run in read_runs(results):
+        scenario = parse_scenario(run.scenario, run.folder)
+        methods = {m.name: m for m in scenario.methods}
+        measured: dict[tuple[str, str], list[float]] = {}
+        for row in run.rows:
+            if row["status"] == "ok" and row["links"] != "loopback":
+                measured.setdefault((row["links"], row["method"]), []).append(row["latency_s"])
+        host = host_factors([run], calib.devices[device]).get(run.folder, 1.0) if calib else 1.0
+        for (links, method), latencies in measured.items():
+            cluster = cluster_of(scenario, device, unlimited_rate=links == "bound")
+            cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale))
+            cases.append(MeasuredCase(Path(run.folder), links, method, workload_of(scenario, methods[method]),
+                                      cluster, latencies, host))
     return cases
 
 
-def validate(results: list[Path], calib: Calibration, device: str = "cpu") -> list[Case]:
-    """Predict every measured (pass, method) configuration under the results folders; errors per case."""
+def validate(results: list, calib: Calibration, device: str = "cpu") -> list[Case]:
+    """Predict every measured (pass, method) configuration under ``results`` (paths or runs); errors per case."""
     out = []
     for m in measured_cases(results, device, calib):
         pred = Simulator(m.workload, m.cluster, calib).run()

@@ -182,18 +182,20 @@ def cmd_crossval(args: argparse.Namespace, console: Console) -> int:
 
     from ..simulator.crossval import fit_without, leave_one_out
     from ..simulator.predict import mape
+    from ..simulator.runs import read_runs
 
     _require_folders(args.results)
     if args.codec_from and not (Path(args.codec_from) / "codec.csv").is_file():
         raise CommandError(f"no codec.csv in {args.codec_from}")
     fit = functools.partial(fit_without, codec_from=Path(args.codec_from)) if args.codec_from else fit_without
-    folders = [Path(p) for p in args.results]
+    results = [Path(p) for p in args.results]
+    n = len(read_runs(results))
     cases = []
     try:
-        for k, (folder, fold) in enumerate(leave_one_out(folders, fit, args.workers), 1):
+        for k, (folder, fold) in enumerate(leave_one_out(results, fit, args.workers), 1):
             cases += fold
             errors = " ".join(f"{c.links}/{c.method} {c.error:+.1%}" for c in fold) or "no measured runs"
-            console.print(f"[{k}/{len(folders)}] {folder}: {errors}")
+            console.print(f"[{k}/{n}] {folder}: {errors}")
     except ValueError as e:
         raise CommandError(str(e)) from e
     if not cases:
@@ -206,7 +208,7 @@ def cmd_crossval(args: argparse.Namespace, console: Console) -> int:
         t.add_row(str(key[0]), key[1], str(len(group)), f"{mape(group):.1%}",
                   f"{np.mean([c.error for c in group]):+.1%}")
     console.print(t)
-    console.print(f"leave-one-out MAPE over {len(cases)} cases of {len(folders)} folders: {mape(cases):.2%} "
+    console.print(f"leave-one-out MAPE over {len(cases)} cases of {n} results folders: {mape(cases):.2%} "
                   f"(mean error {np.mean([c.error for c in cases]):+.2%})")
     return 0
 
@@ -285,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_regress)
 
     s = sub.add_parser("simcheck", help="compare simulator predictions with measured runs (per case + MAPE)",
-                       description="Predict every measured method run in the results folders and print the "
-                                   "per-case error and the mean absolute percentage error.")
+                       description="Predict every measured method run in the results folders (or the runs "
+                                   "stored in a calibration folder: in-sample) and print the per-case error and the "
+                                   "mean absolute percentage error.")
     s.add_argument("results", nargs="+")
     s.add_argument("--calibration", help="calibration folder (default: the shipped one)")
     s.add_argument("--device", default="cpu")
@@ -295,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("crossval", help="leave-one-out error of the calibration over results folders",
                        description="Fit the calibration on all results folders but one, predict the one left out, "
                                    "for each folder in turn; print each fold's errors and the MAPE by ranks and "
-                                   "method. Codec timings come from a stored calibration (--codec-from).")
+                                   "method. RESULTS may be results folders or calibration folders (their stored "
+                                   "runs; e.g. simulator/data for the shipped one). Codec timings come from a "
+                                   "stored calibration (--codec-from).")
     s.add_argument("results", nargs="+")
     s.add_argument("--workers", type=int, default=1, help="folds fitted in parallel (processes)")
     s.add_argument("--codec-from", help="calibration folder whose codec.csv is used (default: the shipped one)")
@@ -304,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("calibrate", help="fit the simulator's compute, codec and link models from measured runs",
                        description="Read results folders written by `scenario run` (also link micro-benchmark "
                                    "folders of `python -m compactbed.simulator.linkbench` and earlier calibration "
-                                   "folders, whose rows are reused) and write calibration data files (CSV/JSON) "
-                                   "for the simulator.")
+                                   "folders, whose rows and measured runs are reused) and write calibration data "
+                                   "files (CSV/JSON, with the runs it was fitted on in runs.json) for the simulator.")
     s.add_argument("results", nargs="+", help="results, link-benchmark or earlier calibration folders")
     s.add_argument("--out", default="calibration", help="output folder (default: ./calibration)")
     s.set_defaults(func=cmd_calibrate)

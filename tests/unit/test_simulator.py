@@ -64,8 +64,12 @@ def test_delay_and_rate_and_loss_each_cost_time():
 
 
 def test_heterogeneous_nodes_and_links():
+    # 2 ranks, one core each: a slower node is slower. 4 ranks on 2 cores: a slower node also staggers the ranks,
+    # which then share the cores less (see the core-sharing test), so only a much slower one is slower overall
+    two = [{"name": "a"}, {"name": "b", "compute_scale": 3}]
+    assert run(sc(nodes=two), "compact-1bit").latency_s > run(sc(nodes=2), "compact-1bit").latency_s
     base = run(sc(), "compact-1bit").latency_s
-    slow_node = sc(nodes=[{"name": "a"}, {"name": "b", "compute_scale": 3}, {"name": "c"}, {"name": "d"}])
+    slow_node = sc(nodes=[{"name": "a"}, {"name": "b", "compute_scale": 10}, {"name": "c"}, {"name": "d"}])
     assert run(slow_node, "compact-1bit").latency_s > base
     slow_link = sc(links=[{"src": 1, "dst": 2, "rate_mbit": 5, "delay_ms": 50}])
     assert run(slow_link, "ring").latency_s > run(sc(), "ring").latency_s
@@ -315,21 +319,25 @@ def test_calibrate_from_link_benchmarks_and_an_earlier_calibration(tmp_path):
     assert all(math.isclose(f, t, rel_tol=0.02, abs_tol=2e-4) for f, t in zip(fitted, truth)), fitted
     assert calib.devices["cpu"].b == pytest.approx(shipped.devices["cpu"].b, rel=1e-6)   # same compute rows
     assert calib.sources == shipped.sources + [str(bench)]
+    assert calib.async_transfer_factor == shipped.async_transfer_factor    # no DistriFusion runs to refit it
 
     said = []
-    with_runs = calibrate([DATA_DIR, bench], tmp_path / "out2", log=said.append)
-    runs_only = calibrate([DATA_DIR], tmp_path / "out3", log=lambda s: None)
+    rows_only = tmp_path / "rows"          # the shipped rows without its measured runs (no refinement: quick)
+    shutil.copytree(DATA_DIR, rows_only, ignore=shutil.ignore_patterns("runs.json"))
+    with_runs = calibrate([rows_only, bench], tmp_path / "out2", log=said.append)
+    runs_only = calibrate([rows_only], tmp_path / "out3", log=lambda s: None)
     assert [getattr(with_runs, n) for n in HOP_PARAMS] == [getattr(runs_only, n) for n in HOP_PARAMS]
     assert any("x (median) what the links alone cost" in line for line in said), said
 
 
 def test_oversubscribed_hosts_pay_a_scheduling_wait_per_hop():
-    """4 ranks on the 2-core profile: every hop waits k_sched x (share - 1); 2 ranks (one per core) do not."""
+    """4 ranks on the 2-core profile: every hop waits k_sched x (share - 1); 2 ranks (one per core) do not. (Links
+    fast enough that every hop is latency: a large message's halves would hide part of it behind transfers.)"""
     import dataclasses
 
     waiting = dataclasses.replace(CALIB, oversubscribed_hop_s=0.01)
     for nodes, extra_per_hop in ((4, 0.01), (2, 0.0)):
-        s = sc(nodes=nodes, methods=["ring"])
+        s = sc(nodes=nodes, methods=["ring"], link={"delay_ms": 10})
         w = workload_of(s, METHOD_PRESETS["ring"])
         hops = s.steps * (w.shape.layers + 1) * (nodes - 1)        # K/V hops per layer + the output gather
         base = Simulator(w, cluster_of(s), CALIB).run().comm_s
@@ -337,8 +345,9 @@ def test_oversubscribed_hosts_pay_a_scheduling_wait_per_hop():
 
 
 def test_ring_all_gather_on_a_link_mix():
-    """gloo's ring: latency adds up along each chunk's path (P-1 consecutive links), while a slow link's transfers
-    queue one after another (it carries P-1 chunks)."""
+    """gloo's ring: a receiver posts each round's receive only once the previous one is in, and a send starts on
+    the receiver's notice, so every round waits for the slowest hop; a slow link's transfers queue one after
+    another (it carries P-1 chunks)."""
     s = sc(methods=["ring"])
     w = workload_of(s, METHOD_PRESETS["ring"])
     ring = list(range(4))
@@ -348,16 +357,59 @@ def test_ring_all_gather_on_a_link_mix():
         sim = Simulator(w, Cluster((1.0,) * 4, links, device="cpu"), CALIB)
         return sim.allgather_seconds(nbytes, ring), sim.links.seconds(slow, nbytes), sim.links.seconds(fast, nbytes)
 
-    # latency-bound: unlimited rate, one long link; the chunk that skips it arrives early, the others cross it once
+    # latency-bound: unlimited rate, one long link; each of the 3 rounds waits for it
     t, slow_hop, fast_hop = gather(LinkSpec(delay_ms=20), LinkSpec(delay_ms=1), 1000)
-    assert t == pytest.approx(slow_hop + 2 * fast_hop)
-    assert t < 3 * slow_hop / 2
+    assert t == pytest.approx(3 * slow_hop)
+    assert fast_hop < slow_hop / 5
     # bandwidth-bound: the 10 Mbit link carries 3 chunks back to back
     t, slow_hop, fast_hop = gather(LinkSpec(rate_mbit=10), LinkSpec(rate_mbit=1000), 1.25e6)
     assert 3 * (slow_hop - CALIB.hop_overhead_s) <= t < 3 * slow_hop + fast_hop
-    # uniform links: (P-1) x one hop
-    t, _, fast_hop = gather(LinkSpec(rate_mbit=100, delay_ms=5), LinkSpec(rate_mbit=100, delay_ms=5), 2e5)
-    assert t == pytest.approx(3 * fast_hop)
+    # uniform links: (P-1) x one hop for an empty message; a large one's halves hide some latency behind transfers
+    uniform = LinkSpec(rate_mbit=100, delay_ms=5)
+    t, _, hop = gather(uniform, uniform, 0)
+    assert t == pytest.approx(3 * hop)
+    t, _, hop_2e5 = gather(uniform, uniform, 2e5)
+    assert 3 * (hop_2e5 - hop) + hop < t < 3 * hop_2e5
+
+
+def test_a_late_rank_holds_up_the_gather_of_its_predecessor():
+    """gloo's rendezvous: nobody sends to a rank before it has entered the all-gather, so a late entry delays every
+    rank's exit, the late rank's own last."""
+    s = sc(methods=["ring"])
+    sim = Simulator(workload_of(s, METHOD_PRESETS["ring"]), cluster_of(s), CALIB)
+    on_time = sim.allgather_exits(1000, [0.0] * 4)
+    hop = on_time[0] / 3                                    # uniform links, small message: (P-1) x one hop
+    late = sim.allgather_exits(1000, [0.0, 0.0, 0.0, 0.5])
+    # rank 3's chunk leaves at 0.5 and reaches rank 0 after a hop, rank 1 after two; rank 3 itself receives only
+    # once it has posted, so it ends a whole gather after its entry, last
+    assert late[0] > 0.5 + hop and late[1] == pytest.approx(0.5 + 2 * hop, rel=1e-3) and late[2] > 0.5 + 2 * hop
+    assert late[3] == pytest.approx(0.5 + on_time[3]) == max(late)
+
+
+def test_processor_sharing():
+    from compactbed.simulator.model import processor_sharing
+
+    assert processor_sharing([0, 0, 0, 0], [1, 1, 1, 1], 2) == pytest.approx([2, 2, 2, 2])
+    assert processor_sharing([0, 0, 1, 1], [1, 1, 1, 1], 2) == pytest.approx([1, 1, 2, 2])
+    # 3 jobs on 2 cores run at 2/3 until the short one ends, then at full speed
+    assert processor_sharing([0, 0, 0], [1, 2, 2], 2) == pytest.approx([1.5, 2.5, 2.5])
+    assert processor_sharing([5.0], [1.0], 2) == [6.0]
+
+
+def test_ranks_on_shared_cores_compute_less_than_lockstep_on_a_link_mix():
+    """4 ranks on 2 cores: in lockstep (uniform links) each layer's compute is 2x one core's; behind a slower node
+    the ranks leave each gather at different times, compute with fewer others, and the slowest is below 2x."""
+    def compute_per_layer(**kw):
+        s = sc(methods=["compact-1bit"], steps=5, warmup={"mode": "sync", "steps": 1}, **kw)
+        w = workload_of(s, METHOD_PRESETS["compact-1bit"])
+        sim = Simulator(w, cluster_of(s), CALIB)
+        assert sim.ranks_share_cores()
+        one_core = CALIB.layer_seconds(w.local_tokens, w.batch * w.tokens, w.shape.hidden, 1.0, "cpu")
+        return sim.run().compute_s / (5 * w.shape.layers * one_core)
+
+    assert compute_per_layer() == pytest.approx(2.0)
+    slow = [{"src": a, "dst": b, "rate_mbit": 50, "delay_ms": 20} for k in (0, 2, 3) for a, b in ((1, k), (k, 1))]
+    assert compute_per_layer(links=slow) < 1.9
 
 
 def test_shaper_burst_only_on_htb_shaped_links():
@@ -463,6 +515,43 @@ def _results_folder(tmp_path, name, data, layer_scale, reference_s, threads=1):
     return folder
 
 
+def test_a_calibration_keeps_its_runs_so_it_can_be_refitted_and_cross_validated_alone(tmp_path):
+    """calibrate stores the measured runs it was fitted on (runs.json): refitting from the calibration folder alone
+    refines on them as on the raw folders, and leaving one stored run out fits what the other raw folders fit."""
+    from compactbed.simulator.calibration import HOP_PARAMS, _read_csv, calibrate
+    from compactbed.simulator.crossval import fit_without, leave_one_out
+    from compactbed.simulator.runs import read_runs
+
+    folders = [_results_folder(tmp_path / "raw", f"r{k}", dict(name=f"s{k}", nodes=2, labels=8, steps=2,
+                               link={"rate_mbit": 50, "delay_ms": delay}, methods=["ring"]), 1.0, 0.2)
+               for k, delay in enumerate((2, 10, 30))]
+    codec = _read_csv(Path(__file__).parents[2] / "simulator" / "data" / "codec.csv")
+    first = calibrate(folders, tmp_path / "cal", log=lambda s: None, codec_rows=codec)
+    stored = read_runs([tmp_path / "cal"])
+    assert [r.folder for r in stored] == list(map(str, folders))
+    assert [r.rows for r in stored] == [r.rows for r in read_runs(folders)]
+    said = []
+    again = calibrate([tmp_path / "cal"], tmp_path / "again", log=said.append, codec_rows=codec)
+    assert any("refined on 3 whole runs" in line for line in said), said
+    assert [getattr(again, n) for n in HOP_PARAMS] == pytest.approx([getattr(first, n) for n in HOP_PARAMS])
+    left_out = str(folders[1])
+    alone = fit_without([tmp_path / "cal"], {left_out})
+    raw = calibrate([folders[0], folders[2]], tmp_path / "raw02", log=lambda s: None, codec_rows=codec)
+    assert left_out not in alone.sources and len(alone.sources) == 2
+    assert [getattr(alone, n) for n in HOP_PARAMS] == pytest.approx([getattr(raw, n) for n in HOP_PARAMS])
+    folds = dict(leave_one_out([tmp_path / "cal"]))
+    assert set(folds) == set(map(str, folders))
+    (case,) = folds[left_out]
+    assert case.predicted_s == pytest.approx(validate_one(stored[1], alone))
+
+
+def validate_one(run, calib) -> float:
+    from compactbed.simulator.predict import validate
+
+    (case,) = validate([run], calib)
+    return case.predicted_s
+
+
 def test_host_factor_follows_the_single_process_reference_and_scales_predicted_compute(tmp_path):
     """A run whose one-thread reference generation took 1.5x the calibration runs' (relative to the model) gets
     host factor 1.5 and its predicted compute scales by it; a reference on more threads, or a calibration without
@@ -471,15 +560,17 @@ def test_host_factor_follows_the_single_process_reference_and_scales_predicted_c
 
     from compactbed.simulator.calibration import host_factors, reference_pace
     from compactbed.simulator.predict import validate
+    from compactbed.simulator.runs import read_runs
 
     data = dict(name="s", nodes=2, link={"rate_mbit": 50, "delay_ms": 5}, labels=8, steps=2, methods=["ring"])
     base = _results_folder(tmp_path / "a", "base", data, 1.0, 0.2)
     slow = _results_folder(tmp_path / "b", "slow", data, 1.0, 0.3)
     threads = _results_folder(tmp_path / "c", "threads", data, 1.0, 0.3, threads=2)
     dev = dataclasses.replace(CALIB.devices["cpu"])
-    dev.reference_pace = reference_pace(base, dev)
-    assert host_factors([base, slow, threads], dev) == {str(base): pytest.approx(1.0), str(slow): pytest.approx(1.5)}
-    assert host_factors([slow], CALIB.devices["cpu"]) == {}
+    dev.reference_pace = reference_pace(read_runs([base])[0], dev)
+    runs = read_runs([base, slow, threads])
+    assert host_factors(runs, dev) == {str(base): pytest.approx(1.0), str(slow): pytest.approx(1.5)}
+    assert host_factors(runs, CALIB.devices["cpu"]) == {}
     calib = dataclasses.replace(CALIB, devices={"cpu": dev})
     (at_base,), (at_slow,) = validate([tmp_path / "a"], calib), validate([tmp_path / "b"], calib)
     assert at_slow.host_factor == pytest.approx(1.5) and at_base.host_factor == pytest.approx(1.0)
@@ -494,14 +585,15 @@ def test_compute_fit_takes_out_the_hosts_drift(tmp_path):
     alike): with host factors every run's rows agree, and the profile is the median host's; stored with the rows,
     the factors make a refit from the rows alone (no results folders) the same."""
     from compactbed.simulator.calibration import compute_points, fit_compute_on_host
+    from compactbed.simulator.runs import read_runs
 
     data = dict(name="s", nodes=2, link={"rate_mbit": 50, "delay_ms": 5}, labels=8, steps=2, methods=["ring"])
-    runs = [_results_folder(tmp_path, f"h{k}", data, k, 0.2 * k) for k in (1.0, 1.2, 1.5)]
-    points = compute_points(runs, 2)
+    folders = [_results_folder(tmp_path, f"h{k}", data, k, 0.2 * k) for k in (1.0, 1.2, 1.5)]
+    points = compute_points(folders, 2)
     w = workload_of(parse_scenario(data, "s"), METHOD_PRESETS["ring"])
     shape = (w.local_tokens, w.batch * w.tokens, w.shape.hidden, 1.0)
     truth = 1.2 * CALIB.devices["cpu"].layer_seconds(*shape)
-    device, scaled = fit_compute_on_host(points, 2)
+    device, scaled = fit_compute_on_host(points, 2, runs=read_runs(folders))
     assert device.layer_seconds(*shape) == pytest.approx(truth, rel=1e-3)
     assert all(p["seconds"] == pytest.approx(truth, rel=1e-3) for p in scaled)
     stored = [p | {"run": "elsewhere/" + p["run"], "host_factor": q["host_factor"]}     # folders gone
@@ -511,12 +603,12 @@ def test_compute_fit_takes_out_the_hosts_drift(tmp_path):
     assert again.reference_pace == device.reference_pace
 
 
-def _fit_on_names(train):
+def _fit_on_names(results, exclude=frozenset()):
     """A stand-in fit whose calibration depends on exactly which folders it was given (picklable)."""
     import copy
 
     calib = copy.deepcopy(CALIB)
-    calib.hop_rtt_factor = 1.0 + sum(int(Path(f).name[-1]) for f in train)
+    calib.hop_rtt_factor = 1.0 + sum(int(Path(f).name[-1]) for f in results if str(f) not in exclude)
     return calib
 
 
@@ -539,10 +631,10 @@ def test_leave_one_out_predicts_each_folder_with_a_fit_that_never_saw_it(tmp_pat
         folders.append(folder)
     for workers in (1, 2):
         folds = dict(leave_one_out(folders, _fit_on_names, workers))
-        assert set(folds) == set(folders)
+        assert set(folds) == set(map(str, folders))
         for folder in folders:
             others = [f for f in folders if f != folder]
-            (case,) = folds[folder]
+            (case,) = folds[str(folder)]
             assert case.predicted_s == pytest.approx(validate([folder], _fit_on_names(others))[0].predicted_s)
             assert case.predicted_s != pytest.approx(validate([folder], _fit_on_names(folders))[0].predicted_s)
     with pytest.raises(ValueError, match="at least two"):

@@ -1,0 +1,66 @@
+"""Measured runs as the simulator is judged on them: one per results folder, read from the folder itself
+(``summary.json`` + ``scenario.yaml``, written by ``scenario run``) or from a calibration folder's stored copy.
+
+A calibration keeps the runs it was fitted on in ``runs.json`` (a list of :class:`MeasuredRun` as JSON objects),
+so that refitting it, judging a model change in-sample, or leaving one run out (``scenario crossval``) needs the
+calibration folder alone, not raw results that may be long gone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+RUNS_FILE = "runs.json"
+
+
+@dataclass
+class MeasuredRun:
+    """A results folder's measured latencies and what is needed to simulate them."""
+
+    folder: str                     # the results folder (its path when measured)
+    scenario: dict                  # its scenario.yaml as loaded
+    rows: list[dict]                # one per (pass, method, seed): links, method, seed, status, latency_s
+    reference_latency_s: dict[str, float] = field(default_factory=dict)  # single-process reference per seed
+    reference_threads: int | None = None
+    note: str = ""                  # how the figures were obtained when not read from summary.json
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "MeasuredRun":
+        summary = json.loads((folder / "summary.json").read_text())
+        rows = [{k: r.get(k) for k in ("links", "method", "seed", "status", "latency_s")} for r in summary["rows"]]
+        return cls(str(folder), yaml.safe_load((folder / "scenario.yaml").read_text()), rows,
+                   {str(k): float(v) for k, v in (summary.get("reference_latency_s") or {}).items()},
+                   summary.get("reference_threads"))
+
+
+def is_calibration(folder: Path) -> bool:
+    return (Path(folder) / "calibration.json").is_file()
+
+
+def read_runs(results: Iterable[Path | MeasuredRun], exclude: Iterable[str] = ()) -> list[MeasuredRun]:
+    """Every measured run under ``results``: results folders found below each path (those with summary.json and
+    scenario.yaml), a calibration folder's stored runs, or runs given as they are. A folder is read once (the
+    first time it appears); those named in ``exclude`` are left out."""
+    out: dict[str, MeasuredRun] = {}
+    skip = set(map(str, exclude))
+    for item in results:
+        if isinstance(item, MeasuredRun):
+            found = [item]
+        elif is_calibration(item) and (Path(item) / RUNS_FILE).is_file():
+            found = [MeasuredRun(**d) for d in json.loads((Path(item) / RUNS_FILE).read_text())]
+        else:
+            found = [MeasuredRun.from_folder(s.parent) for s in sorted(Path(item).rglob("summary.json"))
+                     if (s.parent / "scenario.yaml").is_file()]
+        for run in found:
+            if run.folder not in skip:
+                out.setdefault(run.folder, run)
+    return list(out.values())
+
+
+def write_runs(folder: Path, runs: list[MeasuredRun]) -> None:
+    (Path(folder) / RUNS_FILE).write_text(json.dumps([asdict(r) for r in runs], indent=1))
