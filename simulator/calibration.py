@@ -648,16 +648,6 @@ def _inputs(results: list[Path], exclude: set[str]) -> list[Path]:
     return out
 
 
-def _earlier_reference_pace(results: list[Path]) -> float | None:
-    """The reference pace of the first earlier calibration folder among ``results`` that has one."""
-    for root in results:
-        if (Path(root) / "calibration.json").is_file():
-            pace = Calibration.load(Path(root)).devices.get("cpu")
-            if pace and pace.reference_pace:
-                return pace.reference_pace
-    return None
-
-
 def _earlier_calibration(results: list[Path]) -> Calibration | None:
     """The first earlier calibration among ``results``."""
     return next((Calibration.load(Path(r)) for r in results if is_calibration(r)), None)
@@ -676,7 +666,9 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     cpoints += earlier_points(results, "compute.csv", cpoints, exclude)
     if not cpoints:
         raise ValueError("no measured runs (run.json + rank*.jsonl) under " + ", ".join(map(str, results)))
-    device, on_host = fit_compute_on_host(cpoints, cores, _earlier_reference_pace(results), runs)
+    earlier = _earlier_calibration(results)
+    earlier_cpu = earlier.devices.get("cpu") if earlier else None
+    device, on_host = fit_compute_on_host(cpoints, cores, earlier_cpu.reference_pace if earlier_cpu else None, runs)
     cpoints = [p | {"host_factor": q["host_factor"]} for p, q in zip(cpoints, on_host)]
     # per-step time outside the layers (embeddings, final layer, sampler update), from the same records
     step_rows = {}
@@ -697,7 +689,6 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     # "l20": not measured here; anchored to the paper's single-GPU FLUX time and codec timings, for GPU what-ifs
     calib = Calibration(devices={"cpu": device, "l20": l20_profile()}, codec=fit_codec(kpoints), link_efficiency=efficiency,
                         link_overhead_s=max(0.0, overhead), sources=_sources(results, exclude))
-    earlier = _earlier_calibration(results)
     if earlier:     # whole runs of DistriFusion refit it below; without any, an earlier calibration's value stays
         for name in ASYNC_PARAMS:
             setattr(calib, name, getattr(earlier, name))

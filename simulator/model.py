@@ -125,6 +125,7 @@ class Simulator:
         self.keep_timeline = timeline
         self._exchange: dict[bool, float] = {}
         self._layers: dict[tuple, tuple] = {}
+        self._steps: dict[tuple, tuple] = {}
 
     # --- per-layer costs --------------------------------------------------------------------------------------
     def layer_compute(self, rank: int, local: bool) -> float:
@@ -252,7 +253,15 @@ class Simulator:
     def step_per_rank(self, lag: list[float], warm: bool) -> tuple[float, list[float], float, list]:
         """One synchronous step, ranks ready ``lag`` (<= 0) before the previous step's end. Returns the step's
         duration from that end, each rank's lag at its end, its summed slowest-rank compute, and per-rank intervals
-        (rank, kind, start, end) relative to the previous end."""
+        (rank, kind, start, end) relative to the previous end (memoized on the lags, which settle after a step or
+        two, so the remaining steps cost a lookup)."""
+        key = (tuple(round(x, 9) for x in lag), warm)
+        if key not in self._steps:
+            self._steps[key] = self._step_per_rank(lag, warm)
+        duration, lags, compute, spans = self._steps[key]
+        return duration, list(lags), compute, spans
+
+    def _step_per_rank(self, lag: list[float], warm: bool) -> tuple[float, list[float], float, list]:
         w, L = self.w, self.w.shape.layers
         base = min(lag)
         ready = tuple(x - base for x in lag)
@@ -308,10 +317,8 @@ class Simulator:
             nonlocal pending_async, lag
             warm = k < w.warmup_steps
             local = warm and w.warmup_mode == "local"
-            comp = compute[local]
             enc, dec = self.codec_seconds(warm or local)
             codec = enc + (p - 1) * dec
-            exch = 0.0 if local else self.exchange_seconds(warm)
             start = env.now
             if per_rank and not local:
                 duration, lag, slowest, spans = self.step_per_rank(lag, warm)
@@ -323,6 +330,8 @@ class Simulator:
                 timeline.extend((r, kind, start + a, start + b) for r, kind, a, b in spans)
                 return
             lag = [0.0] * p
+            comp = compute[local]
+            exch = 0.0 if local else self.exchange_seconds(warm)
             if w.method.comm == "distrifusion" and not warm:
                 # compute this step with stale K/V while last step's gather may still be running
                 compute_end = start + L * (max(comp) + codec)
