@@ -100,7 +100,7 @@ def test_predict_table_and_published_shapes():
 
 
 def test_hop_fit_recovers_known_parameters():
-    truth = (1.2, 1.05, 0.004, 1.5, 3e5, 0.7, 2.5, 0.6, 3.0, 1 / 40e6, 0.003)
+    truth = (1.2, 1.05, 0.004, 1.5, 3e5, 0.7, 2.5, 0.6, 3.0, 1 / 40e6, 0.003, 1.3)
     pts = []
     rate, burst = 12.5e6, 40_000
     for rtt in (0.004, 0.02, 0.06):
@@ -296,7 +296,7 @@ def test_calibrate_from_link_benchmarks_and_an_earlier_calibration(tmp_path):
     from compactbed.simulator.linkbench import FIELDS
 
     shipped = Calibration.load(DATA_DIR)
-    truth = (1.3, 0.95, 0.002, 1.4, 2e5, 0.5, 1.22, 0.8, 0.0, 0.0, 0.0)
+    truth = (1.3, 0.95, 0.002, 1.4, 2e5, 0.5, 1.22, 0.8, 0.0, 0.0, 0.0, 1.2)
     bench = tmp_path / "bench"
     bench.mkdir()
     with open(bench / "linkbench.csv", "w", newline="") as f:
