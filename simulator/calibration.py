@@ -533,24 +533,30 @@ def comm_seconds(params, col: dict[str, np.ndarray]) -> np.ndarray:
     return col["kv_hops"] * hop(col["kv_bytes"]) + col["out_hops"] * hop(col["out_bytes"])
 
 
-def fit_hops(points: list[dict]) -> tuple[float, ...]:
-    """Bounded least squares of the per-step communication time, the wait for slower ranks' compute taken out
-    (scipy.optimize.least_squares). Jitter and loss terms are only identified when the points include jittery /
-    lossy links; otherwise they keep their starting values (:data:`HOP_START`)."""
+def fit_hops(points: list[dict], robust: bool = True) -> tuple[float, ...]:
+    """Bounded least squares of the per-step communication time relative to itself, the wait for slower ranks'
+    compute taken out (scipy.optimize.least_squares). A step whose wait was all for compute (nothing left for the
+    links) says nothing about them and is left out; ``robust``: a soft-L1 loss, so that the few steps whose wait
+    the transfers hid behind compute (ring attention overlaps its gather with the local block) do not outweigh
+    thousands of others. Jitter and loss terms are only identified when the points include jittery / lossy links;
+    otherwise they keep their starting values (:data:`HOP_START`)."""
     from scipy.optimize import least_squares
 
     col = _columns(points)
+    target = col["comm_wait_s"] - col["imbalance_s"]
+    keep = target > 0
+    col, target = {k: v[keep] for k, v in col.items()}, target[keep]
     free = identified(points)
 
     def full(params):
         return [p if f else s for p, f, s in zip(params, free, HOP_START)]
 
     def residual(params):
-        target = col["comm_wait_s"] - col["imbalance_s"]
-        return (comm_seconds(full(params), col) - target) / np.maximum(target, 1e-3)
+        return comm_seconds(full(params), col) / target - 1
 
     x0 = [HOP_FIT_START.get(n, v) for n, v in zip(HOP_PARAMS, HOP_START)]
-    fit = least_squares(residual, x0=x0, x_scale=HOP_SCALE, bounds=(HOP_LOWER, HOP_UPPER))
+    fit = least_squares(residual, x0=x0, x_scale=HOP_SCALE, bounds=(HOP_LOWER, HOP_UPPER),
+                        **(dict(loss="soft_l1", f_scale=0.25) if robust else {}))
     return tuple(float(v) for v in full(fit.x))
 
 
