@@ -534,11 +534,12 @@ def comm_seconds(params, col: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def fit_hops(points: list[dict], robust: bool = True) -> tuple[float, ...]:
-    """Bounded least squares of the per-step communication time relative to itself, the wait for slower ranks'
-    compute taken out (scipy.optimize.least_squares). A step whose wait was all for compute (nothing left for the
-    links) says nothing about them and is left out; ``robust``: a soft-L1 loss, so that the few steps whose wait
-    the transfers hid behind compute (ring attention overlaps its gather with the local block) do not outweigh
-    thousands of others. Jitter and loss terms are only identified when the points include jittery / lossy links;
+    """Bounded least squares of the per-step communication time, the wait for slower ranks' compute taken out
+    (scipy.optimize.least_squares). A step whose wait was all for compute (nothing left for the links) says nothing
+    about them and is left out. ``robust`` (default): residuals are log(predicted / measured) under a soft-L1 loss,
+    so that the few steps whose transfers hid behind compute (ring attention overlaps its gather with the local
+    block: a tenth of the modelled time measured) do not outweigh thousands of others; otherwise plain relative
+    errors, squared. Jitter and loss terms are only identified when the points include jittery / lossy links;
     otherwise they keep their starting values (:data:`HOP_START`)."""
     from scipy.optimize import least_squares
 
@@ -552,11 +553,12 @@ def fit_hops(points: list[dict], robust: bool = True) -> tuple[float, ...]:
         return [p if f else s for p, f, s in zip(params, free, HOP_START)]
 
     def residual(params):
-        return comm_seconds(full(params), col) / target - 1
+        ratio = comm_seconds(full(params), col) / target
+        return np.log(np.maximum(ratio, 1e-9)) if robust else ratio - 1
 
     x0 = [HOP_FIT_START.get(n, v) for n, v in zip(HOP_PARAMS, HOP_START)]
     fit = least_squares(residual, x0=x0, x_scale=HOP_SCALE, bounds=(HOP_LOWER, HOP_UPPER),
-                        **(dict(loss="soft_l1", f_scale=0.25) if robust else {}))
+                        **(dict(loss="soft_l1", f_scale=0.1) if robust else {}))
     return tuple(float(v) for v in full(fit.x))
 
 
