@@ -533,13 +533,12 @@ def comm_seconds(params, col: dict[str, np.ndarray]) -> np.ndarray:
     return col["kv_hops"] * hop(col["kv_bytes"]) + col["out_hops"] * hop(col["out_bytes"])
 
 
-def fit_hops(points: list[dict], robust: bool = True) -> tuple[float, ...]:
+def fit_hops(points: list[dict]) -> tuple[float, ...]:
     """Bounded least squares of the per-step communication time, the wait for slower ranks' compute taken out
     (scipy.optimize.least_squares). A step whose wait was all for compute (nothing left for the links) says nothing
-    about them and is left out. ``robust`` (default): residuals are log(predicted / measured) under a soft-L1 loss,
-    so that the few steps whose transfers hid behind compute (ring attention overlaps its gather with the local
-    block: a tenth of the modelled time measured) do not outweigh thousands of others; otherwise plain relative
-    errors, squared. Jitter and loss terms are only identified when the points include jittery / lossy links;
+    about them and is left out. Residuals are log(predicted / measured) under a soft-L1 loss, so that the few steps
+    whose transfers hid behind compute (ring attention overlaps its gather with the local block: a tenth of the
+    modelled time measured) do not outweigh thousands of others. Jitter and loss terms are only identified when the points include jittery / lossy links;
     otherwise they keep their starting values (:data:`HOP_START`)."""
     from scipy.optimize import least_squares
 
@@ -553,12 +552,11 @@ def fit_hops(points: list[dict], robust: bool = True) -> tuple[float, ...]:
         return [p if f else s for p, f, s in zip(params, free, HOP_START)]
 
     def residual(params):
-        ratio = comm_seconds(full(params), col) / target
-        return np.log(np.maximum(ratio, 1e-9)) if robust else ratio - 1
+        return np.log(np.maximum(comm_seconds(full(params), col) / target, 1e-9))
 
     x0 = [HOP_FIT_START.get(n, v) for n, v in zip(HOP_PARAMS, HOP_START)]
     fit = least_squares(residual, x0=x0, x_scale=HOP_SCALE, bounds=(HOP_LOWER, HOP_UPPER),
-                        **(dict(loss="soft_l1", f_scale=0.1) if robust else {}))
+                        loss="soft_l1", f_scale=0.1)
     return tuple(float(v) for v in full(fit.x))
 
 

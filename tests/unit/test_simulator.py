@@ -122,24 +122,23 @@ def test_hop_fit_recovers_known_parameters():
 
 def test_hop_fit_is_not_led_by_a_few_steps_whose_wait_was_for_compute():
     """Steps whose wait was all for a slower rank's compute (nothing left for the links) are left out, and steps whose
-    transfers hid behind compute (a tenth of the modelled time measured) do not pull the fit: with 3% of those, the
-    robust fit still recovers the parameters, the plain least-squares one does not."""
+    transfers hid behind compute (a tenth of the modelled time measured) do not pull the fit: with 4% of those, it
+    still recovers the parameters (relative errors, even under a soft-L1 loss, ended at the bounds here)."""
     truth = (1.2, 1.0, 0.002, 1.5, 3e5, 0.5, 1.22, 0.0, 0.0, 0.0, 0.0, 1.3)
     pts = []
     for rtt in (0.004, 0.02, 0.06):
         for kv in (20_000, 60_000, 500_000, 2.5e6):
             for bidir in (0, 1):
                 for rate in (5e6, 12.5e6, 40e6):
-                    comm = float(12 * hop_seconds(truth, rtt, kv, rate, bidir) + 3 * hop_seconds(truth, rtt, 12_000, rate, bidir))
+                    hop = lambda nb: hop_seconds(truth, rtt, nb, rate, bidir)  # noqa: E731
+                    comm = float(12 * hop(kv) + 3 * hop(12_000))
                     pts.append(dict(rtt_s=rtt, kv_hops=12, kv_bytes=kv, out_hops=3, out_bytes=12_000, rate_bytes=rate,
                                     bidirectional=bidir, comm_wait_s=comm, imbalance_s=0.0))
     for k in range(0, len(pts), 33):                 # hidden behind compute: a tenth of the modelled time
         pts[k] = pts[k] | {"comm_wait_s": pts[k]["comm_wait_s"] / 10}
     pts.append(pts[1] | {"imbalance_s": pts[1]["comm_wait_s"] + 0.015})     # waited only for compute
-    close = lambda fit: all(math.isclose(f, t, rel_tol=0.05, abs_tol=2e-4)  # noqa: E731
-                            for k, (f, t) in enumerate(zip(fit, truth)) if k in (0, 1, 3, 11))
-    assert close(fit_hops(pts)), fit_hops(pts)
-    assert not close(fit_hops(pts, robust=False))
+    fit = fit_hops(pts)
+    assert all(math.isclose(fit[k], truth[k], rel_tol=0.05) for k in (0, 1, 3, 11)), fit
 
 
 def test_both_directions_penalty_grows_with_the_message():
