@@ -12,8 +12,8 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html
 
 from ..netem.profiles import named_profiles
-from ..simulator.calibration import Calibration
-from ..testbed.scenario import METHOD_PRESETS, ScenarioError
+from ..scenarios.schema import METHOD_PRESETS, ScenarioError
+from ..simulator.costs import Calibration
 from . import results as R
 from . import whatif as W
 
@@ -119,7 +119,7 @@ def create_app(result_roots: list[Path], calib: Calibration) -> Dash:
         folder = by_path.get(path)
         if folder is None:
             return [go.Figure()] * 6
-        available = {r["links"] for r in folder.rows}
+        available = {r.links for r in folder.rows}
         links = links if links in available else sorted(available)[0]
         pred, _ = R.predicted_vs_measured(folder, calib)
         return (R.latency_figure(folder), R.breakdown_figure(folder, links), R.bytes_figure(folder, links),

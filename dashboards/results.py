@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import plotly.graph_objects as go
 import yaml
 from plotly.subplots import make_subplots
 
-from ..simulator.calibration import Calibration
+from ..runtime.records import MethodResult, read_summary
+from ..simulator.costs import Calibration
 from ..simulator.predict import Case, mape, validate
 
 
@@ -21,7 +21,7 @@ class ResultsFolder:
 
     path: Path
     scenario: dict
-    rows: list[dict]
+    rows: list[MethodResult]
 
     @property
     def label(self) -> str:
@@ -35,7 +35,7 @@ def find_results(roots: list[Path]) -> list[ResultsFolder]:
         for summary in Path(root).rglob("summary.json"):
             folder = summary.parent
             try:
-                rows = json.loads(summary.read_text())["rows"]
+                _, rows = read_summary(folder)
                 scenario = yaml.safe_load((folder / "scenario.yaml").read_text())
             except (OSError, ValueError, KeyError, yaml.YAMLError):
                 continue
@@ -43,15 +43,15 @@ def find_results(roots: list[Path]) -> list[ResultsFolder]:
     return sorted(found, key=lambda r: r.path.name, reverse=True)
 
 
-def _ok(rows, links=None):
-    return [r for r in rows if r["status"] == "ok" and (links is None or r["links"] == links)]
+def _ok(rows: list[MethodResult], links: str | None = None) -> list[MethodResult]:
+    return [r for r in rows if r.ok and (links is None or r.links == links)]
 
 
 def latency_figure(folder: ResultsFolder) -> go.Figure:
     fig = go.Figure()
-    for links in sorted({r["links"] for r in folder.rows}):
+    for links in sorted({r.links for r in folder.rows}):
         rows = _ok(folder.rows, links)
-        fig.add_bar(x=[r["method"] for r in rows], y=[r["latency_s"] for r in rows], name=links)
+        fig.add_bar(x=[r.method for r in rows], y=[r.latency_s for r in rows], name=links)
     fig.update_layout(title="latency per method (s)", barmode="group", height=330, margin=dict(t=50, b=40))
     return fig
 
@@ -60,15 +60,15 @@ def breakdown_figure(folder: ResultsFolder, links: str) -> go.Figure:
     rows = _ok(folder.rows, links)
     fig = go.Figure()
     for label, key in (("compute", "compute_s"), ("blocked on communication", "comm_wait_s"), ("codec", "codec_s")):
-        fig.add_bar(x=[r["method"] for r in rows], y=[r[key] for r in rows], name=label)
+        fig.add_bar(x=[r.method for r in rows], y=[getattr(r, key) for r in rows], name=label)
     fig.update_layout(title=f"time per rank, {links} links (s)", barmode="stack", height=330, margin=dict(t=50, b=40))
     return fig
 
 
 def bytes_figure(folder: ResultsFolder, links: str) -> go.Figure:
     rows = _ok(folder.rows, links)
-    fig = go.Figure(go.Bar(x=[r["method"] for r in rows], y=[r["bytes_on_wire"] / 1e6 for r in rows],
-                           text=[f"{r['compression_ratio']:.1f}x" for r in rows], textposition="outside"))
+    fig = go.Figure(go.Bar(x=[r.method for r in rows], y=[r.bytes_on_wire / 1e6 for r in rows],
+                           text=[f"{r.compression_ratio:.1f}x" for r in rows], textposition="outside"))
     fig.update_layout(title="MB on the wire (all ranks; label: compression ratio)", height=330, margin=dict(t=50, b=40))
     return fig
 
@@ -76,9 +76,9 @@ def bytes_figure(folder: ResultsFolder, links: str) -> go.Figure:
 def pareto_figure(folder: ResultsFolder, links: str) -> go.Figure:
     """Quality (PSNR vs the single-process reference) against latency; exact methods capped for display."""
     rows = _ok(folder.rows, links)
-    psnr = [min(r["quality"]["psnr_db"], 60.0) for r in rows]
-    fig = go.Figure(go.Scatter(x=[r["latency_s"] for r in rows], y=psnr, mode="markers+text",
-                               text=[r["method"] for r in rows], textposition="top center", marker_size=12))
+    psnr = [min(r.quality["psnr_db"], 60.0) for r in rows]
+    fig = go.Figure(go.Scatter(x=[r.latency_s for r in rows], y=psnr, mode="markers+text",
+                               text=[r.method for r in rows], textposition="top center", marker_size=12))
     fig.update_layout(title="quality vs latency (PSNR capped at 60 dB = exact)", xaxis_title="latency (s)",
                       yaxis_title="PSNR (dB)", height=360, margin=dict(t=50, b=40))
     return fig
@@ -98,10 +98,10 @@ def predicted_vs_measured(folder: ResultsFolder, calib: Calibration) -> tuple[go
 
 def samples_figure(folder: ResultsFolder, links: str, count: int = 8) -> go.Figure:
     """The first generated images of every method beside the single-process reference."""
-    seed = min({r["seed"] for r in folder.rows} or {0})
+    seed = min({r.seed for r in folder.rows} or {0})
     panels = [("reference", folder.path / "reference" / f"seed{seed}.npy")]
-    panels += [(r["method"], folder.path / links / r["method"] / f"seed{seed}" / "images.npy")
-               for r in _ok(folder.rows, links) if r["seed"] == seed]
+    panels += [(r.method, folder.path / links / r.method / f"seed{seed}" / "images.npy")
+               for r in _ok(folder.rows, links) if r.seed == seed]
     panels = [(n, p) for n, p in panels if p.is_file()]
     fig = make_subplots(rows=len(panels) or 1, cols=1, subplot_titles=[n for n, _ in panels], vertical_spacing=0.04)
     for i, (_, path) in enumerate(panels, start=1):

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 
 from ..netem.profiles import named_profiles
-from ..simulator.calibration import Calibration
+from ..scenarios.schema import METHOD_PRESETS, Scenario, ScenarioError, parse_scenario
+from ..simulator.costs import Calibration
 from ..simulator.model import Prediction
 from ..simulator.predict import PredictedRow, predict
-from ..testbed.scenario import METHOD_PRESETS, Scenario, ScenarioError, parse_scenario
 
 MODELS = {"tiny_flux_mnist": 16, "flux.1-dev": 1024, "cogvideox-5b": 720}    # default resolution per model
 COMPARED = ["ring", "patch", "distrifusion", "ulysses", "compact-1bit", "compact-2bit", "compact-lowrank"]

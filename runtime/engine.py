@@ -2,14 +2,14 @@
 
 Started by torchrun (one process per node) as ``python -m compactbed.runtime.engine JOB.json``; the job file
 holds the validated scenario, the method name, the seed and the output folder. Each rank writes
-``rank{r}.jsonl`` (one record per step); rank 0 also writes ``images.npy`` and ``run.json``.
+``rank{r}.jsonl`` (one :class:`.records.StepRecord` per step); rank 0 also writes ``images.npy`` and ``run.json``
+(a :class:`.records.RunRecord`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -24,9 +24,10 @@ from pydantic import BaseModel, ConfigDict
 
 from ..kernels.backend import Backend, make_codec, select_fused
 from ..kernels.codec import ResidualCodec, StreamKey
-from ..testbed.scenario import MethodSpec, Scenario
+from ..scenarios.schema import MethodSpec, Scenario
 from .comm import CommHooks, kv_2d
 from .models import load_for
+from .records import RunRecord, StepRecord, write_run, write_steps
 from .sampling import guided_call
 
 
@@ -57,14 +58,13 @@ class RankRun:
         if self.codec is not None:
             self.codec.warm_up(self.dtype, self.device)     # JIT/cache loading is start-up, not step time
         self.hooks = CommHooks(self.codec, self.rank, self.world)
-        self.warmup_steps = self.sc.warmup.steps if (compressed or self.method.comm == "distrifusion") else 0
-        self.records: list[dict] = []
+        self.warmup_steps = self.sc.warmup.steps if self.method.warms_up else 0
+        self.records: list[StepRecord] = []
 
     # --- setup --------------------------------------------------------------------------------------------
     def build(self) -> None:
         from xfuser.config import xFuserArgs
-        from xfuser.core.distributed import (get_runtime_state, init_distributed_environment,
-                                             initialize_runtime_state)
+        from xfuser.core.distributed import get_runtime_state, init_distributed_environment, initialize_runtime_state
         from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
 
         from .attention import ExchangeAttnProcessor
@@ -88,7 +88,7 @@ class RankRun:
         self.attn_modules = [blk.attn for blk in (*self.model.transformer_blocks, *self.model.single_transformer_blocks)]
         self.xdit_processors = [a.processor for a in self.attn_modules]
         self.exchange_processors = None
-        if self.method.comm in ("patch", "distrifusion"):
+        if self.method.own_attention_exchange:
             self.exchange_processors = [ExchangeAttnProcessor(self.method.comm, self.hooks, dist.group.WORLD)
                                         for _ in self.attn_modules]
             self._set_processors(self.exchange_processors)
@@ -133,7 +133,7 @@ class RankRun:
     def _seed_bases(self, kw: dict) -> None:
         """Local warmup: split each layer's full-sequence K/V into every rank's shard, as the parallel
         model lays it out ([text chunk r; image chunk r]), and seed that rank's bases on every rank."""
-        if self.codec is None and self.method.comm != "distrifusion":
+        if self.codec is None and not self.method.stale_kv:
             return
         txt = kw["encoder_hidden_states"].shape[1]
         for layer, proc in enumerate(self.local_processors):
@@ -171,7 +171,7 @@ class RankRun:
             v = self._forward(x, sig[k], kw, local)
             x = x + (sig[k + 1] - sig[k]) * v
             c = self.hooks.counters
-            self.records.append(dict(
+            self.records.append(StepRecord(
                 rank=self.rank, step=k, warmup=("local" if local else "sync") if warm else None,
                 wall_s=time.perf_counter() - t0, comm_wait_s=c.comm_wait_s, codec_s=c.codec_s,
                 compute_s=sum(c.layer_compute_s.values()), bytes_sent=c.bytes_sent,
@@ -203,16 +203,14 @@ def run(job: Job) -> None:
     rr.build()
     images = rr.sample()
     consistency = rr.check_bases()
-    with open(out / f"rank{rank}.jsonl", "w") as f:
-        for rec in rr.records:
-            f.write(json.dumps(rec) + "\n")
+    write_steps(out / f"rank{rank}.jsonl", rr.records)
     if rank == 0:
         np.save(out / "images.npy", images)
-        (out / "run.json").write_text(json.dumps(dict(
+        write_run(out / "run.json", RunRecord(
             method=job.method.model_dump(), seed=job.seed, world=rr.world, degrees=job.scenario.degrees(job.method),
             latency_s=rr.latency_s, warmup_steps=rr.warmup_steps, warmup_mode=job.scenario.warmup.mode,
             codec_backend=rr.backend_reason, base_consistency=consistency,
-            torch=torch.__version__, device=str(rr.device)), indent=1))
+            torch=torch.__version__, device=str(rr.device)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..testbed.scenario import ScenarioError
+from ..scenarios.schema import ScenarioError
 from .tiny_model import NULL_LABEL, TINY_MODEL_DIR, TinyModel, image_ids, load_tiny_model, pack, text_ids, unpack
 
 
@@ -242,7 +242,7 @@ def load_model(path: Path | str | None = None, dtype: torch.dtype = torch.float3
 
 
 def load_for(spec, transformer_cls=None) -> DiTModel:
-    """Load a scenario's ``model:`` (a :class:`~compactbed.testbed.scenario.ModelSpec`)."""
+    """Load a scenario's ``model:`` (a :class:`~compactbed.scenarios.schema.ModelSpec`)."""
     if spec.path is None and spec.name != "tiny_flux_mnist":
         raise ModelFolderError(f"unknown shipped model {spec.name!r} (only tiny_flux_mnist ships; "
                                f"use model.path for a local diffusers folder)")

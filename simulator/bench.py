@@ -16,8 +16,9 @@ import time
 import numpy as np
 
 from ..netem.profiles import LinkSpec, named_profiles
-from ..testbed.scenario import METHOD_PRESETS
-from .calibration import Calibration, l20_profile
+from ..scenarios.schema import METHOD_PRESETS
+from .costs import Calibration
+from .devices import l20_profile
 from .model import Cluster, Simulator
 from .workload import FLUX_DEV, TINY, Workload
 
@@ -43,7 +44,7 @@ def sweep(calib: Calibration, configs: int = 1000, seed: int = 0) -> None:
             if rnd.random() < 0.3 else {(i, j): profiles[1] for i in range(p) for j in range(p) if i != j}
         tokens = 4096 if shape is FLUX_DEV else 64
         w = Workload(shape, tokens, batch=p * 4, steps=steps, world=p, method=method, warmup_steps=1,
-                     warmup_mode="local" if method.comm != "ulysses" else "sync")
+                     warmup_mode="sync" if method.all_to_all else "local")
         device = "cpu" if shape is TINY else "l20"
         t0 = time.perf_counter()
         Simulator(w, Cluster(tuple(1.0 for _ in range(p)), links, device), calib).run()
@@ -72,8 +73,7 @@ def published(calib: Calibration) -> None:
                 continue
             m = METHOD_PRESETS[name]
             w = Workload(FLUX_DEV, 4096, batch=1, steps=28, world=4, method=m,
-                         warmup_steps=1 if (m.compressed or name == "distrifusion") else 0,
-                         warmup_mode="local" if m.comm != "ulysses" else "sync")
+                         warmup_steps=1 if m.warms_up else 0, warmup_mode="sync" if m.all_to_all else "local")
             pred[name] = Simulator(w, cluster, calib).run().latency_s
         for name, p in pred.items():
             print(f"{mbytes:>5}MB/s {name:>14} {table[name]:>11.1f} {p:>11.1f} {table['ring'] / table[name]:>10.2f}x "

@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterator
 from multiprocessing import get_context
 from pathlib import Path
 
-from .calibration import DATA_DIR, Calibration, _read_csv, calibrate
+from .calibrate import calibrate
+from .costs import DATA_DIR, Calibration
+from .points import read_csv
 from .predict import Case, validate
 from .runs import MeasuredRun, read_runs
 
@@ -28,7 +30,7 @@ Fit = Callable[[list[Path], set[str]], Calibration]
 def fit_without(results: list[Path], exclude: set[str], codec_from: Path = DATA_DIR) -> Calibration:
     """The calibration ``scenario calibrate`` fits on ``results`` less the results folders in ``exclude`` (quietly,
     in a scratch folder), with the codec timings of the calibration in ``codec_from``."""
-    rows = _read_csv(Path(codec_from) / "codec.csv")
+    rows = read_csv(Path(codec_from) / "codec.csv")
     with tempfile.TemporaryDirectory() as scratch:
         return calibrate(results, Path(scratch), log=lambda *_: None, codec_rows=rows, exclude=exclude)
 

@@ -53,8 +53,8 @@ def scenario_of(name: str, u, output: str, seeds: int = 1) -> dict:
 
 def predicted_seconds(sc: dict, calib=None) -> float:
     """Expected wall time of a scenario's methods (all seeds) by the simulator (default: shipped calibration)."""
-    from ..testbed.scenario import parse_scenario
-    from .calibration import Calibration
+    from ..scenarios.schema import parse_scenario
+    from .costs import Calibration
     from .predict import predict
 
     rows, _ = predict(parse_scenario(sc, "design"), calib or Calibration.load())
@@ -67,7 +67,7 @@ def design(prefix: str, count: int, seed: int, output_root: str = "results/campa
     budget check (default: the shipped calibration)."""
     from scipy.stats import qmc
 
-    from .calibration import Calibration
+    from .costs import Calibration
 
     if count < 1:
         raise ValueError("count must be at least 1")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
-    from .calibration import Calibration
+    from .costs import Calibration
 
     calib = Calibration.load()
     for sc in design(args.prefix, args.count, args.seed, seeds=args.seeds, budget_s=args.budget_s, calib=calib):

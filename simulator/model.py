@@ -29,9 +29,12 @@ from dataclasses import dataclass, field
 
 import simpy
 
+from ..netem.commands import needs_offloads_off
 from ..netem.profiles import LinkSpec
-from .calibration import Calibration, burst_of, hop_seconds
+from ..scenarios.schema import Scenario
+from .costs import Calibration, burst_of, hop_seconds
 from .workload import Workload
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -50,6 +53,15 @@ class Cluster:
     @property
     def world(self) -> int:
         return len(self.compute_scale)
+
+
+def cluster_of(scenario: Scenario, device: str = "cpu", unlimited_rate: bool = False) -> Cluster:
+    """The scenario as the simulator sees it: per-node compute scale and its directed links (rate lifted for the
+    bound pass)."""
+    links = scenario.directed_links(unlimited_rate)
+    # the per-packet forwarding limit belongs to the emulation host the "cpu" profile was measured on
+    forwarding = device == "cpu" and not scenario.on_hosts and needs_offloads_off(links.values())
+    return Cluster(tuple(node.compute_scale for node in scenario.nodes), links, device, forwarding=forwarding)
 
 
 def processor_sharing(starts: list[float], works: list[float], cores: float) -> list[float]:
@@ -213,9 +225,9 @@ class Simulator:
         w, p = self.w, self.w.world
         payload = w.kv_wire_bytes(warm)
         everyone = list(range(p))
-        if w.method.comm in ("ring", "patch", "distrifusion"):
+        if w.method.gathers_kv:
             return self.allgather_seconds(payload, everyone)
-        u, r = (p, 1) if w.method.comm == "ulysses" else (w.ulysses_degree, p // w.ulysses_degree)
+        u, r = w.degrees
         qkv = payload * 3 / 2                    # Q, K, V in; the output (one tensor) comes back
         t = 0.0
         if u > 1:
@@ -232,7 +244,7 @@ class Simulator:
         simulated on its own (its compute on the cores shared with whichever ranks compute at the same time, its
         own gather entry and exit) instead of in lockstep, because ranks that leave a gather early compute with
         fewer others (on a link mix, 4 ranks on 2 cores compute at ~1.6x one core's time, not 2x)."""
-        return self.w.method.comm in ("ring", "patch") and self.calib.share(self.w.world, self.c.device) > 1
+        return self.w.method.synchronous_gather and self.calib.share(self.w.world, self.c.device) > 1
 
     def layer_per_rank(self, ready: tuple[float, ...], warm: bool) -> tuple[tuple[float, ...], ...]:
         """One synchronous layer with each rank ready to compute at ``ready``: compute (processor sharing of the
@@ -305,7 +317,7 @@ class Simulator:
 
         ring_links = [(i, (i + 1) % p) for i in range(p)] if p > 1 else []
         output_gather = self.allgather_seconds(w.output_bytes(), list(range(p)))
-        async_refresh = self.async_gathers_seconds() if w.method.comm == "distrifusion" else 0.0
+        async_refresh = self.async_gathers_seconds() if w.method.stale_kv else 0.0
         compute = {local: [self.layer_compute(r, local) for r in range(p)] for local in (False, True)}
         step_bytes = {kind: p * (p - 1) * (L * (0 if kind == "local" else w.kv_wire_bytes(kind == "sync"))
                                            + w.output_bytes()) for kind in ("local", "sync", "steady")}
@@ -332,7 +344,7 @@ class Simulator:
             lag = [0.0] * p
             comp = compute[local]
             exch = 0.0 if local else self.exchange_seconds(warm)
-            if w.method.comm == "distrifusion" and not warm:
+            if w.method.stale_kv and not warm:
                 # compute this step with stale K/V while last step's gather may still be running
                 compute_end = start + L * (max(comp) + codec)
                 if pending_async is not None and not pending_async.triggered:
@@ -350,7 +362,7 @@ class Simulator:
             yield env.timeout(overhead)
             stats["compute"] += L * max(comp)
             stats["codec"] += L * codec
-            stats["comm"] += (0 if w.method.comm == "distrifusion" and not warm else L * exch) + out
+            stats["comm"] += (0 if w.method.stale_kv and not warm else L * exch) + out
             stats["bytes"] += step_bytes["local" if local else "sync" if warm else "steady"]
             for r in range(p):
                 record(r, "compute", start, start + L * comp[r])

@@ -7,24 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..netem.commands import needs_offloads_off
-from ..testbed.scenario import Scenario, parse_scenario
-from .calibration import Calibration
-from .model import Cluster, Prediction, Simulator
+from ..runtime.records import speedups
+from ..scenarios.schema import Scenario, parse_scenario
+from .costs import Calibration
+from .model import Cluster, Prediction, Simulator, cluster_of
+from .points import host_factors
 from .runs import read_runs
 from .workload import Workload, workload_of
-
-UNCOMPRESSED_BASELINE = "ring"
-
-
-def cluster_of(scenario: Scenario, device: str = "cpu", unlimited_rate: bool = False) -> Cluster:
-    n = scenario.world_size
-    links = {(i, j): scenario.link_between(i, j) for i in range(n) for j in range(n) if i != j}
-    if unlimited_rate:
-        links = {k: v.model_copy(update={"rate_mbit": None}) for k, v in links.items()}
-    # the per-packet forwarding limit belongs to the emulation host the "cpu" profile was measured on
-    forwarding = device == "cpu" and not scenario.on_hosts and needs_offloads_off(links.values())
-    return Cluster(tuple(node.compute_scale for node in scenario.nodes), links, device, forwarding=forwarding)
 
 
 @dataclass
@@ -53,12 +42,9 @@ def predict(scenario: Scenario, calib: Calibration, device: str = "cpu", timelin
         details[method.name] = p
         rows.append(PredictedRow(method.name, p.latency_s, b.latency_s, p.compute_s, p.comm_s, p.codec_s,
                                  p.bytes_on_wire, raw.bytes_on_wire))
-    by = {r.method: r for r in rows}
+    ratios = speedups({r.method: r.latency_s for r in rows})
     for r in rows:
-        if UNCOMPRESSED_BASELINE in by:
-            r.speedup_vs_uncompressed = by[UNCOMPRESSED_BASELINE].latency_s / r.latency_s
-        if "distrifusion" in by:
-            r.speedup_vs_distrifusion = by["distrifusion"].latency_s / r.latency_s
+        r.speedup_vs_uncompressed, r.speedup_vs_distrifusion = ratios[r.method]
     return rows, details
 
 
@@ -102,18 +88,16 @@ class MeasuredCase:
 def measured_cases(results: list, device: str = "cpu", calib: Calibration | None = None) -> list[MeasuredCase]:
     """Every successful shaped or bound (pass, method) configuration of the measured runs under ``results`` (paths
     or runs, :func:`.runs.read_runs`). With ``calib``, each run's compute is scaled by its host factor
-    (``calibration.host_factors``: its single-process reference generation's time against the calibration runs';
+    (``points.host_factors``: its single-process reference generation's time against the calibration runs';
     measured before the distributed runs, no links involved)."""
-    from .calibration import host_factors
-
     cases = []
     for run in read_runs(results):
         scenario = parse_scenario(run.scenario, run.folder)
         methods = {m.name: m for m in scenario.methods}
         measured: dict[tuple[str, str], list[float]] = {}
         for row in run.rows:
-            if row["status"] == "ok" and row["links"] != "loopback":
-                measured.setdefault((row["links"], row["method"]), []).append(row["latency_s"])
+            if row.ok and row.links != "loopback":
+                measured.setdefault((row.links, row.method), []).append(row.latency_s)
         host = host_factors([run], calib.devices[device]).get(run.folder, 1.0) if calib else 1.0
         for (links, method), latencies in measured.items():
             cluster = cluster_of(scenario, device, unlimited_rate=links == "bound")

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from ..runtime.records import MethodResult, read_summary, result_of
+
 RUNS_FILE = "runs.json"
+KEPT = ("links", "method", "seed", "status", "latency_s")     # what a stored run keeps of each summary row
 
 
 @dataclass
@@ -24,18 +27,25 @@ class MeasuredRun:
 
     folder: str                     # the results folder (its path when measured)
     scenario: dict                  # its scenario.yaml as loaded
-    rows: list[dict]                # one per (pass, method, seed): links, method, seed, status, latency_s
+    rows: list[MethodResult]        # one per (pass, method, seed), the fields in KEPT
     reference_latency_s: dict[str, float] = field(default_factory=dict)  # single-process reference per seed
     reference_threads: int | None = None
     note: str = ""                  # how the figures were obtained when not read from summary.json
 
     @classmethod
     def from_folder(cls, folder: Path) -> "MeasuredRun":
-        summary = json.loads((folder / "summary.json").read_text())
-        rows = [{k: r.get(k) for k in ("links", "method", "seed", "status", "latency_s")} for r in summary["rows"]]
+        meta, rows = read_summary(folder)
+        rows = [MethodResult(**{k: getattr(r, k) for k in KEPT}) for r in rows]
         return cls(str(folder), yaml.safe_load((folder / "scenario.yaml").read_text()), rows,
-                   {str(k): float(v) for k, v in (summary.get("reference_latency_s") or {}).items()},
-                   summary.get("reference_threads"))
+                   {str(k): float(v) for k, v in (meta.get("reference_latency_s") or {}).items()},
+                   meta.get("reference_threads"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MeasuredRun":
+        return cls(**(data | {"rows": [result_of(r) for r in data["rows"]]}))
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"rows": [{k: getattr(r, k) for k in KEPT} for r in self.rows]}
 
 
 def is_calibration(folder: Path) -> bool:
@@ -52,7 +62,7 @@ def read_runs(results: Iterable[Path | MeasuredRun], exclude: Iterable[str] = ()
         if isinstance(item, MeasuredRun):
             found = [item]
         elif is_calibration(item) and (Path(item) / RUNS_FILE).is_file():
-            found = [MeasuredRun(**d) for d in json.loads((Path(item) / RUNS_FILE).read_text())]
+            found = [MeasuredRun.from_dict(d) for d in json.loads((Path(item) / RUNS_FILE).read_text())]
         else:
             found = [MeasuredRun.from_folder(s.parent) for s in sorted(Path(item).rglob("summary.json"))
                      if (s.parent / "scenario.yaml").is_file()]
@@ -63,4 +73,4 @@ def read_runs(results: Iterable[Path | MeasuredRun], exclude: Iterable[str] = ()
 
 
 def write_runs(folder: Path, runs: list[MeasuredRun]) -> None:
-    (Path(folder) / RUNS_FILE).write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    (Path(folder) / RUNS_FILE).write_text(json.dumps([r.to_dict() for r in runs], indent=1))

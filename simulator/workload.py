@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..kernels.compressors import make_compressor
-from ..testbed.scenario import MethodSpec, Scenario
+from ..scenarios.schema import MethodSpec, Scenario
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class Workload:
     warmup_steps: int
     warmup_mode: str
     ulysses_degree: int = 1
+
+    @property
+    def degrees(self) -> tuple[int, int]:
+        """(ulysses, ring) degrees the method runs with (``ulysses_degree`` is the scenario's, for USP)."""
+        return self.method.degrees(self.world, (self.ulysses_degree, self.world // self.ulysses_degree))
 
     @property
     def tokens(self) -> int:
@@ -114,10 +119,9 @@ def image_tokens(shape: ModelShape, resolution: int) -> int:
 
 def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape | None = None) -> Workload:
     shape = shape or shape_of(scenario)
-    compressed_or_df = method.compressed or method.comm == "distrifusion"
     guided = scenario.guidance != 1.0 and not shape.guidance_embeds
     return Workload(shape=shape, image_tokens=image_tokens(shape, scenario.resolution),
                     ulysses_degree=scenario.degrees(method)[0],
                     batch=scenario.images * (2 if guided else 1), steps=scenario.steps,
                     world=scenario.world_size, method=method,
-                    warmup_steps=scenario.warmup.steps if compressed_or_df else 0, warmup_mode=scenario.warmup.mode)
+                    warmup_steps=scenario.warmup.steps if method.warms_up else 0, warmup_mode=scenario.warmup.mode)

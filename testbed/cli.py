@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..scenarios.schema import MAX_EMULATED_NODES, ScenarioError, load_scenario
 from .launch import RunFailed
-from .scenario import MAX_EMULATED_NODES, ScenarioError, load_scenario
 
 MAX_LOCAL_RANKS = MAX_EMULATED_NODES
 
@@ -67,11 +67,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         import datetime
 
         from .hosts import host_plan, write_host_jobs
-        from .run import directed_links
 
         results = output / ("hosts-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
         write_host_jobs(scenario, results.resolve(), args.backend)
-        plan = host_plan(scenario, results.resolve(), directed_links(scenario))
+        plan = host_plan(scenario, results.resolve(), scenario.directed_links())
         (results / "hosts_plan.sh").write_text(plan)
         console.print(plan, markup=False, highlight=False, soft_wrap=True)
         console.print(f"plan written to {results / 'hosts_plan.sh'}")
@@ -86,13 +85,14 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _calibration(args):
-    from ..simulator.calibration import Calibration
+    from ..simulator.costs import Calibration
 
     return Calibration.load(Path(args.calibration) if args.calibration else None)
 
 
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
-    from ..simulator.predict import UNCOMPRESSED_BASELINE, predict
+    from ..runtime.records import UNCOMPRESSED_BASELINE
+    from ..simulator.predict import predict
 
     scenario = load_scenario(args.scenario)
     calib = _calibration(args)
@@ -113,7 +113,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
-    from ..simulator.calibration import calibrate
+    from ..simulator.calibrate import calibrate
 
     _require_folders(args.results)
     try:
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("calibrate", help="fit the simulator's compute, codec and link models from measured runs",
                        description="Read results folders written by `scenario run` (also link micro-benchmark "
-                                   "folders of `python -m compactbed.simulator.linkbench` and earlier calibration "
+                                   "folders of `python -m compactbed.testbed.linkbench` and earlier calibration "
                                    "folders, whose rows and measured runs are reused) and write calibration data "
                                    "files (CSV/JSON, with the runs it was fitted on in runs.json) for the simulator.")
     s.add_argument("results", nargs="+", help="results, link-benchmark or earlier calibration folders")

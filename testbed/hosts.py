@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..netem.commands import host_commands
 from ..runtime.engine import Job
-from .scenario import Scenario
+from ..scenarios.schema import Scenario
 
 PORT = 29_400
 

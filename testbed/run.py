@@ -4,21 +4,23 @@ Results folder (``<output>/<timestamp>/``), plain files with a stated schema:
   scenario.yaml          the validated scenario, as run
   environment.json       versions, CPU/GPU, link mode, codec backend
   reference/seed<k>.npy  single-process diffusers images (ground truth for quality)
-  <method>/seed<k>/      job.json, rank<r>.jsonl (one record per step, see runtime.engine), run.json,
+  <pass>/<method>/seed<k>/  job.json, rank<r>.jsonl and run.json (typed in runtime.records),
                          images.npy, launcher logs; rank<r>.error when a rank failed
-  summary.json / .csv    one row per (method, seed): latency, speedups, bytes, ratio, quality, status
+  summary.json / .csv    one row per (pass, method, seed): latency, speedups, bytes, ratio, quality, status
   plots.html             latency, time breakdown and bytes per method (plotly)
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import os
 import datetime
 import json
+import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
@@ -30,44 +32,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import contextlib
-from typing import Iterator
-
 from ..netem.cluster import EmulatedCluster, check_backend
 from ..netem.commands import NODE_IF
 from ..netem.probe import probe_link
-from ..netem.profiles import LinkSpec
 from ..runtime.engine import Job
 from ..runtime.models import DiTModel, ModelFolderError, check_conditions, load_for
-from .launch import RankCommand, RunFailed, local_torchrun, node_torchrun, run_ranks
-from .scenario import MethodSpec, Scenario
-
-UNCOMPRESSED_BASELINE = "ring"
-
-
-@dataclass
-class MethodResult:
-    """One row of the summary."""
-
-    method: str
-    seed: int
-    links: str = "shaped"          # shaped | bound (rate unlimited, delay kept) | loopback
-    status: str = "ok"
-    error: str = ""
-    latency_s: float | None = None
-    step_s_mean: float | None = None
-    compute_s: float | None = None
-    comm_wait_s: float | None = None
-    codec_s: float | None = None
-    bytes_on_wire: int | None = None
-    bytes_uncompressed: int | None = None
-    compression_ratio: float | None = None
-    speedup_vs_uncompressed: float | None = None
-    speedup_vs_distrifusion: float | None = None
-    latency_bound_s: float | None = None
-    over_bound: float | None = None
-    quality: dict = field(default_factory=dict)
-    base_consistency: dict = field(default_factory=dict)
+from ..runtime.records import UNCOMPRESSED_BASELINE, MethodResult, read_run, read_steps, speedups
+from ..scenarios.schema import MethodSpec, Scenario
+from .launch import RunFailed, local_torchrun, node_torchrun, run_ranks
 
 
 def environment(link_mode: str) -> dict:
@@ -118,30 +90,28 @@ def reference_images(model: DiTModel, scenario: Scenario, seed: int) -> tuple[np
 
 def collect(run_dir: Path, method: MethodSpec, seed: int) -> MethodResult:
     """Read a finished method run's records into a summary row."""
-    run = json.loads((run_dir / "run.json").read_text())
-    records = [json.loads(line) for f in sorted(run_dir.glob("rank*.jsonl")) for line in f.open()]
-    steps = [r for r in records if r["rank"] == 0]
-    n_ranks = len({r["rank"] for r in records})
-    sent = sum(r["bytes_sent"] for r in records)
-    raw = sum(r["bytes_uncompressed"] for r in records)
+    run = read_run(run_dir)
+    records = read_steps(run_dir)
+    steps = [r for r in records if r.rank == 0]
+    n_ranks = len({r.rank for r in records})
+    sent = sum(r.bytes_sent for r in records)
+    raw = sum(r.bytes_uncompressed for r in records)
     return MethodResult(
-        method=method.name, seed=seed, latency_s=run["latency_s"],
-        step_s_mean=float(np.mean([r["wall_s"] for r in steps])),
-        compute_s=sum(r["compute_s"] for r in records) / n_ranks,
-        comm_wait_s=sum(r["comm_wait_s"] for r in records) / n_ranks,
-        codec_s=sum(r["codec_s"] for r in records) / n_ranks,
+        method=method.name, seed=seed, latency_s=run.latency_s,
+        step_s_mean=float(np.mean([r.wall_s for r in steps])),
+        compute_s=sum(r.compute_s for r in records) / n_ranks,
+        comm_wait_s=sum(r.comm_wait_s for r in records) / n_ranks,
+        codec_s=sum(r.codec_s for r in records) / n_ranks,
         bytes_on_wire=sent, bytes_uncompressed=raw, compression_ratio=raw / sent if sent else None,
-        base_consistency=run.get("base_consistency", {}))
+        base_consistency=run.base_consistency)
 
 
 def add_speedups(rows: list[MethodResult]) -> None:
     """Ratios within the same seed and link pass; shaped rows also get their bound (same method, same seed)."""
     for seed, links in {(r.seed, r.links) for r in rows}:
         same = {r.method: r for r in rows if r.seed == seed and r.links == links and r.latency_s}
-        base, df = same.get(UNCOMPRESSED_BASELINE), same.get("distrifusion")
-        for r in same.values():
-            r.speedup_vs_uncompressed = base.latency_s / r.latency_s if base else None
-            r.speedup_vs_distrifusion = df.latency_s / r.latency_s if df else None
+        for name, (vs_base, vs_stale) in speedups({m: r.latency_s for m, r in same.items()}).items():
+            same[name].speedup_vs_uncompressed, same[name].speedup_vs_distrifusion = vs_base, vs_stale
     bounds = {(r.method, r.seed): r.latency_s for r in rows if r.links == "bound" and r.latency_s}
     for r in rows:
         if r.links == "shaped" and r.latency_s and (r.method, r.seed) in bounds:
@@ -197,14 +167,6 @@ def write_plots(results_dir: Path, rows: list[MethodResult]) -> None:
     (results_dir / "plots.html").write_text("<html><body>" + "\n".join(html) + "</body></html>")
 
 
-def directed_links(scenario: Scenario, unlimited_rate: bool = False) -> dict[tuple[int, int], LinkSpec]:
-    n = scenario.world_size
-    links = {(i, j): scenario.link_between(i, j) for i in range(n) for j in range(n) if i != j}
-    if unlimited_rate:
-        links = {k: v.model_copy(update={"rate_mbit": None}) for k, v in links.items()}
-    return links
-
-
 @contextlib.contextmanager
 def link_pass(scenario: Scenario, name: str, backend, console: Console, results: Path) -> Iterator:
     """Yield a function job_file -> rank commands for this pass, with its cluster up (if any)."""
@@ -212,7 +174,7 @@ def link_pass(scenario: Scenario, name: str, backend, console: Console, results:
     if name == "loopback":
         yield lambda job: local_torchrun(job, world)
         return
-    links = directed_links(scenario, unlimited_rate=(name == "bound"))
+    links = scenario.directed_links(unlimited_rate=(name == "bound"))
     with EmulatedCluster(world, links, backend, log=console.print) as cluster:
         if name == "shaped":
             probes = [probe_link(cluster, s, d, spec) for (s, d), spec in sorted(links.items())]

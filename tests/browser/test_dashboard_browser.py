@@ -3,7 +3,7 @@
 import pytest
 
 from compactbed.dashboards.app import create_app
-from compactbed.simulator.calibration import Calibration
+from compactbed.simulator.costs import Calibration
 
 from ..unit.test_dashboard_functions import folder  # noqa: F401  (results-folder fixture)
 

@@ -10,7 +10,7 @@ from compactbed.runtime.engine import Job
 from compactbed.runtime.models import load_model
 from compactbed.runtime.sampling import sample_reference
 from compactbed.testbed.launch import local_torchrun, run_ranks
-from compactbed.testbed.scenario import METHOD_PRESETS, parse_scenario
+from compactbed.scenarios.schema import METHOD_PRESETS, parse_scenario
 
 LABELS = [0, 1, 2, 3, 4, 5, 6, 7]
 

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from compactbed.netem.cluster import check_backend, list_namespaces
 from compactbed.testbed.run import run_scenario
-from compactbed.testbed.scenario import load_scenario
+from compactbed.scenarios.schema import load_scenario
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 CHECK = check_backend() if os.geteuid() == 0 else None

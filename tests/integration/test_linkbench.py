@@ -8,7 +8,7 @@ import pytest
 
 from compactbed.netem.cluster import check_backend, list_namespaces
 from compactbed.netem.profiles import LinkSpec
-from compactbed.simulator import linkbench
+from compactbed.testbed import linkbench
 from compactbed.testbed.launch import local_torchrun, run_ranks
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ CHECK = check_backend() if os.geteuid() == 0 else None
 def test_workers_time_all_gathers_on_loopback(tmp_path):
     job = tmp_path / "job.json"
     job.write_text(json.dumps(dict(sizes=[[4096, 3], [262144, 4]], timeout_s=30, compute_s=0.01)))
-    run_ranks(local_torchrun(job, 2, module="compactbed.simulator.linkbench"), tmp_path, timeout_s=120)
+    run_ranks(local_torchrun(job, 2, module="compactbed.testbed.linkbench"), tmp_path, timeout_s=120)
     for r in range(2):
         rows = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert [(x["bytes"], len(x["times"])) for x in rows] == [(4096, 3), (262144, 4)]

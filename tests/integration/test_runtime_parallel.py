@@ -7,7 +7,7 @@ import pytest
 from compactbed.kernels.compressors import make_compressor
 from compactbed.kernels.spec import CompressorSpec
 from compactbed.runtime.quality import psnr
-from compactbed.testbed.scenario import METHOD_PRESETS
+from compactbed.scenarios.schema import METHOD_PRESETS
 
 from .conftest import LABELS, scenario
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from compactbed.netem.cluster import check_backend
 from compactbed.testbed.regress import compare, figures
 from compactbed.testbed.run import run_scenario
-from compactbed.testbed.scenario import load_scenario
+from compactbed.scenarios.schema import load_scenario
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ import yaml
 
 from compactbed.dashboards import results as R
 from compactbed.dashboards import whatif as W
-from compactbed.simulator.calibration import Calibration
-from compactbed.testbed.scenario import ScenarioError
+from compactbed.simulator.costs import Calibration
+from compactbed.scenarios.schema import ScenarioError
 
 CALIB = Calibration.load()
 

@@ -13,7 +13,7 @@ from compactbed.runtime.models import (FluxPipelineModel, ModelFolderError, Tiny
 from compactbed.runtime.sampling import sample_reference
 from compactbed.runtime.tiny_model import TINY_MODEL_DIR
 from compactbed.simulator.workload import folder_shape
-from compactbed.testbed.scenario import ScenarioError, parse_scenario
+from compactbed.scenarios.schema import ScenarioError, parse_scenario
 
 from ..flux_pipeline import build_flux_pipeline
 

@@ -1,10 +1,9 @@
 """The scenario schema: shipped files validate; bad files fail with a message naming the field."""
 
 import pytest
-import yaml
 
 from compactbed.netem.profiles import LinkSpec, named_profiles, resolve_link
-from compactbed.testbed.scenario import METHOD_PRESETS, ScenarioError, load_scenario, parse_scenario
+from compactbed.scenarios.schema import METHOD_PRESETS, ScenarioError, load_scenario, parse_scenario
 
 BASE = dict(name="t", nodes=4, methods=["ring", "compact-1bit"])
 

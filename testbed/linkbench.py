@@ -4,15 +4,15 @@ Whole runs mix link time with compute imbalance (a rank blocked on a peer that i
 measures what the collectives alone cost: P ranks in an emulated cluster issue ``all_gather_into_tensor`` (what
 ring attention's all-gather rotater, patch parallel and the output gather issue; gloo runs it as a ring of
 P-1 hops) for messages from kilobytes to megabytes, over a grid of links (rate, delay, jitter, loss).
-Calls run back to back, as a run's layers issue them (a barrier before each call drains the queues and
-measured 1.44x faster on a 2-rank 30 Mbit/15 ms link, which runs never see); a row holds the median over
+Calls run back to back, as a run's layers issue them (a barrier before each call would drain the queues, which
+runs never do); a row holds the median over
 repetitions, averaged over ranks. The grid avoids the held-out links of ``simulator/campaign`` (30 Mbit/15 ms,
 Wi-Fi, WAN) but not the 5G profile's (100 Mbit/10 ms, +-3 ms, 0.1%); whole runs take precedence in the hop fit,
 so the shipped calibration does not fit on these rows.
 A job's ``compute_s`` keeps each rank's core busy between calls, as a layer's compute does; ``barrier: true``
 puts a barrier before each call.
 
-    python -m compactbed.simulator.linkbench --out results/linkbench      # needs root (namespaces)
+    python -m compactbed.testbed.linkbench --out results/linkbench      # needs root (namespaces)
 
 writes ``linkbench.csv``. ``scenario calibrate ... results/linkbench`` fits the hop model from it when no whole
 runs are given; with runs, it reports how much slower the runs' communication is than these links alone.
@@ -33,7 +33,7 @@ from ..netem.profiles import LinkSpec
 
 SIZES = (4_096, 32_768, 131_072, 524_288, 2_097_152)
 MAX_CALL_S = 2.5            # skip sizes whose estimated all-gather takes longer on a link
-WORKER = "compactbed.simulator.linkbench"
+WORKER = "compactbed.testbed.linkbench"
 FIELDS = ("world", "rate_mbit", "delay_ms", "jitter_ms", "loss_pct", "bytes", "hops", "reps", "seconds")
 
 
@@ -105,7 +105,7 @@ def measure(world: int, spec: LinkSpec, run_dir: Path, backend, sizes=SIZES) -> 
     """Bring up a cluster with ``spec`` on every link, run the workers, return one row per message size."""
     from ..netem.cluster import EmulatedCluster
     from ..netem.commands import NODE_IF
-    from ..testbed.launch import node_torchrun, run_ranks
+    from .launch import node_torchrun, run_ranks
 
     plan = []
     for n in sizes:

@@ -1,16 +1,18 @@
 """The scenario file format: one typed schema that reads ``scenarios/*.yaml``.
 
-Every other module receives the validated :class:`Scenario` (or a piece of it), never raw YAML.
+The bottom layer of the package: every folder may import it, it imports only link and codec values
+(``netem.profiles``, ``kernels.spec``). Every other module receives the validated :class:`Scenario` (or a piece
+of it), never raw YAML.
 Bad input raises :class:`ScenarioError` with one line per problem, naming the field and what is allowed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..kernels.spec import CodecSpec, CompressorSpec
 from ..netem.profiles import LinkSpec, named_profiles, resolve_link
@@ -92,7 +94,8 @@ class WarmupSpec(_Strict):
 
 
 class MethodSpec(_Strict):
-    """One method to compare: a communication pattern plus, for compressed methods, a codec."""
+    """One method to compare: a communication pattern plus, for compressed methods, a codec. What a pattern
+    exchanges is answered by the properties below (one table, :data:`_PATTERNS`), never by comparing ``comm``."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.:-]{0,39}$")
     comm: Comm
@@ -101,6 +104,66 @@ class MethodSpec(_Strict):
     @property
     def compressed(self) -> bool:
         return self.codec is not None and self.codec.compressor.kind != "identity"
+
+    @property
+    def gathers_kv(self) -> bool:
+        """Each layer all-gathers K/V over the ranks (ring attention, patch parallel, DistriFusion)."""
+        return _PATTERNS[self.comm].gathers_kv
+
+    @property
+    def stale_kv(self) -> bool:
+        """Attention uses the previous step's K/V, gathered asynchronously while computing (DistriFusion)."""
+        return _PATTERNS[self.comm].stale_kv
+
+    @property
+    def synchronous_gather(self) -> bool:
+        """Each layer waits for a fresh K/V all-gather (ring attention, patch parallel)."""
+        return self.gathers_kv and not self.stale_kv
+
+    @property
+    def all_to_all(self) -> bool:
+        """Each layer redistributes Q/K/V by heads with all-to-alls (Ulysses, USP)."""
+        return _PATTERNS[self.comm].all_to_all
+
+    @property
+    def own_attention_exchange(self) -> bool:
+        """The exchange runs in this project's attention processor, not xfuser's (patch parallel, DistriFusion)."""
+        return _PATTERNS[self.comm].own_attention_exchange
+
+    @property
+    def warms_up(self) -> bool:
+        """The first steps are a warmup (full precision or local): compressed methods seed their bases there and
+        DistriFusion its stale K/V."""
+        return self.compressed or self.stale_kv
+
+    @property
+    def hybrid_degrees(self) -> bool:
+        """Ulysses and ring degrees both come from the scenario's ``parallel:`` (USP)."""
+        return _PATTERNS[self.comm].split == "usp"
+
+    def degrees(self, world: int, usp: tuple[int, int]) -> tuple[int, int]:
+        """(ulysses_degree, ring_degree) on ``world`` ranks; ``usp``: the scenario's degrees for ``usp``."""
+        return _PATTERNS[self.comm].degrees(world, usp)
+
+
+class _Pattern(NamedTuple):
+    gathers_kv: bool = False
+    stale_kv: bool = False
+    all_to_all: bool = False
+    own_attention_exchange: bool = False
+    split: Literal["ring", "ulysses", "usp"] = "ring"
+
+    def degrees(self, world: int, usp: tuple[int, int]) -> tuple[int, int]:
+        return {"ring": (1, world), "ulysses": (world, 1), "usp": usp}[self.split]
+
+
+_PATTERNS: dict[str, _Pattern] = {
+    "ring": _Pattern(gathers_kv=True),
+    "patch": _Pattern(gathers_kv=True, own_attention_exchange=True),
+    "distrifusion": _Pattern(gathers_kv=True, stale_kv=True, own_attention_exchange=True),
+    "ulysses": _Pattern(all_to_all=True, split="ulysses"),
+    "usp": _Pattern(all_to_all=True, split="usp"),
+}
 
 
 def _codec(kind: str, residual: str = "ef", **kw: Any) -> CodecSpec:
@@ -229,9 +292,9 @@ class Scenario(_Strict):
                 if isinstance(end, int) and not 0 <= end < n or isinstance(end, str) and end not in node_names:
                     raise ValueError(f"links: node {end!r} is not one of the {n} nodes")
         u, ring = self.usp_degrees
-        if any(m.comm == "usp" for m in self.methods) and u * ring != n:
+        if any(m.hybrid_degrees for m in self.methods) and u * ring != n:
             raise ValueError(f"parallel: ulysses_degree x ring_degree = {u} x {ring} must equal the node count {n}")
-        a2a = [m.name for m in self.methods if m.compressed and m.comm in ("ulysses", "usp")]
+        a2a = [m.name for m in self.methods if m.compressed and m.all_to_all]
         if a2a and self.warmup.mode == "local":
             raise ValueError(f"warmup mode 'local' seeds ring/patch K/V bases only; compressed all-to-all methods "
                              f"({', '.join(a2a)}) need warmup mode 'sync'")
@@ -288,12 +351,7 @@ class Scenario(_Strict):
 
     def degrees(self, method: MethodSpec) -> tuple[int, int]:
         """(ulysses_degree, ring_degree) that ``method`` runs with."""
-        n = self.world_size
-        if method.comm == "usp":
-            return self.usp_degrees
-        if method.comm == "ulysses":
-            return n, 1
-        return 1, n
+        return method.degrees(self.world_size, self.usp_degrees)
 
     def link_between(self, src: int, dst: int) -> LinkSpec:
         """Impairments of the directed link src -> dst: an override, else the sender's access link,
@@ -305,6 +363,15 @@ class Scenario(_Strict):
             if (s, d) == (src, dst):
                 return o.spec
         return self.nodes[src].link or self.nodes[dst].link or self.link
+
+    def directed_links(self, unlimited_rate: bool = False) -> dict[tuple[int, int], LinkSpec]:
+        """Every directed link (src, dst) -> its impairments (:meth:`link_between`): what netem shapes and the
+        simulator models. ``unlimited_rate``: the same links with the rate limit lifted (the bound pass)."""
+        n = self.world_size
+        links = {(i, j): self.link_between(i, j) for i in range(n) for j in range(n) if i != j}
+        if unlimited_rate:
+            links = {k: v.model_copy(update={"rate_mbit": None}) for k, v in links.items()}
+        return links
 
 
 def _format_errors(err: ValidationError) -> str:

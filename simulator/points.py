@@ -1,0 +1,229 @@
+"""Measured points for the calibration: rows read from results folders (step records, link probes, link
+micro-benchmarks), codec timings measured now, earlier calibrations' rows, and the host's pace during a run.
+
+Rows are plain dicts, one CSV per kind in a calibration folder: compute.csv (run, rank, step, layer), codec.csv
+(codec, op, bytes), links.csv (one probed link), hops.csv (run, rank, step of a synchronous all-gather method).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..netem.profiles import LinkSpec
+from ..runtime.records import RunRecord, StepRecord, read_run, read_steps
+from ..scenarios.schema import MethodSpec, Scenario, parse_scenario
+from .costs import Calibration, DeviceProfile, burst_of
+from .model import cluster_of
+from .runs import MeasuredRun
+from .workload import workload_of
+
+
+def method_runs(results: list[Path]) -> Iterator[tuple[Path, Scenario, MethodSpec, RunRecord, list[StepRecord]]]:
+    """(run directory, scenario, method, run record, step records) of every finished method run (one with a
+    run.json) under the given results folders."""
+    for root in results:
+        for run_json in sorted(Path(root).rglob("run.json")):
+            d = run_json.parent
+            job = json.loads((d / "job.json").read_text())
+            yield (d, parse_scenario(job["scenario"], str(d)), MethodSpec.model_validate(job["method"]),
+                   read_run(d), read_steps(d))
+
+
+def compute_points(results: list[Path], cores: int) -> list[dict]:
+    """One row per (run, rank, step, layer): the layer's shape and its measured compute, with the step's times."""
+    rows = []
+    for d, scenario, method, run, recs in method_runs(results):
+        w = workload_of(scenario, method)
+        world, full = run.world, w.batch * w.tokens
+        codec = method.codec.compressor.kind if method.compressed else ""
+        for r in recs:
+            local = r.warmup == "local"
+            for layer, s in r.layer_compute_s.items():
+                rows.append(dict(run=str(d), rank=r.rank, step=r.step, layer=int(layer), world=world,
+                                 tokens=full if local else w.local_tokens,
+                                 kv_tokens=full, hidden=w.shape.hidden, share=max(1.0, world / cores),
+                                 seconds=s, wall_s=r.wall_s, comm_wait_s=r.comm_wait_s, codec_s=r.codec_s,
+                                 codec=codec if r.warmup is None else "", kv_bytes=w.kv_bytes(),
+                                 layers=w.shape.layers))
+    return rows
+
+
+def is_local(p: dict) -> bool:
+    """A compute row of a local warmup step (every rank runs the whole sequence)."""
+    return p["tokens"] == p["kv_tokens"] and p["world"] > 1
+
+
+def slowest(timings) -> dict:
+    """The largest of the seconds given per key: (key, seconds) pairs -> {key: max seconds}."""
+    out: dict = {}
+    for key, s in timings:
+        out[key] = max(out.get(key, 0.0), s)
+    return out
+
+
+def layer_pace(points: list[dict]) -> dict[tuple, float]:
+    """Each synchronous step's layer as the exchange sees it: (run, step, layer) -> its slowest rank's compute."""
+    return slowest(((p["run"], p["step"], p["layer"]), p["seconds"]) for p in points if not is_local(p))
+
+
+def results_folder(run: str) -> str:
+    """The results folder of a run directory (``<results>/<pass>/<method>/seed<k>``)."""
+    return str(Path(run).parents[2])
+
+
+def reference_pace(run: MeasuredRun, device: DeviceProfile) -> float | None:
+    """How fast the host computed during a results folder's run: the median wall time of its single-process
+    reference generations (timed on one thread, like each rank, before the distributed runs, with no links
+    involved) over the modelled single-process compute of the same generation. None without reference timings on
+    one thread (``reference_threads``)."""
+    if not run.reference_latency_s or run.reference_threads != 1:
+        return None
+    scenario = parse_scenario(run.scenario, run.folder)
+    w = workload_of(scenario, scenario.methods[0])
+    n = w.batch * w.tokens
+    modelled = w.steps * (w.shape.layers * device.layer_seconds(n, n, w.shape.hidden, 1.0) + device.step_overhead_s)
+    return float(np.median(list(run.reference_latency_s.values()))) / modelled
+
+
+def host_factors(runs: list[MeasuredRun], device: DeviceProfile) -> dict[str, float]:
+    """Each run's host speed relative to the calibration runs' median (1.2 = computed 20% slower):
+    :func:`reference_pace` / ``device.reference_pace``, keyed by results folder. Runs without reference timings, or
+    a profile without a reference pace, are left out (factor 1)."""
+    if not device.reference_pace:
+        return {}
+    paces = {r.folder: reference_pace(r, device) for r in runs}
+    return {f: p / device.reference_pace for f, p in paces.items() if p}
+
+
+def codec_points(shapes: list[tuple[int, int]], reps: int = 5) -> list[dict]:
+    """Measure the codecs now (1 thread, float32, fused CPU backend where available)."""
+    import torch
+
+    from ..kernels.bench import bench_shape
+    from ..kernels.spec import CompressorSpec
+
+    torch.set_num_threads(1)
+    rows = []
+    for n, c in shapes:
+        for kind in ("1bit", "2bit", "lowrank", "sparse"):
+            (r,) = bench_shape(n, c, torch.float32, torch.device("cpu"), "auto", reps, [CompressorSpec(kind=kind)])
+            raw = n * c * 4
+            rows.append(dict(codec=kind, op="encode", bytes=raw, seconds=raw / (r["encode_gbps"] * 1e9)))
+            rows.append(dict(codec=kind, op="decode", bytes=raw, seconds=raw / (r["decode_gbps"] * 1e9)))
+    return rows
+
+
+def link_points(results: list[Path]) -> list[dict]:
+    rows = []
+    for root in results:
+        for f in sorted(Path(root).rglob("links.json")):
+            for p in json.loads(f.read_text()):
+                rows.append(dict(source=str(f), src=p["src"], dst=p["dst"], configured_rate_mbit=p["configured_rate_mbit"],
+                                 wire_mbit=p["wire_mbit"], rtt_ms=p["rtt_ms"], configured_rtt_ms=p["configured_rtt_ms"]))
+    return rows
+
+
+def hop_points(results: list[Path], calib: Calibration) -> list[dict]:
+    """Per (run, rank, step) of synchronous all-gather methods: hops, RTT and bytes/rate sums vs the measured
+    time blocked on communication; ``imbalance_s`` of that is waiting for slower ranks' compute (the model's
+    compute is each layer's slowest rank, :func:`layer_pace`), not for the links."""
+    rows = []
+    for d, sc, method, run, recs in method_runs(results):
+        link_pass = d.parent.parent.name          # results/<stamp>/<pass>/<method>/seed<k>
+        if not method.synchronous_gather or link_pass not in ("shaped", "bound"):
+            continue
+        w = workload_of(sc, method)
+        p = sc.world_size
+        directed = sc.directed_links()
+        links = [directed[i, (i + 1) % p] for i in range(p)]
+        slow = max(links, key=lambda l: (l.delay_ms, -(l.rate_mbit or 1e9)))
+        rate = None if link_pass == "bound" else calib.effective_rate_bytes(slow)
+        rtt = 2 * (slow.delay_ms / 1e3 + calib.link_overhead_s)
+        jitter, loss = slow.jitter_ms / 1e3, slow.loss_pct / 100
+        layers = w.shape.layers
+        forwarding = p if cluster_of(sc).forwarding else 0
+        pace = slowest(((r.step, k), s) for r in recs for k, s in r.layer_compute_s.items())
+        for r in recs:
+            if r.warmup == "local":
+                continue
+            warm = r.warmup == "sync"
+            rows.append(dict(run=str(d), rank=r.rank, step=r.step, rtt_s=rtt, bidirectional=int(p == 2),
+                             jitter_s=jitter, loss=loss, rate_bytes=rate or 0.0,
+                             burst_bytes=burst_of(slow) if rate else 0, forwarding=forwarding,
+                             oversubscription=calib.share(p) - 1,
+                             kv_hops=layers * (p - 1), kv_bytes=w.kv_wire_bytes(warm),
+                             out_hops=p - 1, out_bytes=w.output_bytes(), comm_wait_s=r.comm_wait_s,
+                             imbalance_s=sum(pace[r.step, k] - s for k, s in r.layer_compute_s.items())))
+    return rows
+
+
+def linkbench_points(results: list[Path], calib: Calibration) -> list[dict]:
+    """Hop rows from gloo micro-benchmarks (``linkbench.csv``, written by ``testbed.linkbench``): one all-gather of a message
+    over P-1 ring hops on a link measured alone, in the same columns as :func:`hop_points`."""
+    rows = []
+    for root in results:
+        for f in sorted(Path(root).rglob("linkbench.csv")):
+            with open(f, newline="") as fh:
+                for r in csv.DictReader(fh):
+                    spec = LinkSpec(rate_mbit=float(r["rate_mbit"]) or None, delay_ms=float(r["delay_ms"]),
+                                    jitter_ms=float(r["jitter_ms"]), loss_pct=float(r["loss_pct"]))
+                    rows.append(dict(run=str(f), rank=-1, step=-1,
+                                     rtt_s=2 * (spec.delay_ms / 1e3 + calib.link_overhead_s),
+                                     bidirectional=int(int(r["world"]) == 2), jitter_s=spec.jitter_ms / 1e3,
+                                     loss=spec.loss_pct / 100, rate_bytes=calib.effective_rate_bytes(spec) or 0.0,
+                                     burst_bytes=burst_of(spec), forwarding=int(r["world"]) if spec.loss_pct else 0,
+                                     oversubscription=calib.share(int(r["world"])) - 1,
+                                     kv_hops=int(r["hops"]), kv_bytes=int(r["bytes"]), out_hops=0, out_bytes=0,
+                                     comm_wait_s=float(r["seconds"])))
+    return rows
+
+
+HOP_COLUMNS = ("rtt_s", "kv_hops", "kv_bytes", "out_hops", "out_bytes", "comm_wait_s", "imbalance_s", "bidirectional",
+               "jitter_s", "loss", "rate_bytes", "burst_bytes", "forwarding", "oversubscription")
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a calibration CSV with numbers as numbers."""
+    def num(v: str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    with open(path, newline="") as f:
+        return [{k: num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        path.write_text("")
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def earlier_points(results: list[Path], name: str, fresh: list[dict] = (), exclude: set[str] = frozenset()
+                   ) -> list[dict]:
+    """Rows of ``name`` (compute.csv, links.csv, hops.csv) from earlier calibration folders among ``results``: their
+    measurements are reused without the raw runs; rows of runs (or probe files) also in ``fresh``, the rows just
+    read from raw results, are left out so that nothing counts twice, and so are rows of the results folders in
+    ``exclude``."""
+    key = "source" if name == "links.csv" else "run"
+    seen = {row[key] for row in fresh}
+
+    def excluded(row) -> bool:
+        return bool(exclude) and any(str(p) in exclude for p in Path(row[key]).parents)
+
+    return [row for root in results for f in sorted(Path(root).glob(name))
+            if (f.parent / "calibration.json").is_file() for row in read_csv(f)
+            if row[key] not in seen and not excluded(row)]
