@@ -32,7 +32,7 @@ def whatif_tab(calib: Calibration) -> html.Div:
     profiles = [{"label": n, "value": n} for n in named_profiles()] + [{"label": "custom", "value": "custom"}]
     return html.Div([
         html.Div([
-            _field("nodes", _num("nodes", d.nodes, min=1, max=64, step=1)),
+            _field("nodes", _num("nodes", d.nodes, min=1, max=W.MAX_NODES, step=1)),
             _field("link profile", dcc.Dropdown(id="profile", options=profiles, value=d.profile, clearable=False,
                                                 style={"width": "170px"})),
             _field("rate Mbit/s", _num("rate", d.rate_mbit, min=0)),
@@ -48,10 +48,12 @@ def whatif_tab(calib: Calibration) -> html.Div:
                                           style={"width": "190px"})),
             _field("ulysses degree (usp)", _num("ulysses", d.ulysses_degree, min=1, max=64, step=1)),
             _field("warmup", dcc.RadioItems(id="warmup", options=["local", "sync"], value=d.warmup, inline=True)),
-            _field("compute profile", dcc.Dropdown(id="device", options=list(calib.devices), value="cpu",
-                                                   clearable=False, style={"width": "100px"})),
+            _field("compute profile", dcc.Dropdown(id="device", value="cpu", clearable=False, style={"width": "300px"},
+                                                   options=[{"label": W.DEVICES.get(k, k), "value": k}
+                                                            for k in calib.devices])),
         ]),
         html.Div(id="message", style={"color": "#b00020", "minHeight": "20px", "margin": "6px 0"}),
+        html.Div(id="note", style={"color": "#8a6d00", "minHeight": "0px", "margin": "0 0 6px"}),
         html.Div([html.Span("latency: "), html.B(id="latency"), html.Span("   speedup vs ring: "), html.B(id="vs-ring"),
                   html.Span("   vs DistriFusion: "), html.B(id="vs-df"), html.Span("   on the wire: "),
                   html.B(id="bytes")], style={"fontSize": "16px"}),
@@ -68,7 +70,7 @@ def results_tab(folders: list[R.ResultsFolder]) -> html.Div:
                  id="results-empty"),
         _field("results folder", dcc.Dropdown(id="folder", options=options, value=options[0]["value"] if options else None,
                                               style={"width": "420px"})),
-        _field("links", dcc.RadioItems(id="links", options=["shaped", "bound", "loopback"], value="shaped", inline=True)),
+        _field("links", dcc.RadioItems(id="links", options=[], value=None, inline=True)),
         html.Div([dcc.Graph(id="m-latency", style={"width": "50%", "display": "inline-block"}),
                   dcc.Graph(id="m-breakdown", style={"width": "50%", "display": "inline-block"})]),
         html.Div([dcc.Graph(id="m-bytes", style={"width": "50%", "display": "inline-block"}),
@@ -89,7 +91,7 @@ def create_app(result_roots: list[Path], calib: Calibration) -> Dash:
     ], style={"fontFamily": "sans-serif", "margin": "12px"})
 
     @app.callback(
-        [Output(i, "children") for i in ("message", "latency", "vs-ring", "vs-df", "bytes", "breakdown")]
+        [Output(i, "children") for i in ("message", "note", "latency", "vs-ring", "vs-df", "bytes", "breakdown")]
         + [Output("timeline", "figure"), Output("curves", "figure")],
         [Input(i, "value") for i in ("nodes", "profile", "rate", "delay", "jitter", "loss", "model", "resolution",
                                      "images", "steps", "method", "ulysses", "warmup", "device")])
@@ -99,28 +101,33 @@ def create_app(result_roots: list[Path], calib: Calibration) -> Dash:
         try:
             if None in (nodes, resolution, images, steps):
                 raise ScenarioError("fill in nodes, resolution, images and steps")
-            w = W.WhatIf(nodes=int(nodes), profile=profile, rate_mbit=rate or None, delay_ms=delay or 0,
-                         jitter_ms=jitter or 0, loss_pct=loss or 0, model=model, resolution=int(resolution),
-                         images=int(images), steps=int(steps), method=method, ulysses_degree=int(ulysses or 1),
-                         warmup=warmup, device=device)
+            w = W.WhatIf.of(dict(nodes=nodes, profile=profile, rate_mbit=rate or None, delay_ms=delay or 0,
+                                 jitter_ms=jitter or 0, loss_pct=loss or 0, model=model, resolution=resolution,
+                                 images=images, steps=steps, method=method, ulysses_degree=ulysses or 1,
+                                 warmup=warmup, device=device))
             rows, detail = W.answer(w, calib)
-            text = W.summary_text(rows, method)
-            return ("", text["latency"], text["vs_ring"], text["vs_distrifusion"], text["bytes"], text["breakdown"],
-                    W.timeline_figure(detail, w.steps), W.bandwidth_curves(w, calib))
+            text = W.summary_text(rows, w.method)
+            return ("", W.profile_note(w), text["latency"], text["vs_ring"], text["vs_distrifusion"], text["bytes"],
+                    text["breakdown"], W.timeline_figure(detail, w.steps), W.bandwidth_curves(w, calib))
         except (ScenarioError, ValueError, KeyError) as e:
             first = str(e).splitlines()
             msg = "; ".join(first[1:] or first) if first else "invalid input"
-            return (msg, "-", "-", "-", "-", "", empty, empty)
+            return (msg, "", "-", "-", "-", "-", "", empty, empty)
+
+    @app.callback([Output("links", "options"), Output("links", "value")], [Input("folder", "value")])
+    def folder_passes(path):
+        folder = by_path.get(path)
+        passes = folder.passes if folder else []
+        return passes, passes[0] if passes else None
 
     @app.callback([Output(i, "figure") for i in ("m-latency", "m-breakdown", "m-bytes", "m-pareto", "m-predicted",
                                                  "m-samples")],
                   [Input("folder", "value"), Input("links", "value")])
     def update_results(path, links):
         folder = by_path.get(path)
-        if folder is None:
+        if folder is None or not folder.passes:
             return [go.Figure()] * 6
-        available = {r.links for r in folder.rows}
-        links = links if links in available else sorted(available)[0]
+        links = links if links in folder.passes else folder.passes[0]
         pred, _ = R.predicted_vs_measured(folder, calib)
         return (R.latency_figure(folder), R.breakdown_figure(folder, links), R.bytes_figure(folder, links),
                 R.pareto_figure(folder, links), pred, R.samples_figure(folder, links))

@@ -10,9 +10,10 @@ import plotly.graph_objects as go
 import yaml
 from plotly.subplots import make_subplots
 
-from ..runtime.records import MethodResult, read_summary
+from ..runtime.records import MethodResult, RunState, read_state, read_summary
 from ..simulator.costs import Calibration
 from ..simulator.predict import Case, mape, validate
+from .style import empty_figure, title
 
 
 @dataclass
@@ -22,10 +23,19 @@ class ResultsFolder:
     path: Path
     scenario: dict
     rows: list[MethodResult]
+    state: RunState
 
     @property
     def label(self) -> str:
-        return f"{self.scenario.get('name', '?')} / {self.path.name}"
+        """The output folder and timestamp, the methods, and the state (runs of one scenario told apart)."""
+        methods = ", ".join(dict.fromkeys(r.method for r in self.rows)) or "no method runs"
+        state = self.state.state + (", contaminated" if self.state.contaminated else "")
+        return f"{self.path.parent.name} / {self.path.name}: {methods} ({state})"
+
+    @property
+    def passes(self) -> list[str]:
+        """The link passes with rows, in run order (shaped, bound, loopback)."""
+        return list(dict.fromkeys(r.links for r in self.rows))
 
 
 def find_results(roots: list[Path]) -> list[ResultsFolder]:
@@ -36,10 +46,11 @@ def find_results(roots: list[Path]) -> list[ResultsFolder]:
             folder = summary.parent
             try:
                 _, rows = read_summary(folder)
+                state = read_state(folder)
                 scenario = yaml.safe_load((folder / "scenario.yaml").read_text())
             except (OSError, ValueError, KeyError, yaml.YAMLError):
                 continue
-            found.append(ResultsFolder(folder, scenario, rows))
+            found.append(ResultsFolder(folder, scenario, rows, state))
     return sorted(found, key=lambda r: r.path.name, reverse=True)
 
 
@@ -52,7 +63,7 @@ def latency_figure(folder: ResultsFolder) -> go.Figure:
     for links in sorted({r.links for r in folder.rows}):
         rows = _ok(folder.rows, links)
         fig.add_bar(x=[r.method for r in rows], y=[r.latency_s for r in rows], name=links)
-    fig.update_layout(title="latency per method (s)", barmode="group", height=330, margin=dict(t=50, b=40))
+    fig.update_layout(title=title("latency per method (s)"), barmode="group", height=330, margin=dict(t=60, b=40))
     return fig
 
 
@@ -61,7 +72,7 @@ def breakdown_figure(folder: ResultsFolder, links: str) -> go.Figure:
     fig = go.Figure()
     for label, key in (("compute", "compute_s"), ("blocked on communication", "comm_wait_s"), ("codec", "codec_s")):
         fig.add_bar(x=[r.method for r in rows], y=[getattr(r, key) for r in rows], name=label)
-    fig.update_layout(title=f"time per rank, {links} links (s)", barmode="stack", height=330, margin=dict(t=50, b=40))
+    fig.update_layout(title=title(f"time per rank, {links} links (s)"), barmode="stack", height=330, margin=dict(t=60, b=40))
     return fig
 
 
@@ -69,7 +80,7 @@ def bytes_figure(folder: ResultsFolder, links: str) -> go.Figure:
     rows = _ok(folder.rows, links)
     fig = go.Figure(go.Bar(x=[r.method for r in rows], y=[r.bytes_on_wire / 1e6 for r in rows],
                            text=[f"{r.compression_ratio:.1f}x" for r in rows], textposition="outside"))
-    fig.update_layout(title="MB on the wire (all ranks; label: compression ratio)", height=330, margin=dict(t=50, b=40))
+    fig.update_layout(title=title("MB on the wire (all ranks; label: compression ratio)"), height=330, margin=dict(t=60, b=40))
     return fig
 
 
@@ -79,20 +90,26 @@ def pareto_figure(folder: ResultsFolder, links: str) -> go.Figure:
     psnr = [min(r.quality["psnr_db"], 60.0) for r in rows]
     fig = go.Figure(go.Scatter(x=[r.latency_s for r in rows], y=psnr, mode="markers+text",
                                text=[r.method for r in rows], textposition="top center", marker_size=12))
-    fig.update_layout(title="quality vs latency (PSNR capped at 60 dB = exact)", xaxis_title="latency (s)",
-                      yaxis_title="PSNR (dB)", height=360, margin=dict(t=50, b=40))
+    fig.update_layout(title=title("quality vs latency (PSNR capped at 60 dB = exact)"), xaxis_title="latency (s)",
+                      yaxis_title="PSNR (dB)", height=360, margin=dict(t=60, b=40))
     return fig
 
 
 def predicted_vs_measured(folder: ResultsFolder, calib: Calibration) -> tuple[go.Figure, list[Case]]:
-    """The simulator's prediction for every measured row (``simulator.predict.validate``) as an overlay."""
+    """The simulator's prediction for every measured row (``simulator.predict.validate``) as an overlay; a figure
+    that says why where there is nothing to compare (an incomplete run, or loopback runs only)."""
+    if not folder.state.usable:
+        return empty_figure(f"no prediction: the run is {folder.state.state}"
+                            + (", contaminated" if folder.state.contaminated else "")), []
     cases = validate([folder.path], calib)
+    if not cases:
+        return empty_figure("no prediction: no runs on emulated links (loopback runs are not on the modelled links)"), []
     labels = [f"{c.method} ({c.links})" for c in cases]
     fig = go.Figure()
     fig.add_bar(x=labels, y=[c.measured_s for c in cases], name="measured")
     fig.add_bar(x=labels, y=[c.predicted_s for c in cases], name="predicted")
-    fig.update_layout(title=f"predicted vs measured latency (MAPE {mape(cases):.1%})", barmode="group", height=360,
-                      margin=dict(t=50, b=80))
+    fig.update_layout(title=title(f"predicted vs measured latency (MAPE {mape(cases):.1%})"), barmode="group", height=360,
+                      margin=dict(t=60, b=80))
     return fig, cases
 
 
@@ -113,6 +130,6 @@ def samples_figure(folder: ResultsFolder, links: str, count: int = 8) -> go.Figu
             fig.add_heatmap(z=strip[0][::-1], colorscale="gray", showscale=False, zmin=-1, zmax=1, row=i, col=1)
         fig.update_xaxes(visible=False, row=i, col=1)
         fig.update_yaxes(visible=False, scaleanchor=f"x{i if i > 1 else ''}", scaleratio=1, row=i, col=1)
-    fig.update_layout(title="samples (same seed) beside the single-process reference",
+    fig.update_layout(title=title("samples (same seed) beside the single-process reference"),
                       height=190 * max(len(panels), 1) + 60, margin=dict(t=60, b=10, l=10, r=10))
     return fig

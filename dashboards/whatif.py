@@ -3,44 +3,72 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import plotly.graph_objects as go
+from pydantic import Field, TypeAdapter, ValidationError
 
 from ..netem.profiles import named_profiles
-from ..scenarios.schema import METHOD_PRESETS, Scenario, ScenarioError, parse_scenario
+from ..runtime.records import speedups
+from ..scenarios.schema import METHOD_PRESETS, Scenario, ScenarioError, format_errors, parse_scenario
 from ..simulator.costs import Calibration
-from ..simulator.model import Prediction
+from ..simulator.model import Prediction, Simulator, cluster_of
 from ..simulator.predict import PredictedRow, predict
+from ..simulator.workload import workload_of
+from .style import empty_figure, title
 
 MODELS = {"tiny_flux_mnist": 16, "flux.1-dev": 1024, "cogvideox-5b": 720}    # default resolution per model
 COMPARED = ["ring", "patch", "distrifusion", "ulysses", "compact-1bit", "compact-2bit", "compact-lowrank"]
 CURVE_RATES_MBIT = [10, 25, 50, 100, 250, 500, 1000, 2500, 10_000]
+MAX_NODES = 64                  # the explorer's range; `scenario predict` takes more
+CURVE_MAX_NODES = 16            # the curves simulate every method at every rate: kept interactive
+DEVICES = {"cpu": "cpu: the emulation host (2 cores, measured here)",
+           "l20": "l20: an L20-class GPU (the paper's single-GPU time; hops as on the emulation host)"}
 
 
 @dataclass
 class WhatIf:
     """The explorer's controls."""
 
-    nodes: int = 4
+    nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = 4
     profile: str = "edge_100m_10ms"       # a named profile, or "custom"
-    rate_mbit: float | None = 100
-    delay_ms: float = 10
-    jitter_ms: float = 0
-    loss_pct: float = 0
+    rate_mbit: Annotated[float, Field(gt=0, le=400_000, allow_inf_nan=False)] | None = 100
+    delay_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] = 10
+    jitter_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] = 0
+    loss_pct: Annotated[float, Field(ge=0, lt=100, allow_inf_nan=False)] = 0
     model: str = "tiny_flux_mnist"
-    resolution: int = 16
-    images: int = 128
-    steps: int = 20
+    resolution: Annotated[int, Field(ge=4, le=8192)] = 16
+    images: Annotated[int, Field(ge=1, le=1024)] = 128
+    steps: Annotated[int, Field(ge=1, le=1000)] = 20
     method: str = "compact-1bit"
-    ulysses_degree: int = 1               # for `usp` methods (ulysses x ring = nodes)
+    ulysses_degree: Annotated[int, Field(ge=1, le=MAX_NODES)] = 1    # for `usp` methods (ulysses x ring = nodes)
     warmup: str = "local"
     device: str = "cpu"
+
+    @classmethod
+    def of(cls, controls: dict) -> "WhatIf":
+        """The controls as sent by the browser, typed and bounded (a list, text or NaN where a number belongs is a
+        ScenarioError naming the control, not a crash)."""
+        try:
+            return _CONTROLS.validate_python(controls)
+        except ValidationError as e:
+            raise ScenarioError(format_errors(e)) from None
 
     def link(self) -> dict | str:
         if self.profile != "custom":
             return self.profile
         return {"rate_mbit": self.rate_mbit or None, "delay_ms": self.delay_ms, "jitter_ms": self.jitter_ms,
                 "loss_pct": self.loss_pct}
+
+
+_CONTROLS = TypeAdapter(WhatIf)
+
+
+def profile_note(w: WhatIf) -> str:
+    """What the chosen compute profile models, where the model makes that matter."""
+    if w.device == "cpu" and w.model != "tiny_flux_mnist":
+        return (f"the cpu profile is the 2-core emulation host: {w.model} on it takes hours; choose l20 for a GPU")
+    return ""
 
 
 def scenario_of(w: WhatIf, methods: list[str] | None = None, link=None) -> Scenario:
@@ -75,14 +103,17 @@ def timeline_figure(pred: Prediction, steps: int, ranks: int = 8, steps_shown: i
         bars = [(r, s, e) for r, k, s, e in pred.timeline if k == kind and r < ranks and e > s and s < horizon]
         fig.add_bar(y=[f"rank {r}" for r, _, _ in bars], x=[e - s for _, s, e in bars],
                     base=[s for _, s, _ in bars], orientation="h", name=kind, marker_color=color)
-    fig.update_layout(title=f"per-rank timeline, first {min(steps_shown, steps)} steps", barmode="overlay",
+    fig.update_layout(title=title(f"per-rank timeline, first {min(steps_shown, steps)} steps"), barmode="overlay",
                       xaxis_title="seconds", xaxis_range=[0, horizon], height=320,
-                      margin=dict(l=60, r=20, t=50, b=40))
+                      margin=dict(l=60, r=20, t=60, b=40))
     return fig
 
 
 def bandwidth_curves(w: WhatIf, calib: Calibration, rates=CURVE_RATES_MBIT) -> go.Figure:
-    """Speedup over uncompressed ring vs link rate, every method, the chosen delay/jitter/loss kept."""
+    """Speedup over uncompressed ring vs link rate, every method, the chosen delay/jitter/loss kept (up to
+    :data:`CURVE_MAX_NODES` nodes, so that the explorer answers within seconds)."""
+    if w.nodes > CURVE_MAX_NODES:
+        return empty_figure(f"speedup curves are drawn up to {CURVE_MAX_NODES} nodes (`scenario predict` for more)")
     base = named_profiles().get(w.profile) if w.profile != "custom" else None
     delay = base.delay_ms if base else w.delay_ms
     jitter = base.jitter_ms if base else w.jitter_ms
@@ -92,15 +123,16 @@ def bandwidth_curves(w: WhatIf, calib: Calibration, rates=CURVE_RATES_MBIT) -> g
     for rate in rates:
         sc = scenario_of(w, methods=methods, link={"rate_mbit": rate, "delay_ms": delay, "jitter_ms": jitter,
                                                    "loss_pct": loss})
-        rows, _ = predict(sc, calib, w.device)
-        for r in rows:
-            curves[r.method].append(r.speedup_vs_uncompressed)
+        shaped = cluster_of(sc, w.device)
+        latency = {m.name: Simulator(workload_of(sc, m), shaped, calib).run().latency_s for m in sc.methods}
+        for m, (vs_ring, _) in speedups(latency).items():
+            curves[m].append(vs_ring)
     fig = go.Figure()
     for m, ys in curves.items():
         fig.add_scatter(x=list(rates), y=ys, mode="lines+markers", name=m)
-    fig.update_layout(title=f"speedup over uncompressed ring vs link rate ({w.nodes} nodes, {delay:g} ms)",
+    fig.update_layout(title=title(f"speedup over uncompressed ring vs link rate ({w.nodes} nodes, {delay:g} ms)"),
                       xaxis_title="link rate (Mbit/s)", yaxis_title="speedup", xaxis_type="log", height=360,
-                      margin=dict(l=60, r=20, t=50, b=40))
+                      margin=dict(l=60, r=20, t=60, b=40))
     return fig
 
 

@@ -215,10 +215,10 @@ def cleanup_stale() -> list[str]:
             state = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if _alive(state.get("owner_pid")):
+        if pid_alive(state.get("owner_pid")):
             continue
         for pid in state.get("pids", []):
-            if _alive(pid) and "compactbed.netem.delay_line" in _cmdline(pid):
+            if pid_alive(pid) and "compactbed.netem.delay_line" in _cmdline(pid):
                 os.kill(pid, signal.SIGKILL)
                 removed.append(f"pid {pid}")
         removed += remove_namespaces(list(state.get("namespaces", [])))
@@ -226,7 +226,8 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
-def _alive(pid) -> bool:
+def pid_alive(pid) -> bool:
+    """Whether a process with this id exists (on this host)."""
     if not isinstance(pid, int):
         return False
     try:

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 WIRE_PER_PAYLOAD = 1514 / 1448
 PORT = 47_913
+RATE_TOLERANCE = 0.10       # a lossless shaped link's wire rate within 10% of its profile
+RTT_TOLERANCE = 0.10        # a round trip within 10% of its profile, plus
+HOST_RTT_MS = 1.5           # the emulation host's own round trip (0.5-1 ms measured), plus both directions' jitter
 
 
 @dataclass
@@ -30,6 +33,8 @@ class LinkProbe:
     bytes: int
     configured_rate_mbit: float | None
     configured_rtt_ms: float
+    configured_jitter_ms: float = 0.0     # both directions'
+    lossy: bool = False
 
     @property
     def rate_error(self) -> float | None:
@@ -37,6 +42,20 @@ class LinkProbe:
         if self.configured_rate_mbit is None:
             return None
         return self.wire_mbit / self.configured_rate_mbit - 1
+
+    @property
+    def misses(self) -> list[str]:
+        """How the link misses its profile (empty: it does not). The rate is checked on lossless shaped links only:
+        with loss, one TCP flow's goodput is bounded by the loss, not by the link. The round trip may exceed the
+        profile's by 10% plus the host's own (up to 1.5 ms) plus both directions' jitter (in-order release under +-jitter
+        lengthens it by up to that)."""
+        out = []
+        if self.rate_error is not None and not self.lossy and abs(self.rate_error) > RATE_TOLERANCE:
+            out.append(f"rate {self.wire_mbit:.0f} Mbit/s against {self.configured_rate_mbit:g} ({self.rate_error:+.0%})")
+        allowed = RTT_TOLERANCE * self.configured_rtt_ms + HOST_RTT_MS + self.configured_jitter_ms
+        if abs(self.rtt_ms - self.configured_rtt_ms) > allowed:
+            out.append(f"RTT {self.rtt_ms:.1f} ms against {self.configured_rtt_ms:g} (+-{allowed:.1f} allowed)")
+        return out
 
 
 def _serve(port: int) -> None:
@@ -115,7 +134,8 @@ def probe_link(cluster, src: int, dst: int, spec, seconds: float = 1.0) -> LinkP
     good = m["goodput_bps"] / 1e6
     return LinkProbe(src, dst, rtt_ms=m["rtt_s"] * 1e3, goodput_mbit=good, wire_mbit=good * WIRE_PER_PAYLOAD,
                      bytes=nbytes, configured_rate_mbit=spec.rate_mbit,
-                     configured_rtt_ms=spec.delay_ms + back.delay_ms)
+                     configured_rtt_ms=spec.delay_ms + back.delay_ms,
+                     configured_jitter_ms=spec.jitter_ms + back.jitter_ms, lossy=bool(spec.loss_pct or back.loss_pct))
 
 
 def main(argv: list[str] | None = None) -> int:

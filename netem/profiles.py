@@ -9,7 +9,7 @@ from functools import cache
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 
@@ -24,6 +24,14 @@ class LinkSpec(BaseModel):
     jitter_ms: float = Field(0.0, ge=0, le=10_000, description="uniform +- jitter on the delay, ms")
     loss_pct: float = Field(0.0, ge=0, lt=100, description="independent per-packet loss, percent")
     queue_pkts: int = Field(1000, ge=10, le=1_000_000, description="queue limit, packets")
+
+    @model_validator(mode="after")
+    def _jitter_within_delay(self) -> "LinkSpec":
+        if self.jitter_ms > self.delay_ms:
+            raise ValueError(f"jitter {self.jitter_ms:g} ms exceeds the delay {self.delay_ms:g} ms: a packet cannot "
+                             f"arrive before it was sent, so such a link is not uniform jitter (emulated, it stretches "
+                             f"every round trip to several times the delay); keep jitter_ms <= delay_ms")
+        return self
 
     @property
     def rate_bytes_per_s(self) -> float | None:

@@ -230,6 +230,21 @@ def folder_kind(path: Path) -> str:
                            f"transformer/ and label_encoder.safetensors of a tiny digit model)")
 
 
+def check_folder(spec, conditions: Sequence) -> str:
+    """A scenario's ``model.path`` checked without loading weights: it is a model folder this project can load, and
+    the scenario conditions it as it expects (labels or prompts). Returns its kind; raises ModelFolderError."""
+    path = Path(spec.path)
+    if not path.is_dir():
+        raise ModelFolderError(f"model.path: {path}: no such folder")
+    kind = folder_kind(path)
+    expects = "labels" if kind == "tiny" else "prompts"
+    given = "prompts" if conditions and isinstance(conditions[0], str) else "labels"
+    if given != expects:
+        raise ModelFolderError(f"model.path: {path} is conditioned on {expects}, but the scenario gives {given} "
+                               f"(set `{expects}:`)")
+    return kind
+
+
 def load_model(path: Path | str | None = None, dtype: torch.dtype = torch.float32, transformer_cls=None,
                max_sequence_length: int = 512) -> DiTModel:
     """Load a local model folder (default: the shipped tiny model) behind its adapter."""

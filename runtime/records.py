@@ -3,14 +3,19 @@ and the dashboard read back. Plain JSON on disk; these dataclasses are the one s
 
   <method run>/rank<r>.jsonl   one :class:`StepRecord` per denoising step (written by every rank)
   <method run>/run.json        one :class:`RunRecord` (rank 0)
-  summary.json                 ``rows``: one :class:`MethodResult` per (link pass, method, seed), plus run metadata
+  summary.json                 ``state``: the folder's :class:`RunState`; ``rows``: one :class:`MethodResult` per
+                               (link pass, method, seed); plus run metadata. Written atomically.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from ..netem.cluster import pid_alive
 
 UNCOMPRESSED_BASELINE = "ring"      # speedups are over this method ...
 STALE_BASELINE = "distrifusion"     # ... and over this one, within the same link pass and seed
@@ -81,6 +86,45 @@ class MethodResult:
         return self.status == "ok"
 
 
+@dataclass
+class RunState:
+    """Where a results folder stands. ``running`` until its run ends ``complete``, ``interrupted`` (Ctrl-C,
+    SIGTERM) or ``failed`` (``reason`` says why); a run killed outright stays ``running`` with a dead owner, which
+    :meth:`effective` reports as interrupted. ``contaminated``: why its timings are not its own (another emulation
+    ran beside it); ``link_errors``: links that missed their profile and were accepted (``--accept-link-error``)."""
+
+    state: str = "running"
+    reason: str = ""
+    methods_done: list[str] = field(default_factory=list)      # "<pass>/<method>/seed<k>", in the order run
+    owner_pid: int = field(default_factory=os.getpid)
+    host: str = field(default_factory=socket.gethostname)
+    contaminated: str = ""
+    link_errors: list[str] = field(default_factory=list)
+
+    def effective(self) -> "RunState":
+        """This state, with a ``running`` folder whose owner process is gone (on this host) as interrupted."""
+        if self.state == "running" and self.host == socket.gethostname() and not pid_alive(self.owner_pid):
+            return RunState(**(asdict(self) | {"state": "interrupted", "reason": f"its process ({self.owner_pid}) "
+                                               f"ended without finishing the run (killed?)"}))
+        return self
+
+    @property
+    def usable(self) -> bool:
+        """Complete and uncontaminated: its timings may judge or fit the simulator."""
+        return self.state == "complete" and not self.contaminated
+
+    def describe(self) -> str:
+        """One line: the state, why, and how much was done."""
+        parts = [self.state] + [x for x in (self.reason, self.contaminated and f"contaminated: {self.contaminated}",
+                                             self.link_errors and f"links off profile: {'; '.join(self.link_errors)}")
+                                if x]
+        return ", ".join(parts) + f" ({len(self.methods_done)} method runs done)"
+
+
+LEGACY_STATE = RunState(state="complete", reason="recorded before results folders carried their state",
+                        owner_pid=0, host="")
+
+
 def _build(cls, data: dict):
     """A record from its JSON object; keys the record does not know are refused, naming the record."""
     known = {f.name for f in fields(cls)}
@@ -91,6 +135,14 @@ def _build(cls, data: dict):
         return cls(**data)
     except TypeError as e:          # a required field missing
         raise ValueError(f"{cls.__name__}: {e}") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file, never
+    a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_steps(path: Path, records: list[StepRecord]) -> None:
@@ -117,11 +169,23 @@ def result_of(data: dict) -> MethodResult:
     return _build(MethodResult, data)
 
 
+def write_summary(folder: Path, meta: dict, state: RunState, rows: list[MethodResult]) -> None:
+    write_atomic(Path(folder) / "summary.json",
+                 json.dumps(meta | {"state": asdict(state), "rows": [asdict(r) for r in rows]}, indent=1, default=float))
+
+
 def read_summary(folder: Path) -> tuple[dict, list[MethodResult]]:
-    """A results folder's summary: its metadata (everything but the rows) and its rows."""
+    """A results folder's summary: its metadata (everything but the rows and the state) and its rows."""
     data = json.loads((Path(folder) / "summary.json").read_text())
+    data.pop("state", None)
     rows = [result_of(r) for r in data.pop("rows")]
     return data, rows
+
+
+def read_state(folder: Path) -> RunState:
+    """A results folder's :meth:`RunState.effective` state (folders from before states were recorded: complete)."""
+    data = json.loads((Path(folder) / "summary.json").read_text())
+    return _build(RunState, data["state"]).effective() if "state" in data else LEGACY_STATE
 
 
 def speedups(latency_s: dict[str, float]) -> dict[str, tuple[float | None, float | None]]:

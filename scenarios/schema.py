@@ -268,6 +268,13 @@ class Scenario(_Strict):
             raise ValueError("a prompt is at most 2000 characters of text")
         return v
 
+    @field_validator("resolution")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"resolution must be even (images are cut into 2x2 patches), got {v}")
+        return v
+
     @field_validator("output")
     @classmethod
     def _output(cls, v: str) -> str:
@@ -305,6 +312,10 @@ class Scenario(_Strict):
                              "conditioned on digit labels (use `labels:`)")
         if self.model.path is None and self.model.name == "tiny_flux_mnist":
             image, text, heads = (self.resolution // 2) ** 2, 4, 4
+            if n > MAX_EMULATED_NODES:
+                raise ValueError(f"the tiny model runs on at most {MAX_EMULATED_NODES} emulated nodes, got {n} "
+                                 f"(`scenario predict` models up to {MAX_PREDICTED_NODES} nodes of a published model, "
+                                 f"e.g. model: {{name: flux.1-dev}})")
             for m in self.methods:
                 u, r = self.degrees(m)
                 if image % (u * r) or text % (u * r):
@@ -317,8 +328,6 @@ class Scenario(_Strict):
         hosts = [x.host for x in self.nodes if x.host]
         if hosts and len(hosts) != n:
             raise ValueError("either every node has a `host` (real machines) or none does (emulation)")
-        if self.resolution % 2:
-            raise ValueError(f"resolution must be even (2x2 patches), got {self.resolution}")
         return self
 
     # --- derived values -------------------------------------------------------------------------------
@@ -374,13 +383,13 @@ class Scenario(_Strict):
         return links
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-", "tagged-union")))
         msg = e["msg"].removeprefix("Value error, ")
         given = e.get("input")
-        shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r:.60})"
+        shown = "" if isinstance(given, (dict, list)) or given is None or "got " in msg else f" (got {given!r:.60})"
         lines.append(f"{loc or '<top>'}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -392,7 +401,7 @@ def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
     try:
         return Scenario.model_validate(data)
     except ValidationError as e:
-        raise ScenarioError(f"{source}: invalid scenario\n{_format_errors(e)}") from None
+        raise ScenarioError(f"{source}: invalid scenario\n{format_errors(e)}") from None
     except ValueError as e:  # raised by resolve_link outside pydantic's wrapping
         raise ScenarioError(f"{source}: {e}") from None
 
@@ -419,12 +428,16 @@ def load_scenario(path: str | Path) -> Scenario:
     if path.stat().st_size > MAX_SCENARIO_BYTES:
         raise ScenarioError(f"{path}: larger than {MAX_SCENARIO_BYTES} bytes; not a scenario")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        text = path.read_text()
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{path}: not a UTF-8 text file") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ScenarioError(f"{path}: not valid YAML{at}: {problem}") from None
-    except UnicodeDecodeError:
-        raise ScenarioError(f"{path}: not a UTF-8 text file") from None
     return parse_scenario(data, str(path))

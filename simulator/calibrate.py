@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.records import read_state
 from .costs import HOP_PARAMS, Calibration
 from .devices import l20_profile
 from .fit import (
@@ -29,7 +30,7 @@ from .fit import (
     refine_hops_on_runs,
 )
 from .points import codec_points, compute_points, earlier_points, hop_points, link_points, linkbench_points, write_csv
-from .runs import is_calibration, read_runs, write_runs
+from .runs import is_calibration, read_runs, results_folders, write_runs
 
 
 def _sources(results: list[Path], exclude: set[str] = frozenset()) -> list[str]:
@@ -41,14 +42,19 @@ def _sources(results: list[Path], exclude: set[str] = frozenset()) -> list[str]:
 
 
 def _inputs(results: list[Path], exclude: set[str]) -> list[Path]:
-    """The calibration's inputs one by one: earlier calibration folders as given, every results folder (with
-    summary.json) under the other paths, except those in ``exclude``; paths without any (link micro-benchmark
-    folders) as given."""
+    """The calibration's inputs one by one: earlier calibration folders as given, every complete, uncontaminated
+    results folder under the other paths, except those in ``exclude``; paths without any results folder (link
+    micro-benchmark folders) as given."""
     out = []
     for root in map(Path, results):
-        found = [] if is_calibration(root) else sorted(s.parent for s in root.rglob("summary.json"))
-        out += [f for f in found if str(f) not in exclude] if found else [root]
+        found = [] if is_calibration(root) else results_folders(root)
+        out += [f for f in found if str(f) not in exclude and _fits(read_state(f))] if found else [root]
     return out
+
+
+def _fits(state) -> bool:
+    """A results folder the calibration may fit on: complete, uncontaminated, every link on its profile."""
+    return state.usable and not state.link_errors
 
 
 def _earlier_calibration(results: list[Path]) -> Calibration | None:
@@ -63,6 +69,10 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     kernels now. ``exclude``: results folders of earlier calibrations to leave out (rows and runs)."""
     cores = cores or os.cpu_count() or 1
     exclude = set(map(str, exclude))
+    for root in map(Path, results):
+        for folder in [] if is_calibration(root) else results_folders(root):
+            if not _fits(state := read_state(folder)):
+                log(f"left out {folder}: {state.describe()}")
     results = _inputs(results, exclude)
     runs = read_runs(results, exclude)
     cpoints = compute_points(results, cores)

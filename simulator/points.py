@@ -128,10 +128,11 @@ def link_points(results: list[Path]) -> list[dict]:
     return rows
 
 
-def hop_points(results: list[Path], calib: Calibration) -> list[dict]:
+def hop_points(results: list[Path], calib: Calibration, judged_on: Scenario | None = None) -> list[dict]:
     """Per (run, rank, step) of synchronous all-gather methods: hops, RTT and bytes/rate sums vs the measured
     time blocked on communication; ``imbalance_s`` of that is waiting for slower ranks' compute (the model's
-    compute is each layer's slowest rank, :func:`layer_pace`), not for the links."""
+    compute is each layer's slowest rank, :func:`layer_pace`), not for the links. ``judged_on``: take the links
+    from this scenario instead of each run's own (same node count)."""
     rows = []
     for d, sc, method, run, recs in method_runs(results):
         link_pass = d.parent.parent.name          # results/<stamp>/<pass>/<method>/seed<k>
@@ -139,14 +140,14 @@ def hop_points(results: list[Path], calib: Calibration) -> list[dict]:
             continue
         w = workload_of(sc, method)
         p = sc.world_size
-        directed = sc.directed_links()
+        directed = (judged_on or sc).directed_links()
         links = [directed[i, (i + 1) % p] for i in range(p)]
         slow = max(links, key=lambda l: (l.delay_ms, -(l.rate_mbit or 1e9)))
         rate = None if link_pass == "bound" else calib.effective_rate_bytes(slow)
         rtt = 2 * (slow.delay_ms / 1e3 + calib.link_overhead_s)
         jitter, loss = slow.jitter_ms / 1e3, slow.loss_pct / 100
         layers = w.shape.layers
-        forwarding = p if cluster_of(sc).forwarding else 0
+        forwarding = p if cluster_of(judged_on or sc).forwarding else 0
         pace = slowest(((r.step, k), s) for r in recs for k, s in r.layer_compute_s.items())
         for r in recs:
             if r.warmup == "local":

@@ -85,6 +85,22 @@ class MeasuredCase:
         return float(np.median(self.latencies))
 
 
+def as_probed(links: dict, off_profile: list[dict], calib: Calibration | None) -> dict:
+    """The directed links with those that missed their profile (``MeasuredRun.off_profile``) as their probes
+    measured them: a missed rate becomes the probed wire rate (as a configured rate that the calibration's wire
+    efficiency turns into it), a missed round trip the probed one (half each way, less the host's own)."""
+    out = dict(links)
+    efficiency, overhead_ms = (calib.link_efficiency, calib.link_overhead_s * 1e3) if calib else (1.0, 0.0)
+    for p in off_profile:
+        key, update = (p["src"], p["dst"]), {}
+        if out[key].rate_mbit and any(m.startswith("rate") for m in p["misses"]):
+            update["rate_mbit"] = p["wire_mbit"] / efficiency
+        if any(m.startswith("RTT") for m in p["misses"]):
+            update["delay_ms"] = max(p["rtt_ms"] / 2 - overhead_ms, 0.0)
+        out[key] = out[key].model_copy(update=update)
+    return out
+
+
 def measured_cases(results: list, device: str = "cpu", calib: Calibration | None = None) -> list[MeasuredCase]:
     """Every successful shaped or bound (pass, method) configuration of the measured runs under ``results`` (paths
     or runs, :func:`.runs.read_runs`). With ``calib``, each run's compute is scaled by its host factor
@@ -101,7 +117,8 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
         host = host_factors([run], calib.devices[device]).get(run.folder, 1.0) if calib else 1.0
         for (links, method), latencies in measured.items():
             cluster = cluster_of(scenario, device, unlimited_rate=links == "bound")
-            cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale))
+            cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale),
+                              links=as_probed(cluster.links, run.off_profile, calib))
             cases.append(MeasuredCase(Path(run.folder), links, method, workload_of(scenario, methods[method]),
                                       cluster, latencies, host))
     return cases

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ..runtime.records import MethodResult, read_summary, result_of
+from ..runtime.records import MethodResult, RunState, read_state, read_summary, result_of
 
 RUNS_FILE = "runs.json"
 KEPT = ("links", "method", "seed", "status", "latency_s")     # what a stored run keeps of each summary row
@@ -31,14 +31,19 @@ class MeasuredRun:
     reference_latency_s: dict[str, float] = field(default_factory=dict)  # single-process reference per seed
     reference_threads: int | None = None
     note: str = ""                  # how the figures were obtained when not read from summary.json
+    off_profile: list[dict] = field(default_factory=list)   # probes of links that missed their profile (accepted):
+                                                            # src, dst, wire_mbit, rtt_ms, misses
 
     @classmethod
     def from_folder(cls, folder: Path) -> "MeasuredRun":
         meta, rows = read_summary(folder)
         rows = [MethodResult(**{k: getattr(r, k) for k in KEPT}) for r in rows]
+        probes = json.loads((folder / "links.json").read_text()) if (folder / "links.json").is_file() else []
         return cls(str(folder), yaml.safe_load((folder / "scenario.yaml").read_text()), rows,
                    {str(k): float(v) for k, v in (meta.get("reference_latency_s") or {}).items()},
-                   meta.get("reference_threads"))
+                   meta.get("reference_threads"),
+                   off_profile=[{k: p[k] for k in ("src", "dst", "wire_mbit", "rtt_ms", "misses")} for p in probes
+                                if p.get("misses")])
 
     @classmethod
     def from_dict(cls, data: dict) -> "MeasuredRun":
@@ -52,10 +57,22 @@ def is_calibration(folder: Path) -> bool:
     return (Path(folder) / "calibration.json").is_file()
 
 
+def results_folders(root: Path) -> list[Path]:
+    """The results folders below ``root`` (those with summary.json and scenario.yaml), whatever their state."""
+    return [s.parent for s in sorted(Path(root).rglob("summary.json")) if (s.parent / "scenario.yaml").is_file()]
+
+
+def unusable(results: Iterable[Path | MeasuredRun]) -> list[tuple[Path, RunState]]:
+    """Results folders below ``results`` whose timings may not judge or fit the simulator: not complete (running,
+    interrupted, failed) or contaminated by another emulation; :func:`read_runs` leaves them out."""
+    return [(f, s) for item in results if not isinstance(item, MeasuredRun) and not is_calibration(item)
+            for f in results_folders(item) if not (s := read_state(f)).usable]
+
+
 def read_runs(results: Iterable[Path | MeasuredRun], exclude: Iterable[str] = ()) -> list[MeasuredRun]:
-    """Every measured run under ``results``: results folders found below each path (those with summary.json and
-    scenario.yaml), a calibration folder's stored runs, or runs given as they are. A folder is read once (the
-    first time it appears); those named in ``exclude`` are left out."""
+    """Every measured run under ``results``: complete, uncontaminated results folders found below each path, a
+    calibration folder's stored runs, or runs given as they are. A folder is read once (the first time it
+    appears); those named in ``exclude`` are left out, and so are those :func:`unusable` names."""
     out: dict[str, MeasuredRun] = {}
     skip = set(map(str, exclude))
     for item in results:
@@ -64,8 +81,7 @@ def read_runs(results: Iterable[Path | MeasuredRun], exclude: Iterable[str] = ()
         elif is_calibration(item) and (Path(item) / RUNS_FILE).is_file():
             found = [MeasuredRun.from_dict(d) for d in json.loads((Path(item) / RUNS_FILE).read_text())]
         else:
-            found = [MeasuredRun.from_folder(s.parent) for s in sorted(Path(item).rglob("summary.json"))
-                     if (s.parent / "scenario.yaml").is_file()]
+            found = [MeasuredRun.from_folder(f) for f in results_folders(item) if read_state(f).usable]
         for run in found:
             if run.folder not in skip:
                 out.setdefault(run.folder, run)

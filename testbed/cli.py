@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..netem.lock import EmulationBusy
 from ..scenarios.schema import MAX_EMULATED_NODES, ScenarioError, load_scenario
 from .launch import RunFailed
 
@@ -36,6 +37,13 @@ def _require_folders(paths: list[str]) -> None:
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     for path in args.scenarios:
         s = load_scenario(path)
+        if s.model.path is not None:
+            from ..runtime.models import check_folder
+
+            try:
+                check_folder(s.model, s.conditions)
+            except ScenarioError as e:
+                raise ScenarioError(f"{path}: {e}") from None
         console.print(f"[green]ok[/] {path}: {s.name}, {s.world_size} nodes, link {s.link.describe()}, "
                       f"{len(s.methods)} methods ({', '.join(m.name for m in s.methods)}), "
                       f"{s.steps} steps, warmup {s.warmup.mode} x{s.warmup.steps}")
@@ -76,12 +84,19 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"plan written to {results / 'hosts_plan.sh'}")
         return 0
     _, rows = run_scenario(scenario, output, console, backend=args.backend, shaping=not args.no_shaping,
-                           bound=not args.no_bound)
+                           bound=not args.no_bound, force=args.force, accept_link_error=args.accept_link_error)
     failed = [r for r in rows if r.status != "ok"]
     if failed:
         raise CommandError(f"{len(failed)} of {len(rows)} method runs failed (first: {failed[0].method}: "
                            f"{failed[0].error})")
     return 0
+
+
+def _say_left_out(results: list[Path], console: Console) -> None:
+    from ..simulator.runs import unusable
+
+    for folder, state in unusable(results):
+        console.print(f"[yellow]left out[/] {folder}: {escape(state.describe())}")
 
 
 def _calibration(args):
@@ -124,24 +139,31 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_regress(args: argparse.Namespace, console: Console) -> int:
-    from .regress import compare, figures, write_baseline
+    import json
+
+    from .regress import baseline_of, compare, figures, write_baseline
     from .run import run_scenario
 
     scenario = load_scenario(args.scenario)
     baseline = Path(args.baseline)
     if not args.update and not baseline.is_file():
         raise CommandError(f"no baseline at {baseline}; create it with --update")
-    results, rows = run_scenario(scenario, Path(args.output or scenario.output), console, bound=False)
-    failed = [r for r in rows if r.status != "ok"]
-    if failed:
-        raise CommandError(f"{failed[0].method} failed: {failed[0].error}")
-    measured = figures(results)
+    if args.repeats < 1 or (args.repeats > 1 and not args.update):
+        raise CommandError("--repeats is a count of at least 1, for --update")
+    repeats = []
+    for k in range(args.repeats):
+        if args.repeats > 1:
+            console.print(f"[bold]repeat {k + 1} of {args.repeats}[/]")
+        results, rows = run_scenario(scenario, Path(args.output or scenario.output), console, bound=False)
+        failed = [r for r in rows if r.status != "ok"]
+        if failed:
+            raise CommandError(f"{failed[0].method} failed: {failed[0].error}")
+        repeats.append(figures(results))
     if args.update:
-        write_baseline(baseline, measured, scenario.name)
-        console.print(f"baseline written: {baseline}")
+        write_baseline(baseline, baseline_of(repeats, scenario.name))
+        console.print(f"baseline written: {baseline} (median of {len(repeats)} runs, tolerances from their spread)")
         return 0
-    import json
-
+    measured = repeats[0]
     checks = compare(measured, json.loads(baseline.read_text()))
     for c in checks:
         console.print(c.line(), markup=False)
@@ -157,9 +179,10 @@ def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
     from ..simulator.predict import mape, validate
 
     _require_folders(args.results)
+    _say_left_out([Path(p) for p in args.results], console)
     cases = validate([Path(p) for p in args.results], _calibration(args), args.device)
     if not cases:
-        raise CommandError("no measured emulated runs in those folders")
+        raise CommandError("no complete measured emulated runs in those folders")
     t = Table(title="simulator vs measured (held-out runs: not used for calibration)")
     for col in ("results", "links", "method", "ranks", "runs", "measured s", "spread", "host", "predicted s",
                 "error"):
@@ -189,6 +212,7 @@ def cmd_crossval(args: argparse.Namespace, console: Console) -> int:
         raise CommandError(f"no codec.csv in {args.codec_from}")
     fit = functools.partial(fit_without, codec_from=Path(args.codec_from)) if args.codec_from else fit_without
     results = [Path(p) for p in args.results]
+    _say_left_out(results, console)
     n = len(read_runs(results))
     cases = []
     try:
@@ -261,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-shaping", action="store_true", help="run on unshaped loopback even when root")
     s.add_argument("--no-bound", action="store_true",
                    help="skip the same-run bound pass (rate unlimited, delay kept)")
+    s.add_argument("--force", action="store_true",
+                   help="run even if another emulation holds this host (results marked contaminated)")
+    s.add_argument("--accept-link-error", action="store_true",
+                   help="run even if a probed link misses its profile by more than 10%% (recorded in summary.json)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("validate", help="check scenario files against the schema",
@@ -278,11 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("regress", help="run a scenario and compare its figures with a committed baseline",
                        description="Run the scenario (shaped links, no bound pass) and compare bytes on wire, "
-                                   "compression ratio, speedup, quality and simulator error against the baseline "
-                                   "with its stated tolerances; --update rewrites the baseline instead.")
+                                   "compression ratio, quality, the exchange against the hop model and the latency "
+                                   "against the simulator (host-independent figures) with the baseline's "
+                                   "tolerances; --update rewrites the baseline instead.")
     s.add_argument("scenario")
     s.add_argument("--baseline", required=True)
     s.add_argument("--update", action="store_true", help="write the measured figures as the new baseline")
+    s.add_argument("--repeats", type=int, default=1,
+                   help="with --update: runs whose median is the baseline and whose spread sets the tolerances")
     s.add_argument("--output", help="results folder (default: the scenario's `output`)")
     s.set_defaults(func=cmd_regress)
 
@@ -339,17 +370,23 @@ def _stacks_on_sigusr1() -> None:
         pass
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _stacks_on_sigusr1()
+    if argv is None:                                  # the command line, not a caller in this process
+        signal.signal(signal.SIGTERM, _interrupt)     # SIGTERM tears down like Ctrl-C
     console = Console(stderr=False, highlight=False)
     if not console.is_terminal:
         console = Console(stderr=False, highlight=False, width=160)
     err = Console(stderr=True, highlight=False)
     try:
         return args.func(args, console)
-    except (ScenarioError, CommandError, RunFailed, FileNotFoundError, PermissionError) as e:
+    except (ScenarioError, CommandError, RunFailed, EmulationBusy, FileNotFoundError, PermissionError) as e:
         if args.debug:
             raise
         text = str(e)

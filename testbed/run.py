@@ -6,14 +6,14 @@ Results folder (``<output>/<timestamp>/``), plain files with a stated schema:
   reference/seed<k>.npy  single-process diffusers images (ground truth for quality)
   <pass>/<method>/seed<k>/  job.json, rank<r>.jsonl and run.json (typed in runtime.records),
                          images.npy, launcher logs; rank<r>.error when a rank failed
-  summary.json / .csv    one row per (pass, method, seed): latency, speedups, bytes, ratio, quality, status
+  summary.json / .csv    the folder's state (running, complete, interrupted, failed) and one row per
+                         (pass, method, seed): latency, speedups, bytes, ratio, quality, status
   plots.html             latency, time breakdown and bytes per method (plotly)
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime
 import json
 import os
@@ -32,14 +32,20 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..netem.cluster import EmulatedCluster, check_backend
+from ..netem.cluster import EmulatedCluster, check_backend, cleanup_stale
 from ..netem.commands import NODE_IF
+from ..netem.lock import EmulationLock
 from ..netem.probe import probe_link
 from ..runtime.engine import Job
-from ..runtime.models import DiTModel, ModelFolderError, check_conditions, load_for
-from ..runtime.records import UNCOMPRESSED_BASELINE, MethodResult, read_run, read_steps, speedups
-from ..scenarios.schema import MethodSpec, Scenario
+from ..runtime.models import DiTModel, ModelFolderError, check_conditions, check_folder, load_for
+from ..runtime.records import MethodResult, RunState
+from ..scenarios.schema import Scenario
 from .launch import RunFailed, local_torchrun, node_torchrun, run_ranks
+from .report import add_speedups, collect, print_table, write_plots, write_summary
+
+
+class LinkCheckFailed(RunFailed):
+    """A shaped link missed its profile; the run did not start its methods."""
 
 
 def environment(link_mode: str) -> dict:
@@ -88,88 +94,12 @@ def reference_images(model: DiTModel, scenario: Scenario, seed: int) -> tuple[np
         torch.set_num_threads(threads)
 
 
-def collect(run_dir: Path, method: MethodSpec, seed: int) -> MethodResult:
-    """Read a finished method run's records into a summary row."""
-    run = read_run(run_dir)
-    records = read_steps(run_dir)
-    steps = [r for r in records if r.rank == 0]
-    n_ranks = len({r.rank for r in records})
-    sent = sum(r.bytes_sent for r in records)
-    raw = sum(r.bytes_uncompressed for r in records)
-    return MethodResult(
-        method=method.name, seed=seed, latency_s=run.latency_s,
-        step_s_mean=float(np.mean([r.wall_s for r in steps])),
-        compute_s=sum(r.compute_s for r in records) / n_ranks,
-        comm_wait_s=sum(r.comm_wait_s for r in records) / n_ranks,
-        codec_s=sum(r.codec_s for r in records) / n_ranks,
-        bytes_on_wire=sent, bytes_uncompressed=raw, compression_ratio=raw / sent if sent else None,
-        base_consistency=run.base_consistency)
-
-
-def add_speedups(rows: list[MethodResult]) -> None:
-    """Ratios within the same seed and link pass; shaped rows also get their bound (same method, same seed)."""
-    for seed, links in {(r.seed, r.links) for r in rows}:
-        same = {r.method: r for r in rows if r.seed == seed and r.links == links and r.latency_s}
-        for name, (vs_base, vs_stale) in speedups({m: r.latency_s for m, r in same.items()}).items():
-            same[name].speedup_vs_uncompressed, same[name].speedup_vs_distrifusion = vs_base, vs_stale
-    bounds = {(r.method, r.seed): r.latency_s for r in rows if r.links == "bound" and r.latency_s}
-    for r in rows:
-        if r.links == "shaped" and r.latency_s and (r.method, r.seed) in bounds:
-            r.latency_bound_s = bounds[(r.method, r.seed)]
-            r.over_bound = r.latency_s / r.latency_bound_s
-
-
-def print_table(rows: list[MethodResult], console: Console, title: str) -> None:
-    t = Table(title=title)
-    for col in ("method", "seed", "links", "latency s", f"vs {UNCOMPRESSED_BASELINE}", "vs distrifusion",
-                "bound s", "x bound", "MB on wire", "ratio", "PSNR dB", "SSIM", "cls agree", "status"):
-        t.add_column(col, justify="right" if col not in ("method", "status") else "left")
-
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    for r in rows:
-        q = r.quality
-        t.add_row(r.method, str(r.seed), r.links, f(r.latency_s, ".2f"), f(r.speedup_vs_uncompressed, ".2f") + "x",
-                  f(r.speedup_vs_distrifusion, ".2f") + "x", f(r.latency_bound_s, ".2f"), f(r.over_bound, ".2f"),
-                  f(r.bytes_on_wire and r.bytes_on_wire / 1e6, ".2f"),
-                  f(r.compression_ratio, ".1f"), f(q.get("psnr_db"), ".1f"), f(q.get("ssim"), ".3f"),
-                  f(q.get("agreement_with_reference"), ".2f"),
-                  r.status if r.status == "ok" else escape(f"FAILED: {r.error}"))
-    console.print(t)
-
-
-def write_summary(results_dir: Path, rows: list[MethodResult], meta: dict) -> None:
-    data = dict(meta, rows=[asdict(r) for r in rows])
-    (results_dir / "summary.json").write_text(json.dumps(data, indent=1, default=float))
-    flat = [{k: v for k, v in asdict(r).items() if not isinstance(v, dict)} | {f"quality_{k}": v for k, v in r.quality.items()}
-            for r in rows]
-    keys = sorted({k for row in flat for k in row}, key=lambda k: (k.startswith("quality_"), k))
-    with open(results_dir / "summary.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(flat)
-
-
-def write_plots(results_dir: Path, rows: list[MethodResult]) -> None:
-    import plotly.graph_objects as go
-
-    ok = [r for r in rows if r.status == "ok"]
-    if not ok:
-        return
-    names = [f"{r.method}/s{r.seed}/{r.links}" for r in ok]
-    lat = go.Figure(go.Bar(x=names, y=[r.latency_s for r in ok]), layout=dict(title="latency (s)"))
-    parts = go.Figure(layout=dict(title="time per rank (s): compute / blocked on communication / codec", barmode="stack"))
-    for label, attr in (("compute", "compute_s"), ("comm wait", "comm_wait_s"), ("codec", "codec_s")):
-        parts.add_bar(x=names, y=[getattr(r, attr) for r in ok], name=label)
-    wire = go.Figure(go.Bar(x=names, y=[r.bytes_on_wire / 1e6 for r in ok]), layout=dict(title="MB on the wire (all ranks)"))
-    html = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate((lat, parts, wire))]
-    (results_dir / "plots.html").write_text("<html><body>" + "\n".join(html) + "</body></html>")
-
-
 @contextlib.contextmanager
-def link_pass(scenario: Scenario, name: str, backend, console: Console, results: Path) -> Iterator:
-    """Yield a function job_file -> rank commands for this pass, with its cluster up (if any)."""
+def link_pass(scenario: Scenario, name: str, backend, console: Console, results: Path, state: RunState,
+              accept_link_error: bool = False) -> Iterator:
+    """Yield a function job_file -> rank commands for this pass, with its cluster up (if any). The shaped pass
+    probes every link first (``links.json``); links that miss their profile stop the run unless accepted, and
+    are then recorded in ``state.link_errors``."""
     world = scenario.world_size
     if name == "loopback":
         yield lambda job: local_torchrun(job, world)
@@ -179,24 +109,33 @@ def link_pass(scenario: Scenario, name: str, backend, console: Console, results:
         if name == "shaped":
             probes = [probe_link(cluster, s, d, spec) for (s, d), spec in sorted(links.items())]
             (results / "links.json").write_text(json.dumps(
-                [asdict(p) | {"rate_error": p.rate_error} for p in probes], indent=1))
+                [asdict(p) | {"rate_error": p.rate_error, "misses": p.misses} for p in probes], indent=1))
             t = Table(title="link probes (measured before the run)")
-            for col in ("link", "configured", "wire Mbit/s", "rate error", "RTT ms", "configured RTT ms"):
-                t.add_column(col, justify="right")
+            for col in ("link", "configured", "wire Mbit/s", "rate error", "RTT ms", "configured RTT ms", "check"):
+                t.add_column(col, justify="left" if col == "check" else "right")
             for p, ((s, d), spec) in zip(probes, sorted(links.items())):
                 t.add_row(f"{s}->{d}", spec.describe(), f"{p.wire_mbit:.1f}",
                           "-" if p.rate_error is None else f"{p.rate_error:+.1%}", f"{p.rtt_ms:.2f}",
-                          f"{p.configured_rtt_ms:.2f}")
+                          f"{p.configured_rtt_ms:.2f}", "[red]" + escape("; ".join(p.misses)) if p.misses else "ok")
             console.print(t)
+            missed = [f"{p.src}->{p.dst}: {'; '.join(p.misses)}" for p in probes if p.misses]
+            if missed and not accept_link_error:
+                raise LinkCheckFailed(f"{len(missed)} link(s) miss their profile, so the run would not measure the "
+                                      f"scenario: {missed[0]}; this host cannot emulate that link (or pass "
+                                      f"--accept-link-error to run anyway, recorded in summary.json)")
+            state.link_errors = missed
         prefixes = [cluster.prefix(k) for k in range(world)]
         yield lambda job: node_torchrun(job, world, prefixes, cluster.address(0), NODE_IF)
 
 
-def run_scenario(scenario: Scenario, output: Path, console: Console, backend: str = "auto",
-                 shaping: bool = True, bound: bool = True) -> tuple[Path, list[MethodResult]]:
-    """Run every (link pass, seed, method); failures are recorded and the remaining runs still happen."""
-    from ..runtime.quality import compare
-
+def run_scenario(scenario: Scenario, output: Path, console: Console, backend: str = "auto", shaping: bool = True,
+                 bound: bool = True, force: bool = False, accept_link_error: bool = False
+                 ) -> tuple[Path, list[MethodResult]]:
+    """Run every (link pass, seed, method); failed method runs are recorded and the remaining ones still run.
+    Emulations hold the host's lock (``force``: run beside another, marked contaminated) and first remove what
+    killed runs left. The results folder's state is written with its summary after every method run."""
+    if scenario.model.path is not None:
+        check_folder(scenario.model, scenario.conditions)       # before anything is created
     check = check_backend() if shaping else None
     if check is not None and check.backend is None:
         console.print(f"[yellow]link emulation unavailable:[/] {check.reason}. Running unshaped on loopback: "
@@ -204,50 +143,84 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
     emulate = check is not None and check.backend is not None
     passes = (["shaped", "bound"] if bound else ["shaped"]) if emulate else ["loopback"]
     link_mode = f"emulated ({check.backend}: {check.reason})" if emulate else "loopback (unshaped)"
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    results = output / stamp
-    results.mkdir(parents=True, exist_ok=False)
-    (results / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
-    (results / "environment.json").write_text(json.dumps(environment(link_mode), indent=1))
-    console.print(f"[bold]{scenario.name}[/]: {scenario.world_size} ranks, {len(scenario.methods)} methods, "
-                  f"{scenario.steps} steps; links: {link_mode}; passes: {', '.join(passes)} -> {results}")
-    rows: list[MethodResult] = []
-    refs = {}
-    model = checked_model(scenario)
-    for seed in scenario.seeds:
-        refs[seed] = reference_images(model, scenario, seed)
-        (results / "reference").mkdir(exist_ok=True)
-        np.save(results / "reference" / f"seed{seed}.npy", refs[seed][0])
-        console.print(f"single-process reference (seed {seed}): {refs[seed][1]:.2f} s")
-    meta = dict(scenario=scenario.name, link_mode=link_mode, passes=passes,
-                reference_latency_s={s: r[1] for s, r in refs.items()}, reference_threads=REFERENCE_THREADS)
-    for pass_name in passes:
-        with link_pass(scenario, pass_name, check.backend if emulate else None, console, results) as commands, \
-                Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                         TimeElapsedColumn(), console=console) as progress:
+    lock = EmulationLock(f"scenario {scenario.name} -> {output}", force) if emulate else contextlib.nullcontext()
+    with lock:
+        if emulate:
+            removed = cleanup_stale()
+            if removed:
+                console.print(f"removed what killed runs left: {', '.join(removed)}")
+        results = output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        results.mkdir(parents=True, exist_ok=False)
+        (results / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
+        (results / "environment.json").write_text(json.dumps(environment(link_mode), indent=1))
+        console.print(f"[bold]{scenario.name}[/]: {scenario.world_size} ranks, {len(scenario.methods)} methods, "
+                      f"{scenario.steps} steps; links: {link_mode}; passes: {', '.join(passes)} -> {results}")
+        state, rows = RunState(), []
+        meta = dict(scenario=scenario.name, link_mode=link_mode, passes=passes)
+
+        def save() -> None:
+            if emulate:
+                lock.others()
+                state.contaminated = lock.contaminated
+            add_speedups(rows)
+            write_summary(results, rows, meta, state)
+
+        save()
+        try:
+            model = checked_model(scenario)
+            refs = {}
             for seed in scenario.seeds:
-                ref, _ = refs[seed]
-                for method in scenario.methods:
-                    run_dir = results / pass_name / method.name / f"seed{seed}"
-                    run_dir.mkdir(parents=True)
-                    job = Job(scenario=scenario, method=method, seed=seed, out_dir=str(run_dir.resolve()),
-                              backend=backend)
-                    job_file = run_dir / "job.json"
-                    job_file.write_text(job.model_dump_json(indent=1))
-                    task = progress.add_task(f"{pass_name}: {method.name}", total=scenario.steps)
-                    try:
-                        run_ranks(commands(job_file), run_dir, timeout_s=scenario.timeout_s * 4 + 60,
-                                  on_step=lambda k, n, task=task: progress.update(task, completed=k))
-                        row = collect(run_dir, method, seed)
-                        row.links = pass_name
-                        row.quality = compare(np.load(run_dir / "images.npy"), ref, scenario.conditions, model.classifier)
-                    except RunFailed as e:
-                        row = MethodResult(method=method.name, seed=seed, links=pass_name, status="failed", error=str(e))
-                        progress.update(task, description=f"{pass_name}: {method.name} [red]failed")
-                    rows.append(row)
-                    add_speedups(rows)
-                    write_summary(results, rows, meta)
+                refs[seed] = reference_images(model, scenario, seed)
+                (results / "reference").mkdir(exist_ok=True)
+                np.save(results / "reference" / f"seed{seed}.npy", refs[seed][0])
+                console.print(f"single-process reference (seed {seed}): {refs[seed][1]:.2f} s")
+            meta |= dict(reference_latency_s={s: r[1] for s, r in refs.items()}, reference_threads=REFERENCE_THREADS)
+            for pass_name in passes:
+                with link_pass(scenario, pass_name, check.backend if emulate else None, console, results, state,
+                               accept_link_error) as commands:
+                    for seed in scenario.seeds:
+                        for method in scenario.methods:
+                            rows.append(_method_run(scenario, method, seed, pass_name, commands, results, backend,
+                                                    refs[seed][0], model, console))
+                            state.methods_done.append(f"{pass_name}/{method.name}/seed{seed}")
+                            save()
+            state.state = "complete"
+        except KeyboardInterrupt:
+            state.state, state.reason = "interrupted", "stopped by Ctrl-C or SIGTERM"
+            raise
+        except BaseException as e:
+            state.state, state.reason = "failed", f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            save()
     write_plots(results, rows)
     print_table(rows, console, f"{scenario.name}: {link_mode}")
-    console.print(f"results: {results}")
+    if state.contaminated:
+        console.print(f"[yellow]timings contaminated:[/] {state.contaminated}")
+    console.print(f"results: {results} ({state.describe()})")
     return results, rows
+
+
+def _method_run(scenario: Scenario, method, seed: int, pass_name: str, commands, results: Path, backend: str,
+                reference: np.ndarray, model: DiTModel, console: Console) -> MethodResult:
+    """One method run as real ranks, with a progress bar; its summary row (status ``failed`` if it failed)."""
+    from ..runtime.quality import compare
+
+    run_dir = results / pass_name / method.name / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    job_file = run_dir / "job.json"
+    job_file.write_text(Job(scenario=scenario, method=method, seed=seed, out_dir=str(run_dir.resolve()),
+                            backend=backend).model_dump_json(indent=1))
+    with Progress(TextColumn("{task.description:<34}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task(f"{pass_name}: {method.name} (seed {seed})", total=scenario.steps)
+        try:
+            run_ranks(commands(job_file), run_dir, timeout_s=scenario.timeout_s * 4 + 60,
+                      on_step=lambda k, n: progress.update(task, completed=k))
+        except RunFailed as e:
+            progress.update(task, description=f"{pass_name}: {method.name} [red]failed")
+            return MethodResult(method=method.name, seed=seed, links=pass_name, status="failed", error=str(e))
+    row = collect(run_dir, method, seed)
+    row.links = pass_name
+    row.quality = compare(np.load(run_dir / "images.npy"), reference, scenario.conditions, model.classifier)
+    return row

@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 
 from compactbed.netem.cluster import check_backend, list_namespaces
+from compactbed.runtime.records import read_state
 from compactbed.testbed.run import run_scenario
 from compactbed.scenarios.schema import load_scenario
 
@@ -115,6 +116,8 @@ def test_ctrl_c_tears_everything_down(tmp_path, report):
     took = time.monotonic() - t0
     assert proc.returncode == 130, out[-500:]
     assert ours() == before
+    (folder,) = (tmp_path / "out").iterdir()
+    assert read_state(folder).state == "interrupted"
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "out")], capture_output=True, text=True).stdout.split()
     assert leftover == []
     report(f"Ctrl-C mid-run: exit 130 after {took:.1f} s; namespaces and rank processes removed")

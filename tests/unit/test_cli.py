@@ -66,3 +66,24 @@ def test_unknown_subcommand_is_a_usage_error():
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["fly"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("path, reason", [("nowhere", "no such folder"), ("empty", "not a model folder")])
+def test_validate_checks_the_model_folder(tmp_path, capsys, path, reason):
+    (tmp_path / "empty").mkdir()
+    sc = tmp_path / "s.yaml"
+    sc.write_text(f"name: s\nnodes: 2\nmethods: [ring]\nmodel: {{path: {tmp_path / path}}}\nprompts: [a fox]\n")
+    assert main(["validate", str(sc)]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and "s.yaml" in err and "Traceback" not in err
+
+
+def test_validate_names_the_conditions_a_model_folder_expects(tmp_path, capsys):
+    from compactbed.runtime.tiny_model import TINY_MODEL_DIR
+
+    sc = tmp_path / "s.yaml"
+    sc.write_text(f"name: s\nnodes: 2\nmethods: [ring]\nmodel: {{path: {TINY_MODEL_DIR}}}\nlabels: 4\n")
+    assert main(["validate", str(sc)]) == 0
+    sc.write_text(f"name: s\nnodes: 2\nmethods: [ring]\nmodel: {{path: {TINY_MODEL_DIR}}}\nprompts: [a fox]\n")
+    assert main(["validate", str(sc)]) == 2
+    assert "conditioned on labels" in capsys.readouterr().err

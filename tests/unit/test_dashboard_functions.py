@@ -83,7 +83,7 @@ def folder(tmp_path):
 
 def test_results_browser_figures(folder):
     (f,) = R.find_results([folder])
-    assert f.label.startswith("t / ")
+    assert f.label == "res / 20260101-000000: ring, compact-1bit (complete)"
     assert [t.name for t in R.latency_figure(f).data] == ["shaped"]
     assert len(R.breakdown_figure(f, "shaped").data) == 3
     par = R.pareto_figure(f, "shaped")
@@ -113,3 +113,59 @@ def test_rgb_samples_show_as_colour_images(folder):
     assert [t.type for t in fig.data] == ["image"] * 3
     z = np.asarray(fig.data[0].z)
     assert z.shape == (16, 64, 3) and (z[..., 0] == 255).all() and (z[..., 1:] == 0).all()
+
+
+CONTROLS = ["nodes", "profile", "rate", "delay", "jitter", "loss", "model", "resolution", "images", "steps", "method",
+            "ulysses", "warmup", "device"]
+
+
+@pytest.mark.parametrize("control, value, says", [
+    ("nodes", [1, 2], "nodes: Input should be a valid integer"), ("delay", "abc", "delay_ms: Input should be"),
+    ("rate", 1e308, "rate_mbit: Input should be less than or equal to 400000"),
+    ("images", {"a": 1}, "images: Input should be a valid integer"),
+])
+def test_a_malformed_control_posted_to_the_app_is_a_message_not_a_server_error(control, value, says):
+    from compactbed.dashboards.app import create_app
+
+    app = create_app([], CALIB)
+    client = app.server.test_client()
+    key = next(k for k in app.callback_map if "message.children" in k)
+    values = dict(nodes=4, profile="edge_100m_10ms", rate=100, delay=10, jitter=0, loss=0, model="tiny_flux_mnist",
+                  resolution=16, images=8, steps=4, method="compact-1bit", ulysses=1, warmup="local", device="cpu")
+    values[control] = value
+    payload = {"output": key, "outputs": [{"id": s.split(".")[0], "property": s.split(".")[1]}
+                                          for s in key.strip(".").split("...")],
+               "inputs": [{"id": c, "property": "value", "value": values[c]} for c in CONTROLS],
+               "changedPropIds": [f"{control}.value"], "state": []}
+    reply = client.post("/_dash-update-component", json=payload)
+    assert reply.status_code == 200
+    assert says in reply.get_json()["response"]["message"]["children"]
+
+
+def test_wide_clusters_answer_without_curves_and_profiles_say_what_they_model():
+    w = W.WhatIf(model="flux.1-dev", resolution=1024, images=1, steps=28, nodes=64, profile="ethernet_1g",
+                 device="l20")
+    fig = W.bandwidth_curves(w, CALIB)
+    assert not fig.data and "up to 16 nodes" in fig.layout.title.text
+    assert W.profile_note(w) == ""
+    assert "emulation host" in W.profile_note(W.WhatIf(model="flux.1-dev", resolution=1024, device="cpu"))
+
+
+def test_incomplete_and_loopback_folders_are_marked(folder):
+    import json as _json
+
+    (f,) = R.find_results([folder])
+    summary = f.path / "summary.json"
+    data = _json.loads(summary.read_text())
+    summary.write_text(_json.dumps(data | {"state": {"state": "interrupted", "reason": "Ctrl-C", "owner_pid": 1}}))
+    (f,) = R.find_results([folder])
+    assert f.label.endswith("(interrupted)")
+    fig, cases = R.predicted_vs_measured(f, CALIB)
+    assert cases == [] and "interrupted" in fig.layout.title.text
+    for r in data["rows"]:
+        r["links"] = "loopback"
+    summary.write_text(_json.dumps(data))
+    (f,) = R.find_results([folder])
+    assert f.passes == ["loopback"]
+    fig, cases = R.predicted_vs_measured(f, CALIB)
+    assert cases == [] and "no runs on emulated links" in fig.layout.title.text and "nan" not in fig.layout.title.text

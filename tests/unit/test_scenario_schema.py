@@ -79,7 +79,10 @@ def test_usp_degrees_must_multiply_to_node_count():
     (dict(nodes=0), "nodes", "between 1 and"),
     (dict(nodes=10**9), "nodes", "between 1 and"),
     (dict(steps=10**7), "steps", "less than or equal to 1000"),
-    (dict(resolution=17), "<top>", "resolution must be even"),
+    (dict(resolution=17), "resolution", "resolution must be even"),
+    (dict(resolution=15), "resolution", "2x2 patches"),
+    (dict(link={"delay_ms": 5, "jitter_ms": 50}), "link", "jitter 50 ms exceeds the delay 5 ms"),
+    (dict(nodes=65), "<top>", "at most 64 emulated nodes"),
     (dict(labels=[3, 12]), "labels", "digit classes 0-9"),
     (dict(output="../../etc"), "output", "relative path"),
     (dict(output="/etc/cron.d"), "output", "relative path"),
@@ -149,3 +152,20 @@ def test_hostile_files_end_with_a_clear_error(tmp_path, report):
         with pytest.raises(ScenarioError, match=hint) as e:
             load_scenario(path)
         report(f"hostile scenario {name}: refused with '{str(e.value).splitlines()[-1][:100]}'")
+
+
+def test_a_value_is_quoted_once():
+    msg = error_of(nodes=0)
+    assert msg.count("got 0") == 1, msg
+
+
+def test_an_unreadable_file_is_a_scenario_error(tmp_path, monkeypatch):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\n")
+
+    def denied(self, *a, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(path), "read_text", denied)
+    with pytest.raises(ScenarioError, match="cannot be read \\(Permission denied\\)"):
+        load_scenario(path)
