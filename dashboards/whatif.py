@@ -31,7 +31,7 @@ class WhatIf:
     """The explorer's controls."""
 
     nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = 4
-    profile: str = "edge_100m_10ms"       # a named profile, or "custom"
+    profile: str = "edge_100m_5ms"        # a named profile (every node's access link), or "custom"
     rate_mbit: Annotated[float, Field(gt=0, le=400_000, allow_inf_nan=False)] | None = 100
     delay_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] = 10
     jitter_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] = 0

@@ -19,12 +19,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from . import commands as C
 from .profiles import LinkSpec
 
 STATE_DIR = Path("/run/compactbed")
+CC_SYSCTL = "/proc/sys/net/ipv4/tcp_congestion_control"
 
 
 class NetemError(RuntimeError):
@@ -95,13 +96,23 @@ def check_backend() -> BackendCheck:
 
 
 class EmulatedCluster:
-    """N node namespaces around a hub, with one LinkSpec per directed link."""
+    """N node namespaces around a hub, with one LinkSpec per directed path. ``access``: each node's access link
+    (a star: shared uplink and downlink; the paths then are what the access links compose to), except the
+    ``own_paths`` shaped on their own; None: every path on its own (a mesh). ``congestion_control``: the TCP
+    algorithm set in every node ("cubic" falls back to reno where the namespace may not use it; "host": leave
+    the host's); what is in force, and why, is in ``congestion``."""
 
     def __init__(self, n: int, links: dict[tuple[int, int], LinkSpec], backend: C.Backend,
-                 run_id: str | None = None, log: Callable[[str], None] | None = None):
+                 access: list[LinkSpec] | None = None, own_paths: Iterable[tuple[int, int]] = (),
+                 congestion_control: str = "host", run_id: str | None = None,
+                 log: Callable[[str], None] | None = None):
         if not 1 <= n <= 250:
             raise ValueError(f"an emulated cluster has 1..250 nodes, got {n}")
+        if access is not None and len(access) != n:
+            raise ValueError(f"{len(access)} access links for {n} nodes")
         self.n, self.links, self.backend = n, links, backend
+        self.access, self.own_paths, self.congestion_control = access, tuple(own_paths), congestion_control
+        self.congestion: dict[str, str] = {}
         self.names = C.Names(run_id or secrets.token_hex(3))
         self.log = log or (lambda s: None)
         self.state_file = STATE_DIR / f"{self.names.run_id}.json"
@@ -141,19 +152,51 @@ class EmulatedCluster:
     def up(self) -> None:
         t0 = time.perf_counter()
         self._save_state()
-        cmds = C.topology_commands(self.names, self.n)
-        for (s, d), spec in sorted(self.links.items()):
-            cmds += C.link_commands(self.names, self.n, s, d, spec, self.backend)
-        if C.needs_offloads_off(self.links.values()) and shutil.which("ethtool"):
-            cmds += C.offload_off_commands(self.names, self.n)
+        cmds = C.cluster_commands(self.names, self.n, self.links, self.backend, self.access, self.own_paths,
+                                  ethtool=shutil.which("ethtool") is not None)
         for cmd in cmds:
             _run(cmd)
             self.commands_run.append(cmd)
+        self.congestion = self._set_congestion_control()
         if self.backend == "fallback":
             self._start_delay_line()
         self._save_state()
         self.log(f"emulated cluster {self.names.run_id}: {self.n} nodes, {len(self.links)} links, backend "
                  f"{self.backend}, up in {time.perf_counter() - t0:.2f} s")
+
+    def in_force(self, k: int) -> str:
+        """The TCP congestion control algorithm in force in node k's namespace."""
+        return _run(["ip", "netns", "exec", self.names.node(k), "cat", CC_SYSCTL]).stdout.strip()
+
+    def _set_congestion_control(self) -> dict[str, str]:
+        want, reason = self.congestion_control, ""
+        if want != "host":
+            err = self._try_congestion_control(want)
+            if err and want == "cubic":
+                reason = f"cubic refused in the node namespaces ({err}), so reno, the kernel's fallback"
+                want, err = "reno", self._try_congestion_control("reno")
+            if err:
+                raise NetemError(f"congestion control {want!r} cannot be set in the node namespaces: {err}")
+        found = {self.in_force(k) for k in range(self.n)}
+        if want != "host" and found != {want}:
+            raise NetemError(f"congestion control {want!r} set, but the nodes run {', '.join(sorted(found))}")
+        out = dict(requested=self.congestion_control, in_force=found.pop())
+        if reason:
+            self.log(f"congestion control: {reason}")
+            out["reason"] = reason
+        return out
+
+    def _try_congestion_control(self, algorithm: str) -> str:
+        """Set ``algorithm`` in every node; '' when done, else why not (with what the host offers)."""
+        for k in range(self.n):
+            r = _run(["ip", "netns", "exec", self.names.node(k), "sysctl", "-qw",
+                      f"net.ipv4.tcp_congestion_control={algorithm}"], check=False)
+            if r.returncode:
+                offered = {f: _read(Path("/proc/sys/net/ipv4") / f) for f in
+                           ("tcp_available_congestion_control", "tcp_allowed_congestion_control")}
+                return (f"{(r.stderr or r.stdout).strip()[:120]}; available: {offered['tcp_available_congestion_control']}"
+                        f"; allowed in namespaces: {offered['tcp_allowed_congestion_control']}")
+        return ""
 
     def _start_delay_line(self) -> None:
         specs = C.delay_line_specs(self.n, self.links)
@@ -237,6 +280,13 @@ def pid_alive(pid) -> bool:
         return False
     except PermissionError:
         return True
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return "?"
 
 
 def _cmdline(pid: int) -> str:

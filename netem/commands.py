@@ -2,10 +2,13 @@
 build the list, then execute it), so every command can be unit-tested and logged without root.
 
 Topology: a hub namespace routes between N node namespaces. Node k has interface ``nfv`` with address
-198.18.k.2/24 (RFC 2544 benchmarking range) and gateway 198.18.k.1 on hub port ``nfh<k>``. A directed link
-I -> J is shaped where packets leave the hub towards J: an htb class per source (u32 match on I's subnet),
-and under it either a real ``netem`` leaf (delay, jitter, loss, rate) or, on kernels without netem, a pfifo leaf
-plus iptables ``statistic`` DROP for loss and an NFQUEUE rule feeding the userspace delay line.
+198.18.k.2/24 (RFC 2544 benchmarking range) and gateway 198.18.k.1 on hub port ``nfh<k>``.
+A star (access links): node k's uplink is an htb class on its own ``nfv`` (everything it sends shares it); its
+downlink is an htb parent class on hub port k, over one class per source (everything it receives shares it).
+A directed path I -> J ends in a leaf under J's class for I (u32 match on I's subnet): a real ``netem`` leaf (the
+path's delay, jitter, loss and rate) or, on kernels without netem, a pfifo leaf plus iptables ``statistic`` DROP
+for loss and an NFQUEUE rule feeding the userspace delay line. A path of its own (an override, or every path of a
+mesh) is shaped at the hub alone, outside both access links.
 """
 
 from __future__ import annotations
@@ -81,19 +84,54 @@ def queue_number(src: int, dst: int, n: int) -> int:
     return 1 + src * n + dst
 
 
-def link_commands(names: Names, n: int, src: int, dst: int, spec: LinkSpec, backend: Backend) -> list[list[str]]:
-    """Shape the directed link src -> dst (at hub port dst). Returns commands; the fallback delay line is
-    started separately (it is a process, see ``cluster.py``)."""
+def _rate(spec: LinkSpec | None) -> tuple[str, str]:
+    """(htb rate, burst) of a link; unlimited: 100 Gbit/s."""
+    mbit = spec.rate_mbit if spec is not None and spec.rate_mbit is not None else None
+    return (f"{mbit}mbit" if mbit is not None else "100gbit"), str(burst_bytes(mbit if mbit is not None else 100_000))
+
+
+def _htb_class(tc: list[str], dev: str, parent: str, classid: str, rate: str, burst: str, ceil: str | None = None
+               ) -> list[str]:
+    ceil = ceil or rate
+    return tc + ["class", "replace", "dev", dev, "parent", parent, "classid", classid, "htb", "rate", rate, "ceil",
+                 ceil, "burst", burst, "cburst", burst, "quantum", "60000"]
+
+
+def uplink_commands(names: Names, k: int, access: LinkSpec, own_paths: Iterable[int]) -> list[list[str]]:
+    """Node k's shared uplink: an htb class on its interface that everything it sends passes (its default
+    class), except traffic to ``own_paths`` destinations (paths of their own, shaped at the hub)."""
+    tc = ["ip", "netns", "exec", names.node(k), "tc"]
+    rate, burst = _rate(access)
+    cmds = [tc + ["qdisc", "add", "dev", NODE_IF, "root", "handle", "1:", "htb", "default", "1"],
+            _htb_class(tc, NODE_IF, "1:", "1:1", rate, burst),
+            _htb_class(tc, NODE_IF, "1:", "1:999", "100gbit", str(burst_bytes(100_000)))]
+    for dst in own_paths:
+        cmds.append(tc + ["filter", "add", "dev", NODE_IF, "parent", "1:", "pref", str(100 + dst), "protocol", "ip",
+                          "u32", "match", "ip", "dst", f"{node_ip(dst)}/32", "flowid", "1:999"])
+    return cmds
+
+
+def downlink_commands(names: Names, k: int, access: LinkSpec) -> list[list[str]]:
+    """Node k's shared downlink: an htb parent class on hub port k, over the per-source classes of its paths."""
+    rate, burst = _rate(access)
+    return [_htb_class(["ip", "netns", "exec", names.hub, "tc"], f"{HUB_IF}{k}", "1:", "1:1", rate, burst)]
+
+
+def link_commands(names: Names, n: int, src: int, dst: int, spec: LinkSpec, backend: Backend,
+                  downlink: LinkSpec | None = None) -> list[list[str]]:
+    """Shape the directed path src -> dst at hub port dst: under dst's downlink class when ``downlink`` is given
+    (a star; the per-source class is guaranteed an equal share of it), else on its own. Returns commands; the
+    fallback delay line is started separately (it is a process, see ``cluster.py``)."""
     hub, port, cls = names.hub, f"{HUB_IF}{dst}", 100 + src
     tc = ["ip", "netns", "exec", hub, "tc"]
-    rate = f"{spec.rate_mbit}mbit" if spec.rate_mbit is not None else "100gbit"
-    burst = str(burst_bytes(spec.rate_mbit if spec.rate_mbit is not None else 100_000))
-    cmds = [
-        tc + ["class", "replace", "dev", port, "parent", "1:", "classid", f"1:{cls}", "htb", "rate", rate,
-              "ceil", rate, "burst", burst, "cburst", burst, "quantum", "60000"],
-        tc + ["filter", "add", "dev", port, "parent", "1:", "pref", str(cls), "protocol", "ip", "u32",
-              "match", "ip", "src", f"198.18.{src}.0/24", "flowid", f"1:{cls}"],
-    ]
+    rate, burst = _rate(spec)
+    if downlink is None:
+        cmds = [_htb_class(tc, port, "1:", f"1:{cls}", rate, burst)]
+    else:
+        share = f"{downlink.rate_mbit / max(n - 1, 1)}mbit" if downlink.rate_mbit is not None else "100gbit"
+        cmds = [_htb_class(tc, port, "1:1", f"1:{cls}", share, burst, ceil=rate)]
+    cmds.append(tc + ["filter", "add", "dev", port, "parent", "1:", "pref", str(cls), "protocol", "ip", "u32",
+                      "match", "ip", "src", f"198.18.{src}.0/24", "flowid", f"1:{cls}"])
     if backend == "netem":
         leaf = ["netem", "limit", str(max(spec.queue_pkts, 1000) * 100), "delay", f"{spec.delay_ms}ms"]
         if spec.jitter_ms:
@@ -112,6 +150,25 @@ def link_commands(names: Names, n: int, src: int, dst: int, spec: LinkSpec, back
                            "-j", "DROP"])
     if spec.delay_ms or spec.jitter_ms:
         cmds.append(ipt + ["-j", "NFQUEUE", "--queue-num", str(queue_number(src, dst, n)), "--queue-bypass"])
+    return cmds
+
+
+def cluster_commands(names: Names, n: int, links: dict[tuple[int, int], LinkSpec], backend: Backend,
+                     access: list[LinkSpec] | None = None, own_paths: Iterable[tuple[int, int]] = (),
+                     ethtool: bool = True) -> list[list[str]]:
+    """Every command that builds the cluster: topology, access links (a star, when ``access`` gives each node's),
+    every directed path (``own_paths``: those shaped on their own, outside the access links), and (``ethtool``)
+    offloads off where a link is lossy."""
+    own = set(own_paths) if access is not None else set(links)
+    cmds = topology_commands(names, n)
+    if access is not None:
+        for k in range(n):
+            cmds += uplink_commands(names, k, access[k], sorted(d for s, d in own if s == k))
+            cmds += downlink_commands(names, k, access[k])
+    for (s, d), spec in sorted(links.items()):
+        cmds += link_commands(names, n, s, d, spec, backend, None if (s, d) in own else access[d])
+    if ethtool and needs_offloads_off(links.values()):
+        cmds += offload_off_commands(names, n)
     return cmds
 
 
@@ -136,26 +193,32 @@ def offload_off_commands(names: Names, n: int) -> list[list[str]]:
     return cmds
 
 
-def host_commands(src: int, addresses: list[str], links: dict[tuple[int, int], LinkSpec],
-                  interface: str) -> list[list[str]]:
-    """Real machines (the scenario's ``hosts:`` form): shape every link leaving host ``src`` on its own
-    interface with real ``tc netem``, one htb class + netem leaf per destination address."""
-    cmds = [["tc", "qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default", "999"],
-            ["tc", "class", "replace", "dev", interface, "parent", "1:", "classid", "1:999", "htb", "rate",
-             "100gbit"]]
+def host_commands(src: int, addresses: list[str], links: dict[tuple[int, int], LinkSpec], interface: str,
+                  uplink: LinkSpec | None = None, own_paths: Iterable[int] = ()) -> list[list[str]]:
+    """Real machines (the scenario's ``hosts:`` form): shape every path leaving host ``src`` on its own interface
+    with real ``tc netem``, one htb class + netem leaf per destination address, under one shared uplink class
+    when ``uplink`` is given (a star; the receivers' downlinks are not shaped: that needs ingress shaping),
+    except the destinations in ``own_paths``."""
+    own = set(own_paths)
+    tc = ["tc"]
+    cmds = [tc + ["qdisc", "replace", "dev", interface, "root", "handle", "1:", "htb", "default", "999"],
+            tc + ["class", "replace", "dev", interface, "parent", "1:", "classid", "1:999", "htb", "rate",
+                  "100gbit"]]
+    parent = "1:"
+    if uplink is not None:
+        cmds.append(_htb_class(tc, interface, "1:", "1:1", *_rate(uplink)))
+        parent = "1:1"
     for dst, addr in enumerate(addresses):
         if dst == src or (src, dst) not in links:
             continue
         spec, cls = links[(src, dst)], 100 + dst
-        rate = f"{spec.rate_mbit}mbit" if spec.rate_mbit is not None else "100gbit"
-        burst = str(burst_bytes(spec.rate_mbit if spec.rate_mbit is not None else 100_000))
+        rate, burst = _rate(spec)
         leaf = ["netem", "limit", str(max(spec.queue_pkts, 1000) * 100), "delay", f"{spec.delay_ms}ms"]
         leaf += [f"{spec.jitter_ms}ms"] if spec.jitter_ms else []
         leaf += ["loss", f"{spec.loss_pct}%"] if spec.loss_pct else []
         leaf += ["rate", rate] if spec.rate_mbit is not None else []
-        cmds += [["tc", "class", "replace", "dev", interface, "parent", "1:", "classid", f"1:{cls}", "htb", "rate",
-                  rate, "ceil", rate, "burst", burst, "cburst", burst],
-                 ["tc", "filter", "replace", "dev", interface, "parent", "1:", "pref", str(cls), "protocol", "ip",
-                  "u32", "match", "ip", "dst", f"{addr}/32", "flowid", f"1:{cls}"],
-                 ["tc", "qdisc", "replace", "dev", interface, "parent", f"1:{cls}", "handle", f"{cls}:", *leaf]]
+        cmds += [_htb_class(tc, interface, "1:" if dst in own else parent, f"1:{cls}", rate, burst),
+                 tc + ["filter", "replace", "dev", interface, "parent", "1:", "pref", str(cls), "protocol", "ip",
+                       "u32", "match", "ip", "dst", f"{addr}/32", "flowid", f"1:{cls}"],
+                 tc + ["qdisc", "replace", "dev", interface, "parent", f"1:{cls}", "handle", f"{cls}:", *leaf]]
     return cmds

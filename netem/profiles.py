@@ -15,7 +15,8 @@ PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 
 
 class LinkSpec(BaseModel):
-    """One directed link's impairments. ``rate_mbit=None`` means unlimited."""
+    """A link's impairments, each way: a node's access link to the hub, or one directed path.
+    ``rate_mbit=None`` means unlimited."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -36,6 +37,15 @@ class LinkSpec(BaseModel):
     @property
     def rate_bytes_per_s(self) -> float | None:
         return None if self.rate_mbit is None else self.rate_mbit * 1e6 / 8
+
+    def then(self, other: "LinkSpec") -> "LinkSpec":
+        """This link followed by ``other`` (a star's path: the sender's uplink, then the receiver's downlink):
+        the slower rate, delays and jitters add, losses combine, the larger queue."""
+        rates = [r for r in (self.rate_mbit, other.rate_mbit) if r is not None]
+        return LinkSpec(rate_mbit=min(rates) if rates else None, delay_ms=self.delay_ms + other.delay_ms,
+                        jitter_ms=self.jitter_ms + other.jitter_ms,
+                        loss_pct=100 * (1 - (1 - self.loss_pct / 100) * (1 - other.loss_pct / 100)),
+                        queue_pkts=max(self.queue_pkts, other.queue_pkts))
 
     def describe(self) -> str:
         rate = "unlimited" if self.rate_mbit is None else f"{self.rate_mbit:g} Mbit/s"

@@ -34,7 +34,7 @@ class _Strict(BaseModel):
 
 
 class NodeSpec(_Strict):
-    """One node (rank). ``link`` is its access link (both directions) unless a ``links`` entry overrides it;
+    """One node (rank). ``link`` is its access link (uplink and downlink, see ``Scenario.topology``);
     ``host`` is the address of a real machine (the ``hosts:`` form), empty for emulated nodes;
     ``compute_scale`` slows (>1) or speeds up (<1) this node in predictions (heterogeneous clusters)."""
 
@@ -51,7 +51,8 @@ class NodeSpec(_Strict):
 
 
 class LinkOverride(_Strict):
-    """Impairments of one directed link ``src -> dst`` (node names or indices)."""
+    """Impairments of one directed link ``src -> dst`` (node names or indices): a path of its own, shaped apart
+    from both nodes' access links."""
 
     src: str | int
     dst: str | int
@@ -209,6 +210,14 @@ class Scenario(_Strict):
     methods: list[MethodSpec] = Field(min_length=1, max_length=64)
     warmup: WarmupSpec = WarmupSpec()
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
+    topology: Literal["star", "mesh"] = Field(
+        "star", description="star: a node's link is its access link to a hub, one shared uplink for all it sends "
+                            "and one shared downlink for all it receives; a path adds both nodes' delays. mesh: every "
+                            "directed link is shaped on its own (the sender's link, else the receiver's)")
+    congestion_control: str = Field("cubic", pattern=r"^[a-z0-9_]{1,16}$",
+                                    description="TCP congestion control inside every emulated node (cubic: the "
+                                                "Linux default, reno where the kernel lacks it; host: leave the "
+                                                "host's own)")
     output: str = Field("results", max_length=400)
     timeout_s: float = Field(120.0, gt=0, le=3600, description="limit on any single collective")
 
@@ -362,16 +371,41 @@ class Scenario(_Strict):
         """(ulysses_degree, ring_degree) that ``method`` runs with."""
         return method.degrees(self.world_size, self.usp_degrees)
 
-    def link_between(self, src: int, dst: int) -> LinkSpec:
-        """Impairments of the directed link src -> dst: an override, else the sender's access link,
-        else the receiver's, else the scenario default."""
+    def access_link(self, k: int) -> LinkSpec:
+        """Node k's access link: its own ``link``, else the scenario's."""
+        return self.nodes[k].link or self.link
+
+    def overridden(self, src: int, dst: int) -> LinkSpec | None:
+        """The ``links`` entry for src -> dst (the last one given), if any."""
         names = [x.name for x in self.nodes]
         for o in reversed(self.links):
             s = o.src if isinstance(o.src, int) else names.index(o.src)
             d = o.dst if isinstance(o.dst, int) else names.index(o.dst)
             if (s, d) == (src, dst):
                 return o.spec
+        return None
+
+    def link_between(self, src: int, dst: int) -> LinkSpec:
+        """The directed path src -> dst: an override, else (star) the sender's access link then the receiver's,
+        else (mesh) the sender's link, else the receiver's, else the scenario default."""
+        over = self.overridden(src, dst)
+        if over is not None:
+            return over
+        if self.topology == "star":
+            return self.access_link(src).then(self.access_link(dst))
         return self.nodes[src].link or self.nodes[dst].link or self.link
+
+    def access_links(self, unlimited_rate: bool = False) -> list[LinkSpec] | None:
+        """Each node's access link (a star; None for a mesh), the rate lifted for the bound pass."""
+        if self.topology != "star":
+            return None
+        links = [self.access_link(k) for k in range(self.world_size)]
+        return [x.model_copy(update={"rate_mbit": None}) for x in links] if unlimited_rate else links
+
+    def own_paths(self) -> list[tuple[int, int]]:
+        """Directed paths shaped on their own, outside the access links: the ``links`` overrides."""
+        n = self.world_size
+        return [(i, j) for i in range(n) for j in range(n) if i != j and self.overridden(i, j) is not None]
 
     def directed_links(self, unlimited_rate: bool = False) -> dict[tuple[int, int], LinkSpec]:
         """Every directed link (src, dst) -> its impairments (:meth:`link_between`): what netem shapes and the
@@ -392,6 +426,14 @@ def format_errors(err: ValidationError) -> str:
         shown = "" if isinstance(given, (dict, list)) or given is None or "got " in msg else f" (got {given!r:.60})"
         lines.append(f"{loc or '<top>'}: {msg}{shown}")
     return "\n".join(lines)
+
+
+def parse_recorded(data: Any, source: str = "<recorded scenario>") -> Scenario:
+    """A scenario as a results folder recorded it. Folders recorded before star access links and the congestion
+    control setting ran every directed link on its own, under the host's algorithm: they read as such."""
+    if isinstance(data, dict):
+        data = {"topology": "mesh", "congestion_control": "host"} | data
+    return parse_scenario(data, source)
 
 
 def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:

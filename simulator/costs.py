@@ -66,6 +66,9 @@ class Calibration:
                                          #   carry the exchange at once (a 2-rank ring, all-to-all pairs)
     async_transfer_factor: float = 1.0   # a 2-rank ring's asynchronous gathers (DistriFusion): transfers cost this x
                                          #   a synchronous gather's
+    congestion_control: str = "bbr"      # the TCP algorithm the hop constants were fitted under (the runs' host's)
+    rtt_factor_by_algorithm: dict[str, float] = field(default_factory=dict)   # k_rtt of another algorithm over this
+                                         #   one's, measured by the link micro-benchmark in one run (testbed.linkbench)
     sources: list[str] = field(default_factory=list)
 
     # --- queries used by the model ------------------------------------------------------------------------
@@ -93,9 +96,18 @@ class Calibration:
         d = self.devices[device].hop_overhead_s
         return self.hop_overhead_s if d is None else d
 
-    def hop_params(self, device: str = "cpu") -> tuple[float, ...]:
-        """The hop model's parameters (:data:`HOP_PARAMS` order) with ``device``'s fixed cost per hop."""
-        return tuple(self.hop_overhead(device) if n == "hop_overhead_s" else getattr(self, n) for n in HOP_PARAMS)
+    def hop_params(self, device: str = "cpu", congestion_control: str = "host") -> tuple[float, ...]:
+        """The hop model's parameters (:data:`HOP_PARAMS` order) with ``device``'s fixed cost per hop and the round
+        trips of ``congestion_control`` (:meth:`rtt_factor`)."""
+        k = self.rtt_factor(congestion_control)
+        return tuple(self.hop_overhead(device) if n == "hop_overhead_s" else
+                     getattr(self, n) * (k if n == "hop_rtt_factor" else 1.0) for n in HOP_PARAMS)
+
+    def rtt_factor(self, congestion_control: str) -> float:
+        """How many times the calibration's round trips per hop ``congestion_control`` pays: 1 for its own algorithm
+        and for "host" (runs that kept the host's, as the calibration runs did); an algorithm never measured
+        against it is priced as its own."""
+        return self.rtt_factor_by_algorithm.get(congestion_control, 1.0)
 
     def effective_rate_bytes(self, spec: LinkSpec) -> float | None:
         if spec.rate_mbit is None:

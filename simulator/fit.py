@@ -222,3 +222,25 @@ def refine_hops_on_runs(results: list, calib: Calibration, free: list[bool] | No
     fit = least_squares(residual, x0=x0, x_scale=scale, bounds=(lo, hi), diff_step=1e-3)
     residual(fit.x)
     return len(cases)
+
+
+def rtt_factors(bench: list[dict], calib: Calibration) -> dict[str, float]:
+    """Round trips per hop of each TCP algorithm over the calibration's own (:attr:`Calibration.congestion_control`),
+    from link micro-benchmark rows measured under both in one run: per (ranks, link, message size), the measured time
+    less the hop model's terms other than its round trips, one algorithm's over the other's; the median over the
+    points."""
+    ref = calib.congestion_control
+    no_rtt = tuple(0.0 if n == "hop_rtt_factor" else v for n, v in zip(HOP_PARAMS, calib.hop_params()))
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in bench:
+        key = (r["kv_hops"], r["rtt_s"], r["rate_bytes"], r["jitter_s"], r["loss"], r["kv_bytes"])
+        groups.setdefault(key, {})[r["congestion_control"]] = r
+    ratios: dict[str, list[float]] = {}
+    for group in groups.values():
+        if ref not in group:
+            continue
+        rtt_part = {a: r["comm_wait_s"] - float(comm_seconds(no_rtt, columns([r]))[0]) for a, r in group.items()}
+        for a, part in rtt_part.items():
+            if a != ref and rtt_part[ref] > 0:
+                ratios.setdefault(a, []).append(part / rtt_part[ref])
+    return {a: float(np.median(v)) for a, v in ratios.items()}

@@ -43,12 +43,13 @@ class Cluster:
     compute_scale: tuple[float, ...]
     links: dict[tuple[int, int], LinkSpec]
     device: str = "cpu"
-    shared_uplink: bool = False   # True: a node's sends to all peers share one NIC (real hosts); False: every
-                                  # directed link is independent (the emulated hub topology)
+    shared_uplink: bool = False   # True: a node's sends to all peers share its uplink (a star's access link,
+                                  # a host's NIC); False: every directed link is independent (mesh)
     forwarding: bool = False      # emulated on the calibrated host with offloads off (a lossy link): active
                                   # links share the host's per-packet forwarding capacity
     htb_shaped: bool = True       # links rate-limited by this project's htb shaper (emulated or hosts form), whose
                                   # burst allowance passes at line rate; False: links that are that rate end to end
+    congestion_control: str = "host"   # TCP algorithm of the ranks (Calibration.rtt_factor)
 
     @property
     def world(self) -> int:
@@ -61,7 +62,9 @@ def cluster_of(scenario: Scenario, device: str = "cpu", unlimited_rate: bool = F
     links = scenario.directed_links(unlimited_rate)
     # the per-packet forwarding limit belongs to the emulation host the "cpu" profile was measured on
     forwarding = device == "cpu" and not scenario.on_hosts and needs_offloads_off(links.values())
-    return Cluster(tuple(node.compute_scale for node in scenario.nodes), links, device, forwarding=forwarding)
+    return Cluster(tuple(node.compute_scale for node in scenario.nodes), links, device,
+                   shared_uplink=scenario.topology == "star", forwarding=forwarding,
+                   congestion_control=scenario.congestion_control)
 
 
 def processor_sharing(starts: list[float], works: list[float], cores: float) -> list[float]:
@@ -103,8 +106,9 @@ class Prediction:
 class LinkModel:
     """Transfer time of a message over one directed link, from calibrated rate/latency."""
 
-    def __init__(self, calib: Calibration, device: str = "cpu", world: int = 1, htb_shaped: bool = True):
-        self.calib, self.device = calib, device
+    def __init__(self, calib: Calibration, device: str = "cpu", world: int = 1, htb_shaped: bool = True,
+                 congestion_control: str = "host"):
+        self.calib, self.device, self.congestion_control = calib, device, congestion_control
         self.oversubscription = calib.share(world, device) - 1
         self.htb_shaped = htb_shaped
         self._memo: dict[tuple, float] = {}
@@ -119,7 +123,7 @@ class LinkModel:
 
     def _seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool, forwarding: int) -> float:
         c = self.calib
-        params = c.hop_params(self.device)
+        params = c.hop_params(self.device, self.congestion_control)
         rtt = 2 * (spec.delay_ms / 1e3 + c.link_overhead_s)
         rate = c.effective_rate_bytes(spec) or 0.0
         return float(hop_seconds(params, rtt, nbytes, rate, bidirectional, spec.jitter_ms / 1e3, spec.loss_pct / 100,
@@ -133,7 +137,7 @@ class Simulator:
         if cluster.world != workload.world:
             raise ValueError(f"cluster has {cluster.world} ranks, workload {workload.world}")
         self.w, self.c, self.calib = workload, cluster, calib
-        self.links = LinkModel(calib, cluster.device, cluster.world, cluster.htb_shaped)
+        self.links = LinkModel(calib, cluster.device, cluster.world, cluster.htb_shaped, cluster.congestion_control)
         self.keep_timeline = timeline
         self._exchange: dict[bool, float] = {}
         self._layers: dict[tuple, tuple] = {}

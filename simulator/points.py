@@ -16,7 +16,7 @@ import numpy as np
 
 from ..netem.profiles import LinkSpec
 from ..runtime.records import RunRecord, StepRecord, read_run, read_steps
-from ..scenarios.schema import MethodSpec, Scenario, parse_scenario
+from ..scenarios.schema import MethodSpec, Scenario, parse_recorded
 from .costs import Calibration, DeviceProfile, burst_of
 from .model import cluster_of
 from .runs import MeasuredRun
@@ -30,7 +30,7 @@ def method_runs(results: list[Path]) -> Iterator[tuple[Path, Scenario, MethodSpe
         for run_json in sorted(Path(root).rglob("run.json")):
             d = run_json.parent
             job = json.loads((d / "job.json").read_text())
-            yield (d, parse_scenario(job["scenario"], str(d)), MethodSpec.model_validate(job["method"]),
+            yield (d, parse_recorded(job["scenario"], str(d)), MethodSpec.model_validate(job["method"]),
                    read_run(d), read_steps(d))
 
 
@@ -83,7 +83,7 @@ def reference_pace(run: MeasuredRun, device: DeviceProfile) -> float | None:
     one thread (``reference_threads``)."""
     if not run.reference_latency_s or run.reference_threads != 1:
         return None
-    scenario = parse_scenario(run.scenario, run.folder)
+    scenario = parse_recorded(run.scenario, run.folder)
     w = workload_of(scenario, scenario.methods[0])
     n = w.batch * w.tokens
     modelled = w.steps * (w.shape.layers * device.layer_seconds(n, n, w.shape.hidden, 1.0) + device.step_overhead_s)
@@ -180,7 +180,8 @@ def linkbench_points(results: list[Path], calib: Calibration) -> list[dict]:
                                      burst_bytes=burst_of(spec), forwarding=int(r["world"]) if spec.loss_pct else 0,
                                      oversubscription=calib.share(int(r["world"])) - 1,
                                      kv_hops=int(r["hops"]), kv_bytes=int(r["bytes"]), out_hops=0, out_bytes=0,
-                                     comm_wait_s=float(r["seconds"])))
+                                     comm_wait_s=float(r["seconds"]),
+                                     congestion_control=r.get("congestion_control") or "host"))
     return rows
 
 

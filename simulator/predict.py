@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.records import speedups
-from ..scenarios.schema import Scenario, parse_scenario
+from ..scenarios.schema import Scenario, parse_recorded
 from .costs import Calibration
 from .model import Cluster, Prediction, Simulator, cluster_of
 from .points import host_factors
@@ -108,7 +108,7 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
     measured before the distributed runs, no links involved)."""
     cases = []
     for run in read_runs(results):
-        scenario = parse_scenario(run.scenario, run.folder)
+        scenario = parse_recorded(run.scenario, run.folder)
         methods = {m.name: m for m in scenario.methods}
         measured: dict[tuple[str, str], list[float]] = {}
         for row in run.rows:
@@ -118,7 +118,8 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
         for (links, method), latencies in measured.items():
             cluster = cluster_of(scenario, device, unlimited_rate=links == "bound")
             cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale),
-                              links=as_probed(cluster.links, run.off_profile, calib))
+                              links=as_probed(cluster.links, run.off_profile, calib),
+                              congestion_control=run.congestion_control)
             cases.append(MeasuredCase(Path(run.folder), links, method, workload_of(scenario, methods[method]),
                                       cluster, latencies, host))
     return cases

@@ -33,6 +33,7 @@ class MeasuredRun:
     note: str = ""                  # how the figures were obtained when not read from summary.json
     off_profile: list[dict] = field(default_factory=list)   # probes of links that missed their profile (accepted):
                                                             # src, dst, wire_mbit, rtt_ms, misses
+    congestion_control: str = "host"  # the TCP algorithm in force in its nodes ("host": not recorded, the host's)
 
     @classmethod
     def from_folder(cls, folder: Path) -> "MeasuredRun":
@@ -43,7 +44,7 @@ class MeasuredRun:
                    {str(k): float(v) for k, v in (meta.get("reference_latency_s") or {}).items()},
                    meta.get("reference_threads"),
                    off_profile=[{k: p[k] for k in ("src", "dst", "wire_mbit", "rtt_ms", "misses")} for p in probes
-                                if p.get("misses")])
+                                if p.get("misses")], congestion_control=congestion_in_force(folder))
 
     @classmethod
     def from_dict(cls, data: dict) -> "MeasuredRun":
@@ -51,6 +52,15 @@ class MeasuredRun:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"rows": [{k: getattr(r, k) for k in KEPT} for r in self.rows]}
+
+
+def congestion_in_force(folder: Path) -> str:
+    """The TCP congestion control its emulated nodes ran (``environment.json``); "host" where not recorded."""
+    try:
+        env = json.loads((Path(folder) / "environment.json").read_text())
+    except (OSError, ValueError):
+        return "host"
+    return (env.get("congestion_control") or {}).get("in_force", "host")
 
 
 def is_calibration(folder: Path) -> bool:

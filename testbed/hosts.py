@@ -19,11 +19,13 @@ PORT = 29_400
 
 def host_plan(scenario: Scenario, results: Path, links: dict) -> str:
     addresses = [node.host for node in scenario.nodes]
+    access, own = scenario.access_links(), scenario.own_paths()
     out = [f"# {scenario.name}: {scenario.world_size} hosts; run each block on its host, as root for tc.",
            f"# job files: {results}/<method>/seed<k>/job.json (copy the results folder to every host)"]
     for k, node in enumerate(scenario.nodes):
         out.append(f"\n## host {k}: {node.name} ({node.host}, {node.interface})")
-        out += [shlex.join(c) for c in host_commands(k, addresses, links, node.interface)]
+        out += [shlex.join(c) for c in host_commands(k, addresses, links, node.interface, access and access[k],
+                                                     [d for s, d in own if s == k])]
         for seed in scenario.seeds:
             for method in scenario.methods:
                 job = results / method.name / f"seed{seed}" / "job.json"

@@ -16,6 +16,13 @@ puts a barrier before each call.
 
 writes ``linkbench.csv``. ``scenario calibrate ... results/linkbench`` fits the hop model from it when no whole
 runs are given; with runs, it reports how much slower the runs' communication is than these links alone.
+
+TCP congestion control: every point runs under each algorithm given, in turn, in the same run, so their ratio is
+honest on any host. With the calibration's own algorithm among them, ``--into CALIBRATION_FOLDER`` writes the
+others' round-trip factors into it (``Calibration.rtt_factor_by_algorithm``):
+
+    python -m compactbed.testbed.linkbench --grid latency --congestion-control bbr,cubic --out results/cc \
+        --into simulator/data
 """
 
 from __future__ import annotations
@@ -34,7 +41,11 @@ from ..netem.profiles import LinkSpec
 SIZES = (4_096, 32_768, 131_072, 524_288, 2_097_152)
 MAX_CALL_S = 2.5            # skip sizes whose estimated all-gather takes longer on a link
 WORKER = "compactbed.testbed.linkbench"
-FIELDS = ("world", "rate_mbit", "delay_ms", "jitter_ms", "loss_pct", "bytes", "hops", "reps", "seconds")
+FIELDS = ("world", "rate_mbit", "delay_ms", "jitter_ms", "loss_pct", "bytes", "hops", "reps", "seconds",
+          "congestion_control")
+LATENCY_GRID = ((4, LinkSpec(rate_mbit=100, delay_ms=5)), (4, LinkSpec(rate_mbit=200, delay_ms=2)),
+                (2, LinkSpec(rate_mbit=50, delay_ms=10)))
+LATENCY_SIZES = (4_096, 32_768, 131_072)
 
 
 def grid(quick: bool = False) -> list[tuple[int, LinkSpec]]:
@@ -101,8 +112,10 @@ def worker(job_file: Path) -> None:
 
 
 # --- the driver ---------------------------------------------------------------------------------------------
-def measure(world: int, spec: LinkSpec, run_dir: Path, backend, sizes=SIZES) -> list[dict]:
-    """Bring up a cluster with ``spec`` on every link, run the workers, return one row per message size."""
+def measure(world: int, spec: LinkSpec, run_dir: Path, backend, sizes=SIZES, congestion_control: str = "host"
+            ) -> list[dict]:
+    """Bring up a cluster with ``spec`` on every link (each on its own) under ``congestion_control``, run the
+    workers, return one row per message size."""
     from ..netem.cluster import EmulatedCluster
     from ..netem.commands import NODE_IF
     from .launch import node_torchrun, run_ranks
@@ -116,7 +129,8 @@ def measure(world: int, spec: LinkSpec, run_dir: Path, backend, sizes=SIZES) -> 
     job = run_dir / "job.json"
     job.write_text(json.dumps(dict(sizes=plan, timeout_s=60)))
     links = {(i, j): spec for i in range(world) for j in range(world) if i != j}
-    with EmulatedCluster(world, links, backend) as cluster:
+    with EmulatedCluster(world, links, backend, congestion_control=congestion_control) as cluster:
+        in_force = cluster.congestion["in_force"]
         prefixes = [cluster.prefix(k) for k in range(world)]
         run_ranks(node_torchrun(job, world, prefixes, cluster.address(0), NODE_IF, module=WORKER),
                   run_dir, timeout_s=300)
@@ -126,12 +140,14 @@ def measure(world: int, spec: LinkSpec, run_dir: Path, backend, sizes=SIZES) -> 
         medians = [statistics.median(ranks[i]["times"]) for ranks in per_rank]
         rows.append(dict(world=world, rate_mbit=spec.rate_mbit or 0, delay_ms=spec.delay_ms, jitter_ms=spec.jitter_ms,
                          loss_pct=spec.loss_pct, bytes=n, hops=world - 1, reps=reps,
-                         seconds=sum(medians) / len(medians)))
+                         seconds=sum(medians) / len(medians), congestion_control=in_force))
     return rows
 
 
-def run(out: Path, quick: bool = False, log=print) -> Path:
-    """Measure the whole grid into ``out/linkbench.csv`` (rows are appended as each point finishes)."""
+def run(out: Path, quick: bool = False, log=print, latency: bool = False, algorithms: tuple[str, ...] = ("host",)
+        ) -> Path:
+    """Measure the grid (``latency``: a few latency-bound points) under each algorithm into ``out/linkbench.csv``
+    (rows are appended as each point finishes)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..netem.cluster import check_backend
@@ -141,16 +157,17 @@ def run(out: Path, quick: bool = False, log=print) -> Path:
         raise RuntimeError(f"link emulation unavailable: {check.reason}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "linkbench.csv"
-    points = grid(quick)
-    with open(path, "w", newline="") as f, Progress(TextColumn("{task.description:<44}"), BarColumn(),
+    points = [(w, s, a) for w, s in (LATENCY_GRID if latency else grid(quick)) for a in algorithms]
+    sizes = LATENCY_SIZES if latency else SIZES
+    with open(path, "w", newline="") as f, Progress(TextColumn("{task.description:<52}"), BarColumn(),
                                                      TextColumn("{task.completed}/{task.total}"),
                                                      TimeElapsedColumn()) as progress:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         task = progress.add_task("link points", total=len(points))
-        for k, (world, spec) in enumerate(points):
-            progress.update(task, description=f"{world} ranks, {spec.describe()}")
-            for row in measure(world, spec, out / "runs" / f"p{k:02d}", check.backend):
+        for k, (world, spec, algorithm) in enumerate(points):
+            progress.update(task, description=f"{world} ranks, {spec.describe()}, {algorithm}")
+            for row in measure(world, spec, out / "runs" / f"p{k:02d}", check.backend, sizes, algorithm):
                 w.writerow(row)
             f.flush()
             progress.advance(task)
@@ -166,8 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("results/linkbench"))
     ap.add_argument("--quick", action="store_true", help="every third point of the grid")
+    ap.add_argument("--grid", choices=["full", "latency"], default="full",
+                    help=f"latency: {len(LATENCY_GRID)} latency-bound points, small messages")
+    ap.add_argument("--congestion-control", default="host",
+                    help="comma-separated TCP algorithms, each measured at every point (default: the host's)")
+    ap.add_argument("--into", type=Path, help="a calibration folder: write the algorithms' round-trip factors into it")
     a = ap.parse_args(argv)
-    run(a.out, a.quick)
+    path = run(a.out, a.quick, latency=a.grid == "latency", algorithms=tuple(a.congestion_control.split(",")))
+    if a.into:
+        from ..simulator.costs import Calibration
+        from ..simulator.fit import rtt_factors
+        from ..simulator.points import linkbench_points
+
+        calib = Calibration.load(a.into)
+        factors = rtt_factors(linkbench_points([path.parent], calib), calib)
+        if not factors:
+            raise SystemExit(f"no point measured under both {calib.congestion_control} (the calibration's) and "
+                             f"another algorithm: nothing written")
+        calib.rtt_factor_by_algorithm |= factors
+        calib.save(a.into)
+        print("round trips per hop against " + calib.congestion_control + ": " +
+              ", ".join(f"{k} {v:.3f}x" for k, v in sorted(factors.items())) + f" -> {a.into}/calibration.json")
     return 0
 
 

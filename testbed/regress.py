@@ -33,6 +33,7 @@ from ..scenarios.schema import Scenario
 from ..simulator.costs import Calibration
 from ..simulator.fit import columns, comm_seconds
 from ..simulator.points import hop_points
+from ..simulator.runs import congestion_in_force
 
 EXACT = {"bytes_on_wire": {"kind": "exact"}, "compression_ratio": {"kind": "relative", "value": 1e-6},
          "psnr_db": {"kind": "absolute", "value": 1.0, "note": "dB; exact methods capped at 100"}}
@@ -61,13 +62,14 @@ def exchange_vs_model(results_dir: Path, calib: Calibration, judged_on: Scenario
     (:func:`simulator.points.hop_points`), per step the median over ranks, then the lower quartile over steps.
     ``judged_on``: the links of this scenario instead of the run's own (what a baseline's links allow)."""
     by_method: dict[str, list[dict]] = {}
+    congestion = congestion_in_force(results_dir)
     for row in hop_points([results_dir], calib, judged_on):
         if Path(row["run"]).parent.parent.name == "shaped":
             by_method.setdefault(Path(row["run"]).parent.name, []).append(row)
     out = {}
     for method, rows in by_method.items():
         col = columns(rows)
-        ratio = (col["comm_wait_s"] - col["imbalance_s"]) / comm_seconds(calib.hop_params(), col)
+        ratio = (col["comm_wait_s"] - col["imbalance_s"]) / comm_seconds(calib.hop_params("cpu", congestion), col)
         steps: dict[int, list[float]] = {}
         for row, r in zip(rows, ratio):
             steps.setdefault(row["step"], []).append(r)

@@ -105,7 +105,11 @@ def link_pass(scenario: Scenario, name: str, backend, console: Console, results:
         yield lambda job: local_torchrun(job, world)
         return
     links = scenario.directed_links(unlimited_rate=(name == "bound"))
-    with EmulatedCluster(world, links, backend, log=console.print) as cluster:
+    with EmulatedCluster(world, links, backend, scenario.access_links(unlimited_rate=(name == "bound")),
+                         scenario.own_paths(), scenario.congestion_control, log=console.print) as cluster:
+        env_file = results / "environment.json"
+        env_file.write_text(json.dumps(json.loads(env_file.read_text()) | {
+            "topology": scenario.topology, "congestion_control": cluster.congestion}, indent=1))
         if name == "shaped":
             probes = [probe_link(cluster, s, d, spec) for (s, d), spec in sorted(links.items())]
             (results / "links.json").write_text(json.dumps(

@@ -47,6 +47,11 @@ def test_run_writes_a_complete_results_folder(tmp_path, monkeypatch, capsys):
         shaped = {r["method"]: r for r in rows if r["links"] == "shaped"}
         assert all(r["latency_bound_s"] and r["over_bound"] for r in shaped.values())
         assert {ns for ns in list_namespaces() if ns.startswith("cbed-")} == before   # all torn down
+        env = json.loads((results / "environment.json").read_text())
+        cc = env["congestion_control"]          # the default asked for, and what the namespaces allowed
+        assert env["topology"] == "star" and cc["requested"] == "cubic"
+        assert cc["in_force"] == "cubic" or (cc["in_force"] == "reno" and "cubic refused" in cc["reason"])
+        assert yaml.safe_load((results / "scenario.yaml").read_text())["topology"] == "star"
 
 
 def test_no_shaping_flag_runs_on_loopback(tmp_path, monkeypatch):

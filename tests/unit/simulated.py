@@ -12,7 +12,8 @@ CALIB = Calibration(devices={"cpu": DeviceProfile(a=1e-4, b=1e-11, c=1e-11, step
 
 
 def sc(**kw):
-    data = dict(name="s", nodes=4, link={"rate_mbit": 100, "delay_ms": 10}, labels=32, steps=10, guidance=1.0,
+    """A 4-node star whose paths are 100 Mbit/s + 10 ms one-way (access links of 5 ms), overridden by ``kw``."""
+    data = dict(name="s", nodes=4, link={"rate_mbit": 100, "delay_ms": 5}, labels=32, steps=10, guidance=1.0,
                 methods=["ring", "patch", "distrifusion", "compact-1bit", "compact-2bit"]) | kw
     return parse_scenario(data, "s")
 

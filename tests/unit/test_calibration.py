@@ -218,8 +218,8 @@ def test_hop_parameters_refined_on_whole_runs_reproduce_their_latency(tmp_path):
                 methods=["ring", "compact-1bit"], seeds=[0, 1])
     folder = tmp_path / "res"
     folder.mkdir()
-    (folder / "scenario.yaml").write_text(yaml.safe_dump(data))
     scenario = parse_scenario(data, "s")
+    (folder / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json")))   # as a run records it
     truth_s = {m: Simulator(workload_of(scenario, METHOD_PRESETS[m]), cluster_of(scenario), truth).run().latency_s
                for m in ("ring", "compact-1bit")}
     rows = [dict(method=m, seed=k, links="shaped", status="ok", latency_s=truth_s[m]) for m in truth_s for k in (0, 1)]
@@ -257,6 +257,7 @@ def _results_folder(tmp_path, name, data, layer_scale, reference_s, threads=1):
     folder = tmp_path / name
     run = folder / "shaped" / "ring" / "seed0"
     run.mkdir(parents=True)
+    data = parse_scenario(data, "s").model_dump(mode="json")          # as a run records it
     (folder / "scenario.yaml").write_text(yaml.safe_dump(data))
     rows = [dict(method="ring", seed=0, links="shaped", status="ok", latency_s=10.0)]
     (folder / "summary.json").write_text(json.dumps({"rows": rows, "reference_latency_s": {"0": reference_s},
@@ -400,3 +401,28 @@ def test_leave_one_out_predicts_each_folder_with_a_fit_that_never_saw_it(tmp_pat
             assert case.predicted_s != pytest.approx(validate([folder], _fit_on_names(folders))[0].predicted_s)
     with pytest.raises(ValueError, match="at least two"):
         list(leave_one_out(folders[:1], _fit_on_names))
+
+
+def test_rtt_factors_recover_an_algorithms_round_trips_from_paired_micro_benchmarks(tmp_path):
+    """Micro-benchmark rows made by the hop model, once with the calibration's round trips and once with 0.7x of
+    them (another algorithm): the factor comes back, from the pairs alone; the recorded algorithm is read back."""
+    import dataclasses
+    import json
+
+    from compactbed.simulator.fit import columns, comm_seconds, rtt_factors
+    from compactbed.simulator.runs import congestion_in_force
+
+    calib = dataclasses.replace(CALIB, congestion_control="bbr")
+    other = dataclasses.replace(calib, hop_rtt_factor=0.7 * calib.hop_rtt_factor)
+    rows = []
+    for hops, rtt, nbytes in ((3, 0.01, 4096), (3, 0.02, 32768), (1, 0.004, 131072)):
+        base = dict(kv_hops=hops, rtt_s=rtt, rate_bytes=12.5e6, jitter_s=0.0, loss=0.0, kv_bytes=nbytes, out_hops=0,
+                    out_bytes=0, bidirectional=0, burst_bytes=0, forwarding=0, oversubscription=0.0)
+        for cc, c in (("bbr", calib), ("reno", other)):
+            rows.append(base | dict(congestion_control=cc,
+                                    comm_wait_s=float(comm_seconds(c.hop_params(), columns([base]))[0])))
+    assert rtt_factors(rows, calib) == {"reno": pytest.approx(0.7)}
+    assert rtt_factors([r for r in rows if r["congestion_control"] == "reno"], calib) == {}
+    assert congestion_in_force(tmp_path) == "host"
+    (tmp_path / "environment.json").write_text(json.dumps({"congestion_control": {"in_force": "reno"}}))
+    assert congestion_in_force(tmp_path) == "reno"

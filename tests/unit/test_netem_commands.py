@@ -76,3 +76,42 @@ def test_hosts_form_shapes_each_destination_with_real_netem():
     assert any("handle 101: netem limit 100000 delay 20.0ms loss 0.1% rate 50.0mbit" in c for c in cmds)
     assert any("handle 102: netem limit 100000 delay 5.0ms" in c and "rate" not in c.split("netem")[1] for c in cmds)
     assert not any("10.0.0.1/32" in c for c in cmds)       # never shapes traffic to itself
+
+
+def test_a_star_shares_each_nodes_uplink_and_downlink():
+    """Node k's uplink: one htb class on its own interface (the default class: everything it sends); its downlink:
+    a parent class on hub port k over one class per source; an override is a path of its own, outside both."""
+    slow, fast = LinkSpec(rate_mbit=20, delay_ms=5), LinkSpec(rate_mbit=100, delay_ms=2)
+    access = [fast, slow, fast]
+    links = {(s, d): access[s].then(access[d]) for s in range(3) for d in range(3) if s != d}
+    links[(0, 2)] = LinkSpec(rate_mbit=7, delay_ms=1)
+    cmds = flat(C.cluster_commands(NAMES, 3, links, "netem", access, own_paths=[(0, 2)]))
+    up1 = "ip netns exec cbed-ab12cd-n1 tc "
+    assert up1 + "qdisc add dev nfv root handle 1: htb default 1" in cmds
+    assert any(c.startswith(up1 + "class replace dev nfv parent 1: classid 1:1 htb rate 20.0mbit ceil 20.0mbit")
+               for c in cmds)
+    hub = "ip netns exec cbed-ab12cd-hub tc "
+    assert any(c.startswith(hub + "class replace dev nfh1 parent 1: classid 1:1 htb rate 20.0mbit") for c in cmds)
+    # the paths into node 1 share its downlink: per-source classes under 1:1, an equal share guaranteed, the
+    # path's rate as ceiling; the path's delay (5 + 2 ms) in its leaf
+    for src in (0, 2):
+        assert any(c.startswith(hub + f"class replace dev nfh1 parent 1:1 classid 1:10{src} htb rate 10.0mbit "
+                                      "ceil 20.0mbit") for c in cmds)
+    assert any("dev nfh1 parent 1:100 handle 100: netem limit 100000 delay 7.0ms rate 20.0mbit" in c for c in cmds)
+    # the override 0 -> 2 leaves node 0 unshaped (class 1:999) and is shaped at hub port 2 on its own
+    assert "ip netns exec cbed-ab12cd-n0 tc filter add dev nfv parent 1: pref 102 protocol ip u32 match ip dst " \
+           "198.18.2.2/32 flowid 1:999" in cmds
+    assert any(c.startswith(hub + "class replace dev nfh2 parent 1: classid 1:100 htb rate 7.0mbit") for c in cmds)
+    # a mesh: no access classes at all
+    mesh = flat(C.cluster_commands(NAMES, 3, links, "netem"))
+    assert not any("dev nfv" in c and " tc " in c for c in mesh) and not any("parent 1:1 " in c for c in mesh)
+
+
+def test_hosts_form_star_puts_each_destination_under_one_uplink():
+    up = LinkSpec(rate_mbit=40, delay_ms=3)
+    links = {(0, 1): up.then(up), (0, 2): LinkSpec(rate_mbit=5)}
+    cmds = flat(C.host_commands(0, ["10.0.0.1", "10.0.0.2", "10.0.0.3"], links, "eth1", up, own_paths=[2]))
+    assert any(c.startswith("tc class replace dev eth1 parent 1: classid 1:1 htb rate 40.0mbit") for c in cmds)
+    assert any(c.startswith("tc class replace dev eth1 parent 1:1 classid 1:101 htb rate 40.0mbit") for c in cmds)
+    assert any(c.startswith("tc class replace dev eth1 parent 1: classid 1:102 htb rate 5.0mbit") for c in cmds)
+    assert any("handle 101: netem limit 100000 delay 6.0ms rate 40.0mbit" in c for c in cmds)

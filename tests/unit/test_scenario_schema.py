@@ -3,7 +3,7 @@
 import pytest
 
 from compactbed.netem.profiles import LinkSpec, named_profiles, resolve_link
-from compactbed.scenarios.schema import METHOD_PRESETS, ScenarioError, load_scenario, parse_scenario
+from compactbed.scenarios.schema import METHOD_PRESETS, ScenarioError, load_scenario, parse_recorded, parse_scenario
 
 BASE = dict(name="t", nodes=4, methods=["ring", "compact-1bit"])
 
@@ -56,10 +56,22 @@ def test_link_resolution_profile_override_and_per_link():
               links=[{"src": "a", "dst": 2, "rate_mbit": 5}])
     wifi = named_profiles()["wifi"]
     assert s.link.delay_ms == 7 and s.link.rate_mbit == wifi.rate_mbit and s.link.jitter_ms == wifi.jitter_ms
-    assert s.link_between(0, 2).rate_mbit == 5          # explicit override
-    assert s.link_between(1, 0) == named_profiles()["satellite"]  # sender's access link
-    assert s.link_between(0, 1) == named_profiles()["satellite"]  # receiver's access link
-    assert s.link_between(2, 0) == s.link                          # default
+    sat = named_profiles()["satellite"]
+    assert s.link_between(0, 2).rate_mbit == 5 and s.own_paths() == [(0, 2)]     # explicit override: its own path
+    # a star: the sender's access link, then the receiver's (delays and jitters add, losses combine)
+    for path in (s.link_between(1, 0), s.link_between(0, 1)):
+        assert path.delay_ms == sat.delay_ms + 7 and path.jitter_ms == sat.jitter_ms + wifi.jitter_ms
+        assert path.rate_mbit == min(sat.rate_mbit, wifi.rate_mbit)
+        assert path.loss_pct == pytest.approx(100 * (1 - (1 - sat.loss_pct / 100) * (1 - wifi.loss_pct / 100)))
+    assert s.link_between(2, 3).delay_ms == 14 and s.access_links()[1] == sat
+    assert [x.rate_mbit for x in s.access_links(unlimited_rate=True)] == [None] * 4
+    # a mesh (and every results folder recorded before access links): the sender's link, else the receiver's
+    m = s.model_copy(update={"topology": "mesh"})
+    assert m.link_between(1, 0) == sat and m.link_between(0, 1) == sat and m.link_between(2, 0) == s.link
+    assert m.access_links() is None
+    assert parse_recorded(s.model_dump(mode="json")).topology == "star"
+    old = {k: v for k, v in s.model_dump(mode="json").items() if k not in ("topology", "congestion_control")}
+    assert (parse_recorded(old).topology, parse_recorded(old).congestion_control) == ("mesh", "host")
 
 
 def test_usp_degrees_must_multiply_to_node_count():

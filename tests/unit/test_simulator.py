@@ -125,8 +125,8 @@ def test_forwarding_limit_binds_only_on_the_emulation_host_with_offloads_off():
     import dataclasses
 
     limited = dataclasses.replace(CALIB, forwarding_s_per_byte=1 / 20e6)       # 20 MB/s shared
-    lossy = sc(link={"rate_mbit": 400, "delay_ms": 2, "loss_pct": 0.01}, methods=["ring"])
-    clean = sc(link={"rate_mbit": 400, "delay_ms": 2}, methods=["ring"])
+    lossy = sc(link={"rate_mbit": 400, "delay_ms": 1, "loss_pct": 0.005}, methods=["ring"])   # paths: 2 ms, ~0.01%
+    clean = sc(link={"rate_mbit": 400, "delay_ms": 1}, methods=["ring"])
     assert cluster_of(lossy).forwarding and not cluster_of(clean).forwarding
     assert not cluster_of(lossy, device="l20").forwarding
     w = workload_of(lossy, METHOD_PRESETS["ring"])
@@ -263,3 +263,26 @@ def test_campaign_design_spreads_valid_scenarios_over_the_link_space():
     assert predicted_seconds(small) <= predicted_seconds(big) / 2 or small["labels"] <= 32
     with pytest.raises(ValueError):
         design("t", 0, seed=1)
+
+
+def test_round_trips_are_priced_per_congestion_control():
+    """A scenario's algorithm scales the hop model's round trips by its measured factor; "host" and the
+    calibration's own algorithm (and one never measured) are priced as fitted."""
+    import dataclasses
+
+    calib = dataclasses.replace(CALIB, congestion_control="bbr", rtt_factor_by_algorithm={"reno": 0.5})
+    by = {}
+    for cc in ("host", "bbr", "vegas", "reno"):
+        s = sc(congestion_control=cc, methods=["compact-1bit"])
+        assert cluster_of(s).congestion_control == cc
+        by[cc] = Simulator(workload_of(s, METHOD_PRESETS["compact-1bit"]), cluster_of(s), calib).run().comm_s
+    assert by["host"] == by["bbr"] == by["vegas"]
+    assert by["reno"] < 0.8 * by["bbr"]              # latency-bound: half the round trips
+    assert calib.hop_params("cpu", "reno")[0] == 0.5 * calib.hop_params()[0]
+
+
+def test_a_star_shares_the_uplink_a_mesh_does_not():
+    s = sc(methods=["ulysses"])
+    mesh = s.model_copy(update={"topology": "mesh"})
+    assert cluster_of(s).shared_uplink and not cluster_of(mesh).shared_uplink
+    assert cluster_of(s).links == cluster_of(mesh.model_copy(update={"link": s.link.then(s.link)})).links
