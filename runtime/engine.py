@@ -1,9 +1,13 @@
-"""One rank of one method run: real xDiT sequence parallelism with compressed communication.
+"""One rank of a pass of method runs: real xDiT sequence parallelism with compressed communication.
 
-Started by torchrun (one process per node) as ``python -m compactbed.runtime.engine JOB.json``; the job file
-holds the validated scenario, the method name, the seed and the output folder. Each rank writes
-``rank{r}.jsonl`` (one :class:`.records.StepRecord` per step); rank 0 also writes ``images.npy`` and ``run.json``
-(a :class:`.records.RunRecord`).
+Started by torchrun (one process per node) as ``python -m compactbed.runtime.engine JOB.json [JOB.json ...]``;
+each job file holds the validated scenario, one method, the seed and its output folder. The ranks run the jobs in
+turn in one process group: every job builds its model, codec, hooks and xfuser's parallel groups afresh, and ends
+by tearing the groups down, so nothing carries over but the process and its imports. Each rank writes
+``rank{r}.jsonl`` (one :class:`.records.StepRecord` per step) into the job's folder; rank 0 also writes
+``images.npy`` and ``run.json`` (a :class:`.records.RunRecord`). A job that fails writes ``rank{r}.error`` there
+and ends the pass; the jobs before it keep their results. Rank 0 prints ``RUN i/N`` before each job and
+``STEP k/n`` after each step.
 """
 
 from __future__ import annotations
@@ -196,14 +200,20 @@ class RankRun:
 
 
 def run(job: Job) -> None:
+    from xfuser.core.distributed.parallel_state import destroy_model_parallel
+
     out = Path(job.out_dir)
     rank = dist.get_rank()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rr = RankRun(job)
-    rr.build()
-    images = rr.sample()
-    consistency = rr.check_bases()
+    try:
+        rr.build()
+        images = rr.sample()
+        consistency = rr.check_bases()
+    finally:
+        destroy_model_parallel()            # the next job builds its own groups (its degrees may differ)
     write_steps(out / f"rank{rank}.jsonl", rr.records)
+    dist.barrier()                          # every rank's records are on disk before run.json says "done"
     if rank == 0:
         np.save(out / "images.npy", images)
         write_run(out / "run.json", RunRecord(
@@ -214,10 +224,11 @@ def run(job: Job) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="one rank of a method run (started by torchrun)")
-    ap.add_argument("job", type=Path)
+    ap = argparse.ArgumentParser(description="one rank of a pass of method runs (started by torchrun)")
+    ap.add_argument("jobs", type=Path, nargs="+", help="job files, run in turn in one process group")
     a = ap.parse_args(argv)
-    job = Job.model_validate_json(a.job.read_text())
+    jobs = [Job.model_validate_json(f.read_text()) for f in a.jobs]
+    job = jobs[0]
     from .xdit import import_xfuser
 
     import_xfuser()
@@ -230,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     dist.init_process_group(backend, timeout=timeout)
     try:
-        with torch.no_grad():
-            run(job)
+        for i, job in enumerate(jobs):
+            if dist.get_rank() == 0:
+                print(f"RUN {i + 1}/{len(jobs)}", flush=True)
+            with torch.no_grad():
+                run(job)
         return 0
     except Exception:
         (Path(job.out_dir) / f"rank{dist.get_rank()}.error").write_text(traceback.format_exc())

@@ -1,7 +1,8 @@
 """The ``hosts:`` form of a scenario: the same run on real machines, shaped with real ``tc netem``.
 
 ``scenario run`` on such a scenario prints, per host, the commands that shape its outgoing links and start
-its rank (static torchrun rendezvous on node 0's address), and writes the job files the ranks read. This
+its rank for every method in turn (one torchrun, static rendezvous on node 0's address), and writes the job
+files the ranks read. This
 project does not log into other machines itself; run each block on its host (e.g. with ssh or a cluster tool).
 """
 
@@ -26,12 +27,11 @@ def host_plan(scenario: Scenario, results: Path, links: dict) -> str:
         out.append(f"\n## host {k}: {node.name} ({node.host}, {node.interface})")
         out += [shlex.join(c) for c in host_commands(k, addresses, links, node.interface, access and access[k],
                                                      [d for s, d in own if s == k])]
-        for seed in scenario.seeds:
-            for method in scenario.methods:
-                job = results / method.name / f"seed{seed}" / "job.json"
-                out.append(shlex.join(["torchrun", "--nproc_per_node=1", f"--nnodes={scenario.world_size}",
-                                       f"--node_rank={k}", f"--master_addr={addresses[0]}", f"--master_port={PORT}",
-                                       "-m", "compactbed.runtime.engine", str(job)]))
+        jobs = [str(results / method.name / f"seed{seed}" / "job.json") for seed in scenario.seeds
+                for method in scenario.methods]
+        out.append(shlex.join(["torchrun", "--nproc_per_node=1", f"--nnodes={scenario.world_size}",
+                               f"--node_rank={k}", f"--master_addr={addresses[0]}", f"--master_port={PORT}",
+                               "-m", "compactbed.runtime.engine", *jobs]))
         out.append(shlex.join(["tc", "qdisc", "del", "dev", node.interface, "root"]) + "   # afterwards: remove shaping")
     return "\n".join(out) + "\n"
 

@@ -4,8 +4,9 @@ Results folder (``<output>/<timestamp>/``), plain files with a stated schema:
   scenario.yaml          the validated scenario, as run
   environment.json       versions, CPU/GPU, link mode, codec backend
   reference/seed<k>.npy  single-process diffusers images (ground truth for quality)
+  <pass>/launcher<i>.log  one launch per link pass (ranks kept across its methods); relaunch<n>-* after a failure
   <pass>/<method>/seed<k>/  job.json, rank<r>.jsonl and run.json (typed in runtime.records),
-                         images.npy, launcher logs; rank<r>.error when a rank failed
+                         images.npy; rank<r>.error when a rank failed
   summary.json / .csv    the folder's state (running, complete, interrupted, failed) and one row per
                          (pass, method, seed): latency, speedups, bytes, ratio, quality, status
   plots.html             latency, time breakdown and bytes per method (plotly)
@@ -18,8 +19,9 @@ import datetime
 import json
 import os
 import platform
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -97,12 +99,12 @@ def reference_images(model: DiTModel, scenario: Scenario, seed: int) -> tuple[np
 @contextlib.contextmanager
 def link_pass(scenario: Scenario, name: str, backend, console: Console, results: Path, state: RunState,
               accept_link_error: bool = False) -> Iterator:
-    """Yield a function job_file -> rank commands for this pass, with its cluster up (if any). The shaped pass
+    """Yield a function job files -> rank commands for this pass, with its cluster up (if any). The shaped pass
     probes every link first (``links.json``); links that miss their profile stop the run unless accepted, and
     are then recorded in ``state.link_errors``."""
     world = scenario.world_size
     if name == "loopback":
-        yield lambda job: local_torchrun(job, world)
+        yield lambda jobs: local_torchrun(jobs, world)
         return
     links = scenario.directed_links(unlimited_rate=(name == "bound"))
     with EmulatedCluster(world, links, backend, scenario.access_links(unlimited_rate=(name == "bound")),
@@ -129,7 +131,7 @@ def link_pass(scenario: Scenario, name: str, backend, console: Console, results:
                                       f"--accept-link-error to run anyway, recorded in summary.json)")
             state.link_errors = missed
         prefixes = [cluster.prefix(k) for k in range(world)]
-        yield lambda job: node_torchrun(job, world, prefixes, cluster.address(0), NODE_IF)
+        yield lambda jobs: node_torchrun(jobs, world, prefixes, cluster.address(0), NODE_IF)
 
 
 def run_scenario(scenario: Scenario, output: Path, console: Console, backend: str = "auto", shaping: bool = True,
@@ -182,12 +184,12 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
             for pass_name in passes:
                 with link_pass(scenario, pass_name, check.backend if emulate else None, console, results, state,
                                accept_link_error) as commands:
-                    for seed in scenario.seeds:
-                        for method in scenario.methods:
-                            rows.append(_method_run(scenario, method, seed, pass_name, commands, results, backend,
-                                                    refs[seed][0], model, console))
-                            state.methods_done.append(f"{pass_name}/{method.name}/seed{seed}")
-                            save()
+                    def done(row: MethodResult, pass_name=pass_name) -> None:
+                        rows.append(row)
+                        state.methods_done.append(f"{pass_name}/{row.method}/seed{row.seed}")
+                        save()
+
+                    _pass_runs(scenario, pass_name, commands, results, backend, refs, model, console, done)
             state.state = "complete"
         except KeyboardInterrupt:
             state.state, state.reason = "interrupted", "stopped by Ctrl-C or SIGTERM"
@@ -205,26 +207,68 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
     return results, rows
 
 
-def _method_run(scenario: Scenario, method, seed: int, pass_name: str, commands, results: Path, backend: str,
-                reference: np.ndarray, model: DiTModel, console: Console) -> MethodResult:
-    """One method run as real ranks, with a progress bar; its summary row (status ``failed`` if it failed)."""
+def _pass_runs(scenario: Scenario, pass_name: str, commands, results: Path, backend: str, refs: dict,
+               model: DiTModel, console: Console, done: Callable[[MethodResult], None]) -> None:
+    """Every (seed, method) of one link pass as jobs of one launch: the ranks are kept across methods (one
+    ``torchrun`` per node for the pass), with a progress bar per job. A job that fails ends its launch; it is
+    recorded as failed and the jobs after it run in a new launch. ``done`` receives each job's row (status
+    ``failed`` if it failed) as soon as the job has ended."""
     from ..runtime.quality import compare
 
-    run_dir = results / pass_name / method.name / f"seed{seed}"
-    run_dir.mkdir(parents=True)
-    job_file = run_dir / "job.json"
-    job_file.write_text(Job(scenario=scenario, method=method, seed=seed, out_dir=str(run_dir.resolve()),
-                            backend=backend).model_dump_json(indent=1))
+    jobs = []
+    for seed in scenario.seeds:
+        for method in scenario.methods:
+            run_dir = results / pass_name / method.name / f"seed{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "job.json").write_text(Job(scenario=scenario, method=method, seed=seed,
+                                                  out_dir=str(run_dir.resolve()), backend=backend).model_dump_json(indent=1))
+            jobs.append((method, seed, run_dir))
+    finished: set[int] = set()
+    lock = threading.Lock()
+
+    def finish(j: int) -> None:
+        with lock:
+            if j in finished or not (jobs[j][2] / "run.json").is_file():
+                return
+            finished.add(j)
+            method, seed, run_dir = jobs[j]
+            row = collect(run_dir, method, seed)
+            row.links = pass_name
+            row.quality = compare(np.load(run_dir / "images.npy"), refs[seed][0], scenario.conditions,
+                                  model.classifier)
+            done(row)
+
     with Progress(TextColumn("{task.description:<34}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task(f"{pass_name}: {method.name} (seed {seed})", total=scenario.steps)
-        try:
-            run_ranks(commands(job_file), run_dir, timeout_s=scenario.timeout_s * 4 + 60,
-                      on_step=lambda k, n: progress.update(task, completed=k))
-        except RunFailed as e:
-            progress.update(task, description=f"{pass_name}: {method.name} [red]failed")
-            return MethodResult(method=method.name, seed=seed, links=pass_name, status="failed", error=str(e))
-    row = collect(run_dir, method, seed)
-    row.links = pass_name
-    row.quality = compare(np.load(run_dir / "images.npy"), reference, scenario.conditions, model.classifier)
-    return row
+        bars = [progress.add_task(f"{pass_name}: {m.name} (seed {s})", total=scenario.steps, start=False)
+                for m, s, _ in jobs]
+        pending, launch_no = list(range(len(jobs))), 0
+        while pending:
+            launch, current = list(pending), [pending[0]]
+
+            def on_run(i: int, n: int, launch=launch, current=current) -> None:
+                if i > 1:
+                    finish(launch[i - 2])
+                current[0] = launch[i - 1]
+                progress.start_task(bars[current[0]])
+
+            def on_step(k: int, n: int, current=current) -> None:
+                progress.update(bars[current[0]], completed=k)
+
+            try:
+                run_ranks(commands([jobs[j][2] / "job.json" for j in launch]), results / pass_name,
+                          timeout_s=scenario.timeout_s * 4 + 60, on_step=on_step, on_run=on_run,
+                          log_prefix="launcher" if launch_no == 0 else f"relaunch{launch_no}-launcher")
+                error = None
+            except RunFailed as e:
+                error = str(e)
+            for j in launch:
+                finish(j)
+            if error is None:
+                return
+            failed = next(j for j in launch if j not in finished)
+            method, seed, _ = jobs[failed]
+            progress.update(bars[failed], description=f"{pass_name}: {method.name} [red]failed")
+            done(MethodResult(method=method.name, seed=seed, links=pass_name, status="failed", error=error))
+            pending = [j for j in launch if j not in finished and j != failed]
+            launch_no += 1

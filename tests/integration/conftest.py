@@ -52,14 +52,33 @@ def reference(tiny):
 
 
 @pytest.fixture
-def launch(tmp_path):
+def launch_pass(tmp_path):
+    """Several method runs of one scenario in one launch (ranks kept across them, as `scenario run` does);
+    returns one Launched per method, in order, and the launch's folder (its launcher logs)."""
+    launches = iter(range(1000))
+
+    def go(sc, methods, seed=0, timeout_s=240, on_step=None, on_run=None):
+        folder = tmp_path / f"launch{next(launches)}"
+        dirs = []
+        for i, method in enumerate(methods):
+            method = METHOD_PRESETS[method] if isinstance(method, str) else method
+            run_dir = folder / f"{i}-{method.name}-{sc.world_size}-{seed}"
+            run_dir.mkdir(parents=True)
+            job = Job(scenario=sc, method=method, seed=seed, out_dir=str(run_dir))
+            (run_dir / "job.json").write_text(job.model_dump_json())
+            dirs.append(run_dir)
+        run_ranks(local_torchrun([d / "job.json" for d in dirs], sc.world_size), folder, timeout_s,
+                  on_step=on_step, on_run=on_run)
+        return [Launched(d) for d in dirs], folder
+
+    return go
+
+
+@pytest.fixture
+def launch(launch_pass):
+    """One method run in a launch of its own."""
     def go(sc, method, seed=0, timeout_s=240, on_step=None):
-        method = METHOD_PRESETS[method] if isinstance(method, str) else method
-        run_dir = tmp_path / f"{method.name}-{sc.world_size}-{seed}"
-        run_dir.mkdir()
-        job = Job(scenario=sc, method=method, seed=seed, out_dir=str(run_dir))
-        (run_dir / "job.json").write_text(job.model_dump_json())
-        run_ranks(local_torchrun(run_dir / "job.json", sc.world_size), run_dir, timeout_s, on_step=on_step)
-        return Launched(run_dir)
+        (out,), _ = launch_pass(sc, [method], seed, timeout_s, on_step)
+        return out
 
     return go

@@ -57,8 +57,8 @@ def test_link_down_mid_run_fails_clearly_and_keeps_partial_results(tmp_path, rep
     def cut_link_when_ring_runs():
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not downed:
-            rings = list((tmp_path / "out").glob("*/shaped/ring/seed0/launcher0.log"))
-            if rings and "STEP 3/" in rings[0].read_text():
+            logs = list((tmp_path / "out").glob("*/shaped/launcher0.log"))    # the pass: compact-1bit, then ring
+            if logs and "STEP 3/" in logs[0].read_text().partition("RUN 2/2")[2]:
                 hub = next(ns for ns in ours() - before if ns.endswith("-hub"))
                 subprocess.run(["ip", "-n", hub, "link", "set", "nfh1", "down"], check=True)
                 downed["t"] = time.monotonic()
@@ -95,7 +95,7 @@ def test_ctrl_c_tears_everything_down(tmp_path, report):
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        logs = list(tmp_path.glob("out/*/shaped/ring/seed0/launcher0.log"))
+        logs = list(tmp_path.glob("out/*/shaped/launcher0.log"))
         if logs and "STEP 2/" in logs[0].read_text():
             break
         time.sleep(0.2)

@@ -60,8 +60,11 @@ def test_a_killed_run_is_marked_interrupted_and_the_next_run_cleans_up_after_it(
     proc = subprocess.Popen([sys.executable, "-m", "compactbed.testbed.cli", "run", str(path), "--no-bound"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
-    while not any("STEP 2/" in f.read_text() for f in tmp_path.glob("out/*/shaped/ring/seed0/launcher0.log")):
-        assert time.monotonic() < deadline and proc.poll() is None, "the run never reached step 2"
+    while not any("STEP 2/" in f.read_text() for f in tmp_path.glob("out/*/shaped/launcher0.log")):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            subprocess.run([sys.executable, "-m", "compactbed.testbed.cli", "netem", "cleanup"], capture_output=True)
+            pytest.fail("the run never reached step 2")
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -14,6 +14,11 @@ from .conftest import scenario
 pytestmark = pytest.mark.slow
 
 
+def job_dir(tmp_path):
+    """The folder of the launch fixture's (only) job."""
+    return next(tmp_path.glob("launch*/*/"))
+
+
 def engine_processes(run_dir):
     """Processes of this run: torchrun and its rank workers (their command lines name the job file)."""
     job = str(run_dir / "job.json")
@@ -31,7 +36,7 @@ def test_killed_rank_gives_a_clear_error_and_no_leftovers(launch, tmp_path, repo
 
     def kill_one_rank(step, total):
         if step == 3 and not killed:
-            run_dir = next(tmp_path.iterdir())
+            run_dir = job_dir(tmp_path)
             workers = [p for p in engine_processes(run_dir) if "torch.distributed.run" not in " ".join(p.cmdline())]
             assert workers, "no rank processes found"
             os.kill(workers[-1].pid, signal.SIGKILL)
@@ -42,7 +47,7 @@ def test_killed_rank_gives_a_clear_error_and_no_leftovers(launch, tmp_path, repo
     assert killed and time.monotonic() - killed["t"] < 60          # bounded: no hang after the kill
     msg = str(e.value)
     assert "was killed by SIGKILL mid-run" in msg, msg
-    run_dir = next(tmp_path.iterdir())
+    run_dir = job_dir(tmp_path)
     time.sleep(0.5)
     assert engine_processes(run_dir) == []
     assert not (run_dir / "run.json").exists()                     # nothing pretends to be a result
@@ -58,5 +63,5 @@ def test_timeout_kills_the_whole_run(launch, tmp_path, report):
     took = time.monotonic() - t0
     assert took < 30
     time.sleep(0.5)
-    assert engine_processes(next(tmp_path.iterdir())) == []
+    assert engine_processes(job_dir(tmp_path)) == []
     report(f"run exceeding its 8 s limit: stopped after {took:.1f} s, no processes left")

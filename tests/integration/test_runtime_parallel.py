@@ -14,16 +14,16 @@ from .conftest import LABELS, scenario
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("method, nodes, parallel", [
-    ("ring", 2, {}), ("ring", 4, {}), ("ulysses", 4, {}), ("usp", 4, {"ulysses_degree": 2}),
-    ("patch", 4, {}),
-])
-def test_uncompressed_equals_single_process(launch, reference, method, nodes, parallel):
-    sc = scenario(nodes=nodes, steps=6, parallel=parallel or {"ulysses_degree": 1})
-    out = launch(sc, method)
-    assert out.images.shape == (len(LABELS), 1, 16, 16)
-    assert np.abs(out.images - reference(sc)).max() < 1e-4
-    assert out.run["degrees"] == list(sc.degrees(METHOD_PRESETS[method]))
+@pytest.mark.parametrize("methods, nodes", [(["ring"], 2), (["ring", "ulysses", "usp", "patch"], 4)])
+def test_uncompressed_equals_single_process(launch_pass, reference, methods, nodes):
+    """Each method equals single-process diffusers; on 4 nodes they run in turn on the same ranks, each building
+    its own parallel groups (ring 1x4, Ulysses 4x1, USP 2x2)."""
+    sc = scenario(nodes=nodes, steps=6, parallel={"ulysses_degree": 2 if nodes == 4 else 1})
+    outs, _ = launch_pass(sc, methods)
+    for method, out in zip(methods, outs):
+        assert out.images.shape == (len(LABELS), 1, 16, 16)
+        assert np.abs(out.images - reference(sc)).max() < 1e-4, method
+        assert out.run["degrees"] == list(sc.degrees(METHOD_PRESETS[method]))
 
 
 def test_ring_bytes_are_exactly_the_kv_shards(launch):
@@ -57,13 +57,23 @@ def test_compact_1bit_sends_its_wire_format_and_keeps_bases_identical(launch):
             assert r["bytes_uncompressed"] > 20 * 3 * 4 * payload
 
 
-def test_quality_follows_the_ablation_order(launch, reference):
+def test_quality_follows_the_ablation_order(launch_pass, reference):
+    """One launch runs the ablation in turn; compact-1bit runs first and again last on the same ranks, and both
+    runs are identical (fresh codec state and records per method: nothing leaks from one to the next)."""
     sc = scenario(nodes=4, steps=12)
     ref = reference(sc)
-    q = {m: psnr(launch(sc, m).images, ref) for m in
-         ("compact-2bit", "compact-1bit", "compact-1bit-noef", "compact-1bit-naive")}
+    methods = ["compact-1bit", "compact-2bit", "compact-1bit-noef", "compact-1bit-naive", "compact-1bit"]
+    runs = [[]]
+    outs, folder = launch_pass(sc, methods, on_run=lambda i, n: runs.append(i))
+    assert runs[1:] == [1, 2, 3, 4, 5] and len(list(folder.glob("launcher*.log"))) == 1   # one launch
+    q = {m: psnr(out.images, ref) for m, out in zip(methods, outs)}
     assert q["compact-2bit"] > q["compact-1bit"] > q["compact-1bit-noef"] > q["compact-1bit-naive"], q
     assert q["compact-1bit"] > 28, q
+    first, again = outs[0], outs[-1]
+    assert np.array_equal(first.images, again.images)
+    assert [r["bytes_sent"] for r in first.records] == [r["bytes_sent"] for r in again.records]
+    assert again.run["base_consistency"] == first.run["base_consistency"]
+    assert len(again.records) == sc.steps * sc.world_size
 
 
 def test_all_steps_sync_warmup_is_exact(launch, reference):

@@ -60,3 +60,34 @@ def test_no_shaping_flag_runs_on_loopback(tmp_path, monkeypatch):
     (results,) = list((tmp_path / "out").iterdir())
     rows = json.loads((results / "summary.json").read_text())["rows"]
     assert [r["links"] for r in rows] == ["loopback"]
+
+
+def test_a_method_that_fails_ends_its_launch_and_the_methods_after_it_run_in_a_new_one(tmp_path, tiny, reference):
+    """The ranks are kept across a pass's methods. The second method's job is broken (its model folder is gone) as
+    it is launched: it fails with the rank's own error, the first keeps its result, the third runs in a relaunch."""
+    from rich.console import Console
+
+    from compactbed.runtime.engine import Job
+    from compactbed.testbed.launch import local_torchrun
+    from compactbed.testbed.run import _pass_runs
+
+    from .conftest import scenario
+
+    sc = scenario(nodes=2, steps=3, methods=["ring", "patch", "compact-1bit"])
+    launches = []
+
+    def commands(job_files):
+        launches.append([f.parent.parent.name for f in job_files])
+        if len(launches) == 1:
+            broken = Job.model_validate_json(job_files[1].read_text())
+            broken.scenario = broken.scenario.model_copy(update={"model": {"path": str(tmp_path / "gone")}})
+            job_files[1].write_text(broken.model_dump_json())
+        return local_torchrun(job_files, sc.world_size)
+
+    rows = []
+    _pass_runs(sc, "loopback", commands, tmp_path, "auto", {0: (reference(sc), 0.0)}, tiny, Console(), rows.append)
+    assert launches == [["ring", "patch", "compact-1bit"], ["compact-1bit"]]
+    assert [(r.method, r.status) for r in rows] == [("ring", "ok"), ("patch", "failed"), ("compact-1bit", "ok")]
+    assert "rank" in rows[1].error and "gone" in rows[1].error, rows[1].error
+    assert rows[0].quality["max_abs_diff"] < 1e-4 and rows[2].compression_ratio > 10
+    assert {f.name for f in (tmp_path / "loopback").glob("*.log")} == {"launcher0.log", "relaunch1-launcher0.log"}
