@@ -56,7 +56,7 @@ class ExchangeAttnProcessor:
         if self.mode == "local":
             self.recorded = (k, v)
             keys, values = k, v
-        elif self.mode == "patch" or self.fresh or self.stale is None:
+        elif self.mode == "patch" or self.fresh or (self.stale is None and self._pending is None):
             parts = self.hooks.all_gather_kv(k, v, self.group)
             if self.mode == "distrifusion":
                 self.stale = parts
