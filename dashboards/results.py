@@ -34,7 +34,7 @@ class ResultsFolder:
 
     @property
     def passes(self) -> list[str]:
-        """The link passes with rows, in run order (shaped, bound, loopback)."""
+        """The link passes with rows, in run order (shaped, bound, ideal, or loopback)."""
         return list(dict.fromkeys(r.links for r in self.rows))
 
 

@@ -8,6 +8,9 @@ xfuser's sequence parallelism exchanges activations at three points (measured on
 :class:`~compactbed.kernels.codec.ResidualCodec`: each rank compresses its own K/V once per layer, the
 *compressed* payload travels the ring (P-1 hops), and every receiver decompresses it against the origin
 rank's base. Patch-parallel and DistriFusion exchanges (``attention.py``) use :meth:`CommHooks.all_gather_kv`.
+With ``direct``, a K/V gather is one round instead (:class:`DirectExchange`): each rank sends its payload to
+every peer at once and receives theirs; the ring rotater starts it before torch computes the own block. The
+step's output gather is one round as well.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class StepCounters:
     codec_s: float = 0.0
     exchanges: int = 0
     layer_compute_s: dict[int, float] = field(default_factory=dict)
+    comm_hidden_s: float = 0.0
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -68,9 +72,9 @@ def kv_4d(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 class CommHooks:
     """Per-rank communication state of one run: current step/layer, the codec, counters."""
 
-    def __init__(self, codec: ResidualCodec | None, rank: int, world: int):
+    def __init__(self, codec: ResidualCodec | None, rank: int, world: int, direct: bool = False):
         self.codec = codec
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.direct = rank, world, direct
         self.step = 0
         self.layer = 0
         self.full_precision = False      # sync warmup steps: send uncompressed to seed the bases
@@ -172,8 +176,11 @@ class CommHooks:
         """Every rank's (K, V) in rank order; K/V compressed by the codec when there is one."""
         payload = self.encode_kv(key, value)
         self.count_send(payload, hops=self.world - 1, raw_nbytes=_nbytes(key, value))
-        gathered = [torch.empty_like(payload) for _ in range(self.world)]
-        self.wait(lambda: dist.all_gather(gathered, payload.contiguous(), group=group))
+        if self.direct:
+            gathered = DirectExchange(payload, group).wait(self)
+        else:
+            gathered = [torch.empty_like(payload) for _ in range(self.world)]
+            self.wait(lambda: dist.all_gather(gathered, payload.contiguous(), group=group))
         out = []
         for origin, p in enumerate(gathered):
             if origin == self.rank:
@@ -207,6 +214,9 @@ class CommHooks:
         def all_gather(coordinator, input_, dim=0, separate_tensors=False):
             if coordinator.world_size > 1:
                 hooks.count_send(input_, hops=coordinator.world_size - 1)
+                if hooks.direct:                # the output gather in one round too
+                    parts = DirectExchange(input_.contiguous(), coordinator.device_group).wait(hooks)
+                    return parts if separate_tensors else torch.cat(parts, dim % input_.dim())
                 return hooks.wait(lambda: orig_gather(coordinator, input_, dim, separate_tensors))
             return orig_gather(coordinator, input_, dim, separate_tensors)
 
@@ -219,18 +229,56 @@ class CommHooks:
             usp._sdpa_all_to_all_single, GroupCoordinator.all_gather = orig_a2a, orig_gather
 
 
+class DirectExchange:
+    """One round of a K/V gather: ``payload`` sent to every peer of ``group`` and theirs received, all posted at
+    once (gloo runs the pairs in parallel; a send completes once its peer has posted the receive)."""
+
+    def __init__(self, payload: torch.Tensor, group):
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        self.received = [payload if r == rank else torch.empty_like(payload) for r in range(size)]
+        ops = []
+        for r in range(size):
+            if r != rank:
+                peer = dist.get_global_rank(group, r)
+                ops += [dist.P2POp(dist.isend, payload, peer, group), dist.P2POp(dist.irecv, self.received[r], peer, group)]
+        self.started = time.perf_counter()
+        self.works = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait(self, hooks: CommHooks) -> list[torch.Tensor]:
+        """Every rank's payload in group rank order. The wait is communication time; what the transfers took
+        beyond it ran behind this rank's compute (``comm_hidden_s``)."""
+        t0 = time.perf_counter()
+        hooks.wait(lambda: [w.wait() for w in self.works])
+        hooks.counters.comm_hidden_s += max(0.0, t0 - self.started)
+        self.works = []
+        return self.received
+
+
 class _CompressingRotater:
-    """Wraps torch's ring rotater: compress own K/V once, forward compressed payloads, decode per origin."""
+    """Wraps torch's ring rotater: compress own K/V once, forward compressed payloads, decode per origin. With
+    ``hooks.direct``, the first call starts one round to every peer (:class:`DirectExchange`) instead, and later
+    calls send nothing."""
 
     def __init__(self, inner, hooks: CommHooks, pg):
-        self.inner, self.hooks = inner, hooks
+        self.inner, self.hooks, self.pg = inner, hooks, pg
         self.rank, self.size = dist.get_rank(pg), dist.get_world_size(pg)
         self.exchanged = 0
         self.received: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
+        self.direct: DirectExchange | None = None
+        self.gathered: list[torch.Tensor] | None = None
 
     def exchange_buffers(self, flat: torch.Tensor) -> None:
         key_shape, value_shape = self.hooks._kv_shapes
+        if self.hooks.direct:
+            if self.exchanged == 0:
+                self.dtype = flat.dtype
+                n = key_shape.numel()
+                payload = self.hooks.encode_kv(flat[:n].view(key_shape), flat[n:].view(value_shape))
+                self.hooks.count_send(payload, hops=self.size - 1, raw_nbytes=flat.numel() * flat.element_size())
+                self.direct = DirectExchange(payload, self.pg)
+            self.exchanged += 1
+            return
         if self.exchanged == 0:
             self.dtype = flat.dtype
             n = key_shape.numel()
@@ -242,9 +290,14 @@ class _CompressingRotater:
         self.exchanged += 1
 
     def next_buffer(self) -> torch.Tensor:
-        payload = self.hooks.wait(self.inner.next_buffer)
-        self.received = payload
         origin = (self.rank - self.exchanged) % self.size
+        if self.hooks.direct:
+            if self.gathered is None:
+                self.gathered = self.direct.wait(self.hooks)
+            payload = self.gathered[origin]
+        else:
+            payload = self.hooks.wait(self.inner.next_buffer)
+            self.received = payload
         key_shape, value_shape = self.hooks._kv_shapes
         k, v = self.hooks.decode_kv(payload, origin, key_shape, value_shape, self.dtype)
         return torch.cat([k.flatten(), v.flatten()])

@@ -38,6 +38,8 @@ class StepRecord:
     bytes_uncompressed: int
     exchanges: int
     layer_compute_s: dict[str, float]
+    comm_hidden_s: float = 0.0      # direct exchanges: time their transfers were in flight beyond the wait
+                                    # (behind this rank's own attention block), at most
 
 
 @dataclass
@@ -63,7 +65,8 @@ class MethodResult:
 
     method: str
     seed: int
-    links: str = "shaped"          # shaped | bound (rate unlimited, delay kept) | loopback
+    links: str = "shaped"          # shaped | bound (rate unlimited, delay kept) | ideal (no shaping, no added
+                                   # delay) | loopback
     status: str = "ok"
     error: str = ""
     latency_s: float | None = None
@@ -78,6 +81,8 @@ class MethodResult:
     speedup_vs_distrifusion: float | None = None
     latency_bound_s: float | None = None
     over_bound: float | None = None
+    latency_ideal_s: float | None = None
+    over_ideal: float | None = None
     quality: dict = field(default_factory=dict)
     base_consistency: dict = field(default_factory=dict)
 

@@ -101,6 +101,17 @@ class MethodSpec(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.:-]{0,39}$")
     comm: Comm
     codec: CodecSpec | None = None
+    exchange: Literal["ring", "direct"] = Field(
+        "ring", description="how a synchronous K/V gather travels: ring (gloo's all-gather, P-1 hops in sequence) "
+                            "or direct (each rank sends its payload to every peer at once: one round; on the ring "
+                            "pattern its own attention block computes while the payloads are in flight)")
+
+    @model_validator(mode="after")
+    def _direct_gathers(self) -> "MethodSpec":
+        if self.exchange == "direct" and not self.synchronous_gather:
+            raise ValueError(f"exchange 'direct' is for the synchronous K/V gathers (comm ring or patch), not "
+                             f"comm {self.comm!r}")
+        return self
 
     @property
     def compressed(self) -> bool:
@@ -182,6 +193,9 @@ METHOD_PRESETS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec(name="compact-lowrank", comm="ring", codec=_codec("lowrank", rank=8)),
     MethodSpec(name="compact-lowrank-int4", comm="ring", codec=_codec("lowrank", rank=32, int4=True)),
     MethodSpec(name="compact-sparse", comm="ring", codec=_codec("sparse", keep=1, group=4)),
+    MethodSpec(name="compact-1bit-direct", comm="ring", codec=_codec("1bit"), exchange="direct"),
+    MethodSpec(name="compact-2bit-direct", comm="ring", codec=_codec("2bit"), exchange="direct"),
+    MethodSpec(name="compact-1bit-stale", comm="distrifusion", codec=_codec("1bit")),
     MethodSpec(name="compact-1bit-patch", comm="patch", codec=_codec("1bit")),
     MethodSpec(name="compact-1bit-ulysses", comm="ulysses", codec=_codec("1bit")),
     MethodSpec(name="compact-1bit-noef", comm="ring", codec=_codec("1bit", "no_ef")),
@@ -395,10 +409,13 @@ class Scenario(_Strict):
             return self.access_link(src).then(self.access_link(dst))
         return self.nodes[src].link or self.nodes[dst].link or self.link
 
-    def access_links(self, unlimited_rate: bool = False) -> list[LinkSpec] | None:
-        """Each node's access link (a star; None for a mesh), the rate lifted for the bound pass."""
+    def access_links(self, unlimited_rate: bool = False, ideal: bool = False) -> list[LinkSpec] | None:
+        """Each node's access link (a star; None for a mesh): the rate lifted for the bound pass, nothing at all
+        for the ideal pass."""
         if self.topology != "star":
             return None
+        if ideal:
+            return [LinkSpec()] * self.world_size
         links = [self.access_link(k) for k in range(self.world_size)]
         return [x.model_copy(update={"rate_mbit": None}) for x in links] if unlimited_rate else links
 
@@ -407,10 +424,13 @@ class Scenario(_Strict):
         n = self.world_size
         return [(i, j) for i in range(n) for j in range(n) if i != j and self.overridden(i, j) is not None]
 
-    def directed_links(self, unlimited_rate: bool = False) -> dict[tuple[int, int], LinkSpec]:
+    def directed_links(self, unlimited_rate: bool = False, ideal: bool = False) -> dict[tuple[int, int], LinkSpec]:
         """Every directed link (src, dst) -> its impairments (:meth:`link_between`): what netem shapes and the
-        simulator models. ``unlimited_rate``: the same links with the rate limit lifted (the bound pass)."""
+        simulator models. ``unlimited_rate``: the same links with the rate limit lifted (the bound pass);
+        ``ideal``: no shaping and no added delay (the ideal pass)."""
         n = self.world_size
+        if ideal:
+            return {(i, j): LinkSpec() for i in range(n) for j in range(n) if i != j}
         links = {(i, j): self.link_between(i, j) for i in range(n) for j in range(n) if i != j}
         if unlimited_rate:
             links = {k: v.model_copy(update={"rate_mbit": None}) for k, v in links.items()}

@@ -56,10 +56,11 @@ class Cluster:
         return len(self.compute_scale)
 
 
-def cluster_of(scenario: Scenario, device: str = "cpu", unlimited_rate: bool = False) -> Cluster:
+def cluster_of(scenario: Scenario, device: str = "cpu", unlimited_rate: bool = False, ideal: bool = False
+               ) -> Cluster:
     """The scenario as the simulator sees it: per-node compute scale and its directed links (rate lifted for the
-    bound pass)."""
-    links = scenario.directed_links(unlimited_rate)
+    bound pass; no shaping, no added delay for the ideal pass)."""
+    links = scenario.directed_links(unlimited_rate, ideal)
     # the per-packet forwarding limit belongs to the emulation host the "cpu" profile was measured on
     forwarding = device == "cpu" and not scenario.on_hosts and needs_offloads_off(links.values())
     return Cluster(tuple(node.compute_scale for node in scenario.nodes), links, device,
@@ -200,15 +201,33 @@ class Simulator:
         return [max(a, b) for a, b in zip(*done)]
 
     def alltoall_seconds(self, nbytes: float, ranks: list[int]) -> float:
-        """Each rank sends nbytes/P to every peer over separate links; the slowest pair gates (hop costs are
-        memoized per distinct link, so all P(P-1) pairs cost dictionary lookups only)."""
+        """Each rank sends nbytes/P to every peer (:meth:`one_round_seconds`)."""
+        return self.one_round_seconds(nbytes / max(len(ranks), 1), ranks)
+
+    def one_round_seconds(self, per_peer: float, ranks: list[int]) -> float:
+        """Each rank sends ``per_peer`` bytes to every peer at once, both directions of every pair loaded (an
+        all-to-all, a direct K/V exchange): one hop whose transfer carries the P-1 sends through a shared uplink
+        (a star, a host's NIC); the slowest pair gates (hop costs are memoized per distinct link, so all P(P-1) pairs
+        cost dictionary lookups only)."""
         p = len(ranks)
         if p < 2:
             return 0.0
-        share = (p - 1) if self.c.shared_uplink else 1          # P-1 sends through one NIC
+        share = (p - 1) if self.c.shared_uplink else 1          # P-1 sends through one uplink
         active = self.c.world * (p - 1) if self.c.forwarding else 0
-        return max(self.links.seconds(self.c.links[(a, b)], share * nbytes / p, True, active)
+        return max(self.links.seconds(self.c.links[(a, b)], share * per_peer, True, active)
                    for a in ranks for b in ranks if a != b)
+
+    def hidden_seconds(self, rank: int) -> float:
+        """What of a direct ring exchange runs behind this rank's compute: its own attention block (its queries
+        over its own K/V shard: the attention term of the layer's compute over P), started once the payload is
+        sent."""
+        w = self.w
+        if w.method.exchange != "direct" or w.method.own_attention_exchange:
+            return 0.0
+        d = self.calib.devices[self.c.device]
+        share = self.calib.share(w.world, self.c.device)
+        own = share * d.c * w.local_tokens * (w.batch * w.tokens / w.world) * w.shape.hidden
+        return own * self.c.compute_scale[rank]
 
     def async_gathers_seconds(self) -> float:
         """One step's DistriFusion refresh: L all-gathers, asynchronous; on a 2-rank ring (both directions loaded)
@@ -230,6 +249,8 @@ class Simulator:
         payload = w.kv_wire_bytes(warm)
         everyone = list(range(p))
         if w.method.gathers_kv:
+            if w.method.exchange == "direct":
+                return self.one_round_seconds(payload, everyone)
             return self.allgather_seconds(payload, everyone)
         u, r = w.degrees
         qkv = payload * 3 / 2                    # Q, K, V in; the output (one tensor) comes back
@@ -248,7 +269,8 @@ class Simulator:
         simulated on its own (its compute on the cores shared with whichever ranks compute at the same time, its
         own gather entry and exit) instead of in lockstep, because ranks that leave a gather early compute with
         fewer others (on a link mix, 4 ranks on 2 cores compute at ~1.6x one core's time, not 2x)."""
-        return self.w.method.synchronous_gather and self.calib.share(self.w.world, self.c.device) > 1
+        return self.w.method.synchronous_gather and self.w.method.exchange == "ring" and \
+            self.calib.share(self.w.world, self.c.device) > 1
 
     def layer_per_rank(self, ready: tuple[float, ...], warm: bool) -> tuple[tuple[float, ...], ...]:
         """One synchronous layer with each rank ready to compute at ``ready``: compute (processor sharing of the
@@ -320,12 +342,14 @@ class Simulator:
                 link_res[k].release(r)
 
         ring_links = [(i, (i + 1) % p) for i in range(p)] if p > 1 else []
-        output_gather = self.allgather_seconds(w.output_bytes(), list(range(p)))
+        output_gather = (self.one_round_seconds if w.method.exchange == "direct" else self.allgather_seconds)(
+            w.output_bytes(), list(range(p)))
         async_refresh = self.async_gathers_seconds() if w.method.stale_kv else 0.0
         compute = {local: [self.layer_compute(r, local) for r in range(p)] for local in (False, True)}
         step_bytes = {kind: p * (p - 1) * (L * (0 if kind == "local" else w.kv_wire_bytes(kind == "sync"))
                                            + w.output_bytes()) for kind in ("local", "sync", "steady")}
         pending_async = None
+        hidden = min(self.hidden_seconds(r) for r in range(p))
         per_rank = self.ranks_share_cores()
         lag = [0.0] * p
 
@@ -357,8 +381,8 @@ class Simulator:
                 yield env.timeout(max(0.0, compute_end - env.now))
             else:                                       # identical layers: one simulated, scaled by L
                 yield env.timeout(L * (max(comp) + codec))
-                if exch:
-                    yield env.process(collective(L * exch, ring_links))
+                if exch:                                # a direct exchange runs behind the own block
+                    yield env.process(collective(L * max(0.0, exch - hidden), ring_links))
             out = output_gather
             if out:
                 yield env.process(collective(out, ring_links))
@@ -366,7 +390,7 @@ class Simulator:
             yield env.timeout(overhead)
             stats["compute"] += L * max(comp)
             stats["codec"] += L * codec
-            stats["comm"] += (0 if w.method.stale_kv and not warm else L * exch) + out
+            stats["comm"] += (0 if w.method.stale_kv and not warm else L * max(0.0, exch - hidden)) + out
             stats["bytes"] += step_bytes["local" if local else "sync" if warm else "steady"]
             for r in range(p):
                 record(r, "compute", start, start + L * comp[r])

@@ -116,7 +116,7 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
                 measured.setdefault((row.links, row.method), []).append(row.latency_s)
         host = host_factors([run], calib.devices[device]).get(run.folder, 1.0) if calib else 1.0
         for (links, method), latencies in measured.items():
-            cluster = cluster_of(scenario, device, unlimited_rate=links == "bound")
+            cluster = cluster_of(scenario, device, unlimited_rate=links == "bound", ideal=links == "ideal")
             cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale),
                               links=as_probed(cluster.links, run.off_profile, calib),
                               congestion_control=run.congestion_control)

@@ -84,7 +84,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"plan written to {results / 'hosts_plan.sh'}")
         return 0
     _, rows = run_scenario(scenario, output, console, backend=args.backend, shaping=not args.no_shaping,
-                           bound=not args.no_bound, force=args.force, accept_link_error=args.accept_link_error)
+                           bound=not args.no_bound, force=args.force, accept_link_error=args.accept_link_error,
+                           ideal=not args.no_ideal)
     failed = [r for r in rows if r.status != "ok"]
     if failed:
         raise CommandError(f"{len(failed)} of {len(rows)} method runs failed (first: {failed[0].method}: "
@@ -154,7 +155,8 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
     for k in range(args.repeats):
         if args.repeats > 1:
             console.print(f"[bold]repeat {k + 1} of {args.repeats}[/]")
-        results, rows = run_scenario(scenario, Path(args.output or scenario.output), console, bound=False)
+        results, rows = run_scenario(scenario, Path(args.output or scenario.output), console, bound=False,
+                                     ideal=False)
         failed = [r for r in rows if r.status != "ok"]
         if failed:
             raise CommandError(f"{failed[0].method} failed: {failed[0].error}")
@@ -285,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-shaping", action="store_true", help="run on unshaped loopback even when root")
     s.add_argument("--no-bound", action="store_true",
                    help="skip the same-run bound pass (rate unlimited, delay kept)")
+    s.add_argument("--no-ideal", action="store_true",
+                   help="skip the same-run ideal pass (no shaping, no added delay)")
     s.add_argument("--force", action="store_true",
                    help="run even if another emulation holds this host (results marked contaminated)")
     s.add_argument("--accept-link-error", action="store_true",

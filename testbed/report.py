@@ -38,16 +38,19 @@ def collect(run_dir: Path, method: MethodSpec, seed: int) -> MethodResult:
 
 
 def add_speedups(rows: list[MethodResult]) -> None:
-    """Ratios within the same seed and link pass; shaped rows also get their bound (same method, same seed)."""
+    """Ratios within the same seed and link pass; shaped rows also get their bound and ideal (same method, same
+    seed), and bound rows their ideal."""
     for seed, links in {(r.seed, r.links) for r in rows}:
         same = {r.method: r for r in rows if r.seed == seed and r.links == links and r.latency_s}
         for name, (vs_base, vs_stale) in speedups({m: r.latency_s for m, r in same.items()}).items():
             same[name].speedup_vs_uncompressed, same[name].speedup_vs_distrifusion = vs_base, vs_stale
-    bounds = {(r.method, r.seed): r.latency_s for r in rows if r.links == "bound" and r.latency_s}
+    of = {(r.links, r.method, r.seed): r.latency_s for r in rows if r.links in ("bound", "ideal") and r.latency_s}
     for r in rows:
-        if r.links == "shaped" and r.latency_s and (r.method, r.seed) in bounds:
-            r.latency_bound_s = bounds[(r.method, r.seed)]
-            r.over_bound = r.latency_s / r.latency_bound_s
+        bound, ideal = of.get(("bound", r.method, r.seed)), of.get(("ideal", r.method, r.seed))
+        if r.links == "shaped" and r.latency_s and bound:
+            r.latency_bound_s, r.over_bound = bound, r.latency_s / bound
+        if r.links in ("shaped", "bound") and r.latency_s and ideal:
+            r.latency_ideal_s, r.over_ideal = ideal, r.latency_s / ideal
 
 
 def print_table(rows: list[MethodResult], console: Console, title: str) -> None:
@@ -55,17 +58,19 @@ def print_table(rows: list[MethodResult], console: Console, title: str) -> None:
     stale = any(r.method == STALE_BASELINE and r.ok for r in rows)      # no "vs distrifusion" without it
     for col in ("method", "seed", "links", "latency s", f"vs {UNCOMPRESSED_BASELINE}",
                 *([f"vs {STALE_BASELINE}"] if stale else []),
-                "bound s", "x bound", "MB on wire", "ratio", "PSNR dB", "SSIM", "cls agree", "status"):
+                "bound s", "x bound", "ideal s", "x ideal", "MB on wire", "ratio", "PSNR dB", "SSIM", "cls agree",
+                "status"):
         t.add_column(col, justify="right" if col not in ("method", "status") else "left")
 
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
+    def f(v, fmt, unit=""):
+        return "-" if v is None else format(v, fmt) + unit
 
     for r in rows:
         q = r.quality
-        t.add_row(r.method, str(r.seed), r.links, f(r.latency_s, ".2f"), f(r.speedup_vs_uncompressed, ".2f") + "x",
-                  *([f(r.speedup_vs_distrifusion, ".2f") + "x"] if stale else []),
-                  f(r.latency_bound_s, ".2f"), f(r.over_bound, ".2f"),
+        t.add_row(r.method, str(r.seed), r.links, f(r.latency_s, ".2f"), f(r.speedup_vs_uncompressed, ".2f", "x"),
+                  *([f(r.speedup_vs_distrifusion, ".2f", "x")] if stale else []),
+                  f(r.latency_bound_s, ".2f"), f(r.over_bound, ".2f"), f(r.latency_ideal_s, ".2f"),
+                  f(r.over_ideal, ".2f"),
                   f(r.bytes_on_wire and r.bytes_on_wire / 1e6, ".2f"),
                   f(r.compression_ratio, ".1f"), f(q.get("psnr_db"), ".1f"), f(q.get("ssim"), ".3f"),
                   f(q.get("agreement_with_reference"), ".2f"),

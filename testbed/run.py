@@ -106,8 +106,9 @@ def link_pass(scenario: Scenario, name: str, backend, console: Console, results:
     if name == "loopback":
         yield lambda jobs: local_torchrun(jobs, world)
         return
-    links = scenario.directed_links(unlimited_rate=(name == "bound"))
-    with EmulatedCluster(world, links, backend, scenario.access_links(unlimited_rate=(name == "bound")),
+    bound, ideal = name == "bound", name == "ideal"
+    links = scenario.directed_links(unlimited_rate=bound, ideal=ideal)
+    with EmulatedCluster(world, links, backend, scenario.access_links(unlimited_rate=bound, ideal=ideal),
                          scenario.own_paths(), scenario.congestion_control, log=console.print) as cluster:
         env_file = results / "environment.json"
         env_file.write_text(json.dumps(json.loads(env_file.read_text()) | {
@@ -135,7 +136,7 @@ def link_pass(scenario: Scenario, name: str, backend, console: Console, results:
 
 
 def run_scenario(scenario: Scenario, output: Path, console: Console, backend: str = "auto", shaping: bool = True,
-                 bound: bool = True, force: bool = False, accept_link_error: bool = False
+                 bound: bool = True, force: bool = False, accept_link_error: bool = False, ideal: bool = True
                  ) -> tuple[Path, list[MethodResult]]:
     """Run every (link pass, seed, method); failed method runs are recorded and the remaining ones still run.
     Emulations hold the host's lock (``force``: run beside another, marked contaminated) and first remove what
@@ -147,7 +148,7 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
         console.print(f"[yellow]link emulation unavailable:[/] {check.reason}. Running unshaped on loopback: "
                       f"latencies do not reflect the scenario's links.")
     emulate = check is not None and check.backend is not None
-    passes = (["shaped", "bound"] if bound else ["shaped"]) if emulate else ["loopback"]
+    passes = ["shaped", *(["bound"] if bound else []), *(["ideal"] if ideal else [])] if emulate else ["loopback"]
     link_mode = f"emulated ({check.backend}: {check.reason})" if emulate else "loopback (unshaped)"
     lock = EmulationLock(f"scenario {scenario.name} -> {output}", force) if emulate else contextlib.nullcontext()
     with lock:

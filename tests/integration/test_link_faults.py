@@ -37,7 +37,7 @@ def test_loss_and_jitter_still_give_the_correct_result(tmp_path, report):
     sc = scenario_file(tmp_path, link={"rate_mbit": 50, "delay_ms": 5, "jitter_ms": 3, "loss_pct": 1})
     before = ours()
     t0 = time.monotonic()
-    results, rows = run_scenario(sc, tmp_path / "out", Console(quiet=True), bound=False)
+    results, rows = run_scenario(sc, tmp_path / "out", Console(quiet=True), bound=False, ideal=False)
     took = time.monotonic() - t0
     by = {r.method: r for r in rows}
     assert all(r.status == "ok" for r in rows), [r.error for r in rows]
@@ -66,7 +66,7 @@ def test_link_down_mid_run_fails_clearly_and_keeps_partial_results(tmp_path, rep
 
     cutter = threading.Thread(target=cut_link_when_ring_runs, daemon=True)
     cutter.start()
-    results, rows = run_scenario(sc, tmp_path / "out", Console(quiet=True), bound=False)
+    results, rows = run_scenario(sc, tmp_path / "out", Console(quiet=True), bound=False, ideal=False)
     cutter.join(5)
     assert downed, "the link was never cut"
     took = time.monotonic() - downed["t"]
@@ -91,7 +91,7 @@ def test_ctrl_c_tears_everything_down(tmp_path, report):
     path.write_text(yaml.safe_dump(dict(name="int", nodes=2, labels=8, steps=200, guidance=1.0, methods=["ring"],
                                         link={"rate_mbit": 20, "delay_ms": 2}, output="out", timeout_s=30)))
     before = ours()
-    proc = subprocess.Popen([sys.executable, "-m", "compactbed.testbed.cli", "run", str(path), "--no-bound"],
+    proc = subprocess.Popen([sys.executable, "-m", "compactbed.testbed.cli", "run", str(path), "--no-bound", "--no-ideal"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -57,7 +57,7 @@ def holder():
 def test_a_killed_run_is_marked_interrupted_and_the_next_run_cleans_up_after_it(tmp_path, report):
     before = ours()
     path = scenario_file(tmp_path, "killed", steps=50, link={"rate_mbit": 20, "delay_ms": 2})
-    proc = subprocess.Popen([sys.executable, "-m", "compactbed.testbed.cli", "run", str(path), "--no-bound"],
+    proc = subprocess.Popen([sys.executable, "-m", "compactbed.testbed.cli", "run", str(path), "--no-bound", "--no-ideal"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while not any("STEP 2/" in f.read_text() for f in tmp_path.glob("out/*/shaped/launcher0.log")):
@@ -76,7 +76,7 @@ def test_a_killed_run_is_marked_interrupted_and_the_next_run_cleans_up_after_it(
     assert unusable([tmp_path / "out"]) == [(folder, state)] and read_runs([tmp_path / "out"]) == []
 
     console = Console(record=True, width=200)
-    run_scenario(load_scenario(scenario_file(tmp_path, "next")), tmp_path / "next", console, bound=False)
+    run_scenario(load_scenario(scenario_file(tmp_path, "next")), tmp_path / "next", console, bound=False, ideal=False)
     assert "removed what killed runs left" in console.export_text()
     assert ours() == before
     assert subprocess.run(["pgrep", "-f", str(tmp_path / "out")], capture_output=True).stdout == b""
@@ -88,7 +88,7 @@ def test_a_second_emulation_is_refused_or_marked_contaminated(tmp_path, holder, 
     with pytest.raises(EmulationBusy, match=f"pid {holder.pid}, the test's holder"):
         run_scenario(scenario, tmp_path / "refused", Console(quiet=True))
     assert not (tmp_path / "refused").exists()                  # refused before anything was created
-    results, rows = run_scenario(scenario, tmp_path / "forced", Console(quiet=True), bound=False, force=True)
+    results, rows = run_scenario(scenario, tmp_path / "forced", Console(quiet=True), bound=False, ideal=False, force=True)
     state = read_state(results)
     assert state.state == "complete" and f"pid {holder.pid}" in state.contaminated and not state.usable
     assert [r.ok for r in rows] == [True] and read_runs([tmp_path / "forced"]) == []
@@ -98,10 +98,10 @@ def test_a_second_emulation_is_refused_or_marked_contaminated(tmp_path, holder, 
 def test_a_link_the_host_cannot_emulate_stops_the_run_unless_accepted(tmp_path, report):
     scenario = load_scenario(scenario_file(tmp_path, link={"rate_mbit": 100_000, "delay_ms": 2}))
     with pytest.raises(LinkCheckFailed, match="miss their profile") as e:
-        run_scenario(scenario, tmp_path / "strict", Console(quiet=True), bound=False)
+        run_scenario(scenario, tmp_path / "strict", Console(quiet=True), bound=False, ideal=False)
     (folder,) = (tmp_path / "strict").iterdir()
     assert read_state(folder).state == "failed" and not list(folder.glob("shaped/ring"))
-    results, _ = run_scenario(scenario, tmp_path / "accepted", Console(quiet=True), bound=False,
+    results, _ = run_scenario(scenario, tmp_path / "accepted", Console(quiet=True), bound=False, ideal=False,
                               accept_link_error=True)
     state = read_state(results)
     assert state.state == "complete" and state.link_errors and state.usable

@@ -32,7 +32,7 @@ def test_run_writes_a_complete_results_folder(tmp_path, monkeypatch, capsys):
     summary = json.loads((results / "summary.json").read_text())
     rows = summary["rows"]
     emulated = check_backend().backend is not None
-    passes = {"shaped", "bound"} if emulated else {"loopback"}
+    passes = {"shaped", "bound", "ideal"} if emulated else {"loopback"}
     assert {r["links"] for r in rows} == passes and all(r["status"] == "ok" for r in rows)
     assert "compact-1bit" in out and "ring" in out
     for r in rows:
@@ -46,6 +46,9 @@ def test_run_writes_a_complete_results_folder(tmp_path, monkeypatch, capsys):
         assert len(probes) == 2 and all(abs(p["rate_error"]) < 0.05 for p in probes)
         shaped = {r["method"]: r for r in rows if r["links"] == "shaped"}
         assert all(r["latency_bound_s"] and r["over_bound"] for r in shaped.values())
+        # the ideal pass: no shaping, no added delay; ring pays for the links most
+        assert all(r["latency_ideal_s"] and r["over_ideal"] for r in rows if r["links"] != "ideal")
+        assert shaped["ring"]["over_ideal"] > shaped["compact-1bit"]["over_ideal"] > 1
         assert {ns for ns in list_namespaces() if ns.startswith("cbed-")} == before   # all torn down
         env = json.loads((results / "environment.json").read_text())
         cc = env["congestion_control"]          # the default asked for, and what the namespaces allowed

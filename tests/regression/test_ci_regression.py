@@ -39,7 +39,7 @@ def run_checked(scenario, tmp_path, baseline, judged_on=None, report=print, retr
     for attempt in range(1, ATTEMPTS + 1):
         try:
             results, rows = run_scenario(scenario, tmp_path / f"attempt{attempt}", Console(width=160, quiet=True),
-                                         bound=False)
+                                         bound=False, ideal=False)
         except LinkCheckFailed as e:
             report(f"  attempt {attempt}: links off profile, not measured ({str(e)[:100]})")
             checks = []

@@ -115,3 +115,20 @@ def test_hosts_form_star_puts_each_destination_under_one_uplink():
     assert any(c.startswith("tc class replace dev eth1 parent 1:1 classid 1:101 htb rate 40.0mbit") for c in cmds)
     assert any(c.startswith("tc class replace dev eth1 parent 1: classid 1:102 htb rate 5.0mbit") for c in cmds)
     assert any("handle 101: netem limit 100000 delay 6.0ms rate 40.0mbit" in c for c in cmds)
+
+
+def test_hosts_plan_starts_each_host_once_for_every_method_under_its_uplink(tmp_path):
+    from pathlib import Path
+
+    from compactbed.scenarios.schema import load_scenario
+    from compactbed.testbed.hosts import host_plan
+
+    sc = load_scenario(Path(__file__).parents[2] / "scenarios" / "hosts_example.yaml")
+    plan = host_plan(sc, tmp_path, sc.directed_links()).splitlines()
+    runs = [line for line in plan if line.startswith("torchrun")]
+    assert len(runs) == sc.world_size                      # one launch per host: the ranks are kept across methods
+    assert all(f"{tmp_path}/{m.name}/seed0/job.json" in runs[0] for m in sc.methods)
+    wan = sc.link
+    assert any(line.startswith(f"tc class replace dev eth0 parent 1: classid 1:1 htb rate {wan.rate_mbit}mbit")
+               for line in plan)
+    assert any(f"delay {2 * wan.delay_ms}ms" in line for line in plan)     # the path: both access links

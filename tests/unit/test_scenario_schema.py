@@ -32,7 +32,7 @@ def test_edge_4node_is_what_the_issue_describes(repo):
     link = s.link_between(0, 3)
     assert (link.rate_mbit, link.delay_ms) == (100, 10)
     names = [m.name for m in s.methods]
-    assert {"ring", "patch", "distrifusion", "compact-1bit", "compact-2bit"} <= set(names)
+    assert {"ring", "patch", "distrifusion", "compact-1bit", "compact-1bit-direct", "compact-2bit-direct"} <= set(names)
     assert s.warmup.mode == "local"
 
 

@@ -286,3 +286,18 @@ def test_a_star_shares_the_uplink_a_mesh_does_not():
     mesh = s.model_copy(update={"topology": "mesh"})
     assert cluster_of(s).shared_uplink and not cluster_of(mesh).shared_uplink
     assert cluster_of(s).links == cluster_of(mesh.model_copy(update={"link": s.link.then(s.link)})).links
+
+
+def test_a_direct_exchange_is_one_round_partly_behind_the_own_block():
+    """compact-1bit on a latency-bound star: the direct exchange costs one round instead of P-1, with the same
+    bytes; on the ring pattern its own attention block hides part of it (patch has no such block)."""
+    s = sc(methods=["compact-1bit", "compact-1bit-direct"], warmup={"mode": "local", "steps": 1})
+    ring, direct = run(s, "compact-1bit"), run(s, "compact-1bit-direct")
+    assert direct.bytes_on_wire == ring.bytes_on_wire
+    assert direct.comm_s < 0.6 * ring.comm_s and direct.latency_s < ring.latency_s
+    w = workload_of(s, METHOD_PRESETS["compact-1bit-direct"])
+    sim = Simulator(w, cluster_of(s), CALIB)
+    assert sim.hidden_seconds(0) > 0
+    assert sim.exchange_seconds(False) == pytest.approx(sim.one_round_seconds(w.kv_wire_bytes(False), [0, 1, 2, 3]))
+    patch = METHOD_PRESETS["compact-1bit-patch"].model_copy(update={"exchange": "direct"})
+    assert Simulator(workload_of(s, patch), cluster_of(s), CALIB).hidden_seconds(0) == 0
