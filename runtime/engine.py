@@ -2,10 +2,10 @@
 
 Started by torchrun (one process per node) as ``python -m compactbed.runtime.engine JOB.json [JOB.json ...]``;
 each job file holds the validated scenario, one method, the seed and its output folder. The ranks run the jobs in
-turn in one process group: every job builds its model, codec, hooks and xfuser's parallel groups afresh, and ends
-by tearing the groups down, so nothing carries over but the process and its imports. Each rank writes
-``rank{r}.jsonl`` (one :class:`.records.StepRecord` per step) into the job's folder; rank 0 also writes
-``images.npy`` and ``run.json`` (a :class:`.records.RunRecord`). A job that fails writes ``rank{r}.error`` there
+turn in one process group: every job builds its model, codec and hooks afresh, and xfuser's parallel groups too
+unless the job before ran with the same degrees (the groups hold no state of a run), so nothing else carries
+over but the process and its imports. Each rank writes ``rank{r}.jsonl`` (one :class:`.records.StepRecord` per
+step) into the job's folder; rank 0 also writes ``images.npy`` and ``run.json`` (a :class:`.records.RunRecord`). A job that fails writes ``rank{r}.error`` there
 and ends the pass; the jobs before it keep their results. Rank 0 prints ``RUN i/N`` before each job and
 ``STEP k/n`` after each step.
 """
@@ -209,19 +209,24 @@ class RankRun:
         return {"checked": len(keys), "mismatched": len(bad), "examples": sorted(bad)[:5]}
 
 
-def run(job: Job) -> None:
+def run(job: Job, keep_groups: bool = False) -> None:
+    """One job on this rank. ``keep_groups``: leave xfuser's parallel groups for the next job, which runs with the
+    same degrees (creating a group takes several round trips of the links); otherwise they are torn down."""
     from xfuser.core.distributed.parallel_state import destroy_model_parallel
 
     out = Path(job.out_dir)
     rank = dist.get_rank()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rr = RankRun(job)
+    kept = False
     try:
         rr.build()
         images = rr.sample()
         consistency = rr.check_bases()
+        kept = keep_groups
     finally:
-        destroy_model_parallel()            # the next job builds its own groups (its degrees may differ)
+        if not kept:
+            destroy_model_parallel()        # the next job builds its own groups (its degrees differ)
     write_steps(out / f"rank{rank}.jsonl", rr.records)
     dist.barrier()                          # every rank's records are on disk before run.json says "done"
     if rank == 0:
@@ -251,11 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     dist.init_process_group(backend, timeout=timeout)
     try:
+        degrees = [j.scenario.degrees(j.method) for j in jobs]
         for i, job in enumerate(jobs):
             if dist.get_rank() == 0:
                 print(f"RUN {i + 1}/{len(jobs)}", flush=True)
             with torch.no_grad():
-                run(job)
+                run(job, keep_groups=i + 1 < len(jobs) and degrees[i + 1] == degrees[i])
         return 0
     except Exception:
         (Path(job.out_dir) / f"rank{dist.get_rank()}.error").write_text(traceback.format_exc())
