@@ -53,7 +53,7 @@ class LinkSpec(BaseModel):
         if self.jitter_ms:
             parts.append(f"+-{self.jitter_ms:g} ms")
         if self.loss_pct:
-            parts.append(f"{self.loss_pct:g}% loss")
+            parts.append(f"{self.loss_pct:.3g}% loss")
         return ", ".join(parts)
 
 

@@ -44,7 +44,10 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
                 check_folder(s.model, s.conditions)
             except ScenarioError as e:
                 raise ScenarioError(f"{path}: {e}") from None
-        console.print(f"[green]ok[/] {path}: {s.name}, {s.world_size} nodes, link {s.link.describe()}, "
+        own = sum(node.link is not None for node in s.nodes)
+        links = (f"access link {s.link.describe()} (node to node {s.link.then(s.link).describe()})"
+                 if s.topology == "star" else f"link {s.link.describe()}") + (f", {own} nodes with their own" if own else "")
+        console.print(f"[green]ok[/] {path}: {s.name}, {s.world_size} nodes, {links}, "
                       f"{len(s.methods)} methods ({', '.join(m.name for m in s.methods)}), "
                       f"{s.steps} steps, warmup {s.warmup.mode} x{s.warmup.steps}")
     return 0

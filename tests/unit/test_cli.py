@@ -25,7 +25,8 @@ def test_help_lists_and_explains_every_subcommand(capsys):
 
 def test_validate_ok(repo, capsys):
     assert main(["validate", str(repo / "scenarios" / "edge_4node.yaml")]) == 0
-    assert "edge_4node, 4 nodes" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "edge_4node, 4 nodes, access link 100 Mbit/s, 5 ms (node to node 100 Mbit/s, 10 ms)" in out
 
 
 def test_bad_scenario_one_reason_exit_2(tmp_path, capsys):
