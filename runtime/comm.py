@@ -240,7 +240,8 @@ class DirectExchange:
         for r in range(size):
             if r != rank:
                 peer = dist.get_global_rank(group, r)
-                ops += [dist.P2POp(dist.isend, payload, peer, group), dist.P2POp(dist.irecv, self.received[r], peer, group)]
+                ops += [dist.P2POp(dist.isend, payload, peer, group),
+                        dist.P2POp(dist.irecv, self.received[r], peer, group)]
         self.started = time.perf_counter()
         self.works = dist.batch_isend_irecv(ops) if ops else []
 

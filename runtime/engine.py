@@ -1,13 +1,13 @@
 """One rank of a pass of method runs: real xDiT sequence parallelism with compressed communication.
 
-Started by torchrun (one process per node) as ``python -m compactbed.runtime.engine JOB.json [JOB.json ...]``;
-each job file holds the validated scenario, one method, the seed and its output folder. The ranks run the jobs in
-turn in one process group: every job builds its model, codec and hooks afresh, and xfuser's parallel groups too
-unless the job before ran with the same degrees (the groups hold no state of a run), so nothing else carries
-over but the process and its imports. Each rank writes ``rank{r}.jsonl`` (one :class:`.records.StepRecord` per
-step) into the job's folder; rank 0 also writes ``images.npy`` and ``run.json`` (a :class:`.records.RunRecord`). A job that fails writes ``rank{r}.error`` there
-and ends the pass; the jobs before it keep their results. Rank 0 prints ``RUN i/N`` before each job and
-``STEP k/n`` after each step.
+Started by torchrun (one process per node) as ``python -m compactbed.runtime.engine JOB.json [JOB.json ...]``; each
+job file holds the validated scenario, one method, the seed and its output folder. The ranks run the jobs in turn
+in one process group: every job builds its model, codec and hooks afresh, and xfuser's parallel groups too unless
+the job before ran with the same degrees (the groups hold no state of a run), so nothing else carries over but the
+process and its imports. Each rank writes ``rank{r}.jsonl`` (one :class:`.records.StepRecord` per step) into the
+job's folder; rank 0 also writes ``images.npy`` and ``run.json`` (a :class:`.records.RunRecord`). A job that fails
+writes ``rank{r}.error`` there and ends the pass; the jobs before it keep their results. Rank 0 prints ``RUN i/N``
+before each job and ``STEP k/n`` after each step.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def fit_local_step(points: list[dict], device: DeviceProfile) -> tuple[float, fl
 def fit_compute_on_host(points: list[dict], cores: int, earlier_pace: float | None = None,
                         runs: list[MeasuredRun] = ()) -> tuple[DeviceProfile, list[dict]]:
     """:func:`fit_compute` on the layer timings divided by their run's host factor (:func:`host_factors`: the
-    emulation host's speed drifts between machines and runs, and every run times a single-process reference generation).
+    emulation host's speed drifts between machines and runs; every run times a single-process reference generation).
     The factors are measured against a first fit on the timings as they are; the profile's ``reference_pace``
     against the final one. Rows whose results folder has no run among ``runs`` keep the ``host_factor`` stored with them
     (earlier calibrations' rows) and, without any folder, ``earlier_pace`` is kept, so that a calibration refitted

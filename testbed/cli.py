@@ -46,7 +46,8 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
                 raise ScenarioError(f"{path}: {e}") from None
         own = sum(node.link is not None for node in s.nodes)
         links = (f"access link {s.link.describe()} (node to node {s.link.then(s.link).describe()})"
-                 if s.topology == "star" else f"link {s.link.describe()}") + (f", {own} nodes with their own" if own else "")
+                 if s.topology == "star" else f"link {s.link.describe()}")
+        links += f", {own} nodes with their own" if own else ""
         console.print(f"[green]ok[/] {path}: {s.name}, {s.world_size} nodes, {links}, "
                       f"{len(s.methods)} methods ({', '.join(m.name for m in s.methods)}), "
                       f"{s.steps} steps, warmup {s.warmup.mode} x{s.warmup.steps}")
