@@ -84,10 +84,19 @@ def queue_number(src: int, dst: int, n: int) -> int:
     return 1 + src * n + dst
 
 
-def _rate(spec: LinkSpec | None) -> tuple[str, str]:
+def _rate(spec: LinkSpec) -> tuple[str, str]:
     """(htb rate, burst) of a link; unlimited: 100 Gbit/s."""
-    mbit = spec.rate_mbit if spec is not None and spec.rate_mbit is not None else None
+    mbit = spec.rate_mbit
     return (f"{mbit}mbit" if mbit is not None else "100gbit"), str(burst_bytes(mbit if mbit is not None else 100_000))
+
+
+def _netem_leaf(spec: LinkSpec) -> list[str]:
+    """A real ``netem`` qdisc with the link's delay, jitter, loss and rate (rate inside netem keeps FIFO order
+    under jitter)."""
+    leaf = ["netem", "limit", str(max(spec.queue_pkts, 1000) * 100), "delay", f"{spec.delay_ms}ms"]
+    leaf += [f"{spec.jitter_ms}ms"] if spec.jitter_ms else []
+    leaf += ["loss", f"{spec.loss_pct}%"] if spec.loss_pct else []
+    return leaf + (["rate", _rate(spec)[0]] if spec.rate_mbit is not None else [])
 
 
 def _htb_class(tc: list[str], dev: str, parent: str, classid: str, rate: str, burst: str, ceil: str | None = None
@@ -104,7 +113,7 @@ def uplink_commands(names: Names, k: int, access: LinkSpec, own_paths: Iterable[
     rate, burst = _rate(access)
     cmds = [tc + ["qdisc", "add", "dev", NODE_IF, "root", "handle", "1:", "htb", "default", "1"],
             _htb_class(tc, NODE_IF, "1:", "1:1", rate, burst),
-            _htb_class(tc, NODE_IF, "1:", "1:999", "100gbit", str(burst_bytes(100_000)))]
+            _htb_class(tc, NODE_IF, "1:", "1:999", *_rate(LinkSpec()))]
     for dst in own_paths:
         cmds.append(tc + ["filter", "add", "dev", NODE_IF, "parent", "1:", "pref", str(100 + dst), "protocol", "ip",
                           "u32", "match", "ip", "dst", f"{node_ip(dst)}/32", "flowid", "1:999"])
@@ -133,14 +142,8 @@ def link_commands(names: Names, n: int, src: int, dst: int, spec: LinkSpec, back
     cmds.append(tc + ["filter", "add", "dev", port, "parent", "1:", "pref", str(cls), "protocol", "ip", "u32",
                       "match", "ip", "src", f"198.18.{src}.0/24", "flowid", f"1:{cls}"])
     if backend == "netem":
-        leaf = ["netem", "limit", str(max(spec.queue_pkts, 1000) * 100), "delay", f"{spec.delay_ms}ms"]
-        if spec.jitter_ms:
-            leaf += [f"{spec.jitter_ms}ms"]
-        if spec.loss_pct:
-            leaf += ["loss", f"{spec.loss_pct}%"]
-        if spec.rate_mbit is not None:
-            leaf += ["rate", rate]        # rate inside netem keeps FIFO order under jitter
-        cmds.append(tc + ["qdisc", "replace", "dev", port, "parent", f"1:{cls}", "handle", f"{cls}:", *leaf])
+        cmds.append(tc + ["qdisc", "replace", "dev", port, "parent", f"1:{cls}", "handle", f"{cls}:",
+                          *_netem_leaf(spec)])
         return cmds
     cmds.append(tc + ["qdisc", "replace", "dev", port, "parent", f"1:{cls}", "handle", f"{cls}:", "pfifo",
                       "limit", str(max(spec.queue_pkts, 1000) * 100)])
@@ -212,13 +215,9 @@ def host_commands(src: int, addresses: list[str], links: dict[tuple[int, int], L
         if dst == src or (src, dst) not in links:
             continue
         spec, cls = links[(src, dst)], 100 + dst
-        rate, burst = _rate(spec)
-        leaf = ["netem", "limit", str(max(spec.queue_pkts, 1000) * 100), "delay", f"{spec.delay_ms}ms"]
-        leaf += [f"{spec.jitter_ms}ms"] if spec.jitter_ms else []
-        leaf += ["loss", f"{spec.loss_pct}%"] if spec.loss_pct else []
-        leaf += ["rate", rate] if spec.rate_mbit is not None else []
-        cmds += [_htb_class(tc, interface, "1:" if dst in own else parent, f"1:{cls}", rate, burst),
+        cmds += [_htb_class(tc, interface, "1:" if dst in own else parent, f"1:{cls}", *_rate(spec)),
                  tc + ["filter", "replace", "dev", interface, "parent", "1:", "pref", str(cls), "protocol", "ip",
                        "u32", "match", "ip", "dst", f"{addr}/32", "flowid", f"1:{cls}"],
-                 tc + ["qdisc", "replace", "dev", interface, "parent", f"1:{cls}", "handle", f"{cls}:", *leaf]]
+                 tc + ["qdisc", "replace", "dev", interface, "parent", f"1:{cls}", "handle", f"{cls}:",
+                       *_netem_leaf(spec)]]
     return cmds

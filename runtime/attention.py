@@ -82,11 +82,18 @@ class ExchangeAttnProcessor:
         hooks.count_send(payload, hops=hooks.world - 1, raw_nbytes=(k.numel() + v.numel()) * k.element_size())
         gathered = [torch.empty_like(payload) for _ in range(hooks.world)]
         work = dist.all_gather(gathered, payload.contiguous(), group=self.group, async_op=True)
-        rank, shapes, dtype = hooks.rank, (k.shape, v.shape), k.dtype
+        rank, shapes, dtype, layer = hooks.rank, (k.shape, v.shape), k.dtype, hooks.layer
 
-        def finish():              # runs in this layer's processor next step: hooks.layer is this layer again
+        def finish():
             work.wait()
-            return [(None, None) if i == rank else hooks.decode_kv(p, i, *shapes, dtype)
+            return [(None, None) if i == rank else hooks.decode_kv(p, i, *shapes, dtype, layer)
                     for i, p in enumerate(gathered)]
 
         return finish
+
+    def drain(self) -> None:
+        """Receive the refresh the last step sent ahead (for a step that never comes), so every stream's base has
+        taken every payload."""
+        if self._pending is not None:
+            self._pending()
+            self._pending = None

@@ -137,9 +137,11 @@ class CommHooks:
         self.counters.codec_s += time.perf_counter() - t0
         return torch.cat(parts)
 
-    def decode_kv(self, payload: torch.Tensor, origin: int, key_shape: torch.Size,
-                  value_shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A payload produced by ``origin`` -> its K/V in attention layout."""
+    def decode_kv(self, payload: torch.Tensor, origin: int, key_shape: torch.Size, value_shape: torch.Size,
+                  dtype: torch.dtype, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A payload produced by ``origin`` for ``layer`` (default: the current one) -> its K/V in attention
+        layout."""
+        layer = self.layer if layer is None else layer
         if self.codec is None:
             n = key_shape.numel()
             return payload[:n].view(key_shape), payload[n:].view(value_shape)
@@ -148,7 +150,7 @@ class CommHooks:
         for name, shape in (("k", key_shape), ("v", value_shape)):
             nc = (shape[0] * shape[2], shape[1] * shape[3])
             size = self.codec.wire_nbytes(nc, dtype, self.full_precision)
-            x = self.codec.decode(StreamKey(self.layer, origin, name), payload[offset: offset + size], nc, dtype,
+            x = self.codec.decode(StreamKey(layer, origin, name), payload[offset: offset + size], nc, dtype,
                                   warmup=self.full_precision)
             out.append(kv_4d(x, shape))
             offset += size

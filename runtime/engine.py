@@ -187,18 +187,11 @@ class RankRun:
         self.latency_s = time.perf_counter() - t_start
         return self.dit.decode(x, res).numpy() if self.rank == 0 else None
 
-    def drain(self) -> None:
-        """Receive what the last step sent ahead (DistriFusion's refresh for a step that never comes), so every
-        stream's base has taken every payload; after the timed generation."""
-        for layer, proc in enumerate(self.exchange_processors or []):
-            if proc._pending is not None:
-                self.hooks.layer = layer
-                proc._pending()
-                proc._pending = None
-
     def check_bases(self) -> dict:
-        """Cross-rank consistency: every stream's base digest must agree on all ranks (EF mode)."""
-        self.drain()
+        """Cross-rank consistency: every stream's base digest must agree on all ranks (EF mode), once the
+        refreshes DistriFusion sent ahead are in (after the timed generation)."""
+        for proc in self.exchange_processors or []:
+            proc.drain()
         if self.codec is None or self.method.codec.residual != "ef":
             return {"checked": 0, "mismatched": 0}
         mine = {f"{k.layer}/{k.src}/{k.name}": self.codec.digest(k) for k in sorted(self.codec.bases)}

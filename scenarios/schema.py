@@ -230,8 +230,8 @@ class Scenario(_Strict):
                             "directed link is shaped on its own (the sender's link, else the receiver's)")
     congestion_control: str = Field("cubic", pattern=r"^[a-z0-9_]{1,16}$",
                                     description="TCP congestion control inside every emulated node (cubic: the "
-                                                "Linux default, reno where the kernel lacks it; host: leave the "
-                                                "host's own)")
+                                                "Linux default, reno where the namespace may not use it; host: "
+                                                "leave the host's own)")
     output: str = Field("results", max_length=400)
     timeout_s: float = Field(120.0, gt=0, le=3600, description="limit on any single collective")
 

@@ -265,9 +265,9 @@ def _pass_runs(scenario: Scenario, pass_name: str, commands, results: Path, back
                 error = str(e)
             for j in launch:
                 finish(j)
-            if error is None:
+            failed = next((j for j in launch if j not in finished), None)
+            if error is None or failed is None:      # a launch that failed after its last job keeps every result
                 return
-            failed = next(j for j in launch if j not in finished)
             method, seed, _ = jobs[failed]
             progress.update(bars[failed], description=f"{pass_name}: {method.name} [red]failed")
             done(MethodResult(method=method.name, seed=seed, links=pass_name, status="failed", error=error))
