@@ -48,9 +48,13 @@ def whatif_tab(calib: Calibration) -> html.Div:
                                           style={"width": "190px"})),
             _field("ulysses degree (usp)", _num("ulysses", d.ulysses_degree, min=1, max=64, step=1)),
             _field("warmup", dcc.RadioItems(id="warmup", options=["local", "sync"], value=d.warmup, inline=True)),
-            _field("compute profile", dcc.Dropdown(id="device", value="cpu", clearable=False, style={"width": "300px"},
-                                                   options=[{"label": W.DEVICES.get(k, k), "value": k}
-                                                            for k in calib.devices])),
+            _field("compute profile", dcc.Dropdown(id="device", value="cpu", clearable=False, style={"width": "340px"},
+                                                   options=W.device_options(calib))),
+            _field("GPUs per machine", _num("gpus", d.gpus_per_node, min=1, max=64, step=1)),
+            _field("inside a machine", dcc.Dropdown(id="intra", options=W.link_options("intra"), value=d.intra_node,
+                                                    clearable=False, style={"width": "150px"})),
+            _field("between machines", dcc.Dropdown(id="inter", options=W.link_options("nic"), value=d.inter_node,
+                                                    clearable=False, style={"width": "170px"})),
         ]),
         html.Div(id="message", style={"color": "#b00020", "minHeight": "20px", "margin": "6px 0"}),
         html.Div(id="note", style={"color": "#8a6d00", "minHeight": "0px", "margin": "0 0 6px"}),
@@ -94,9 +98,10 @@ def create_app(result_roots: list[Path], calib: Calibration) -> Dash:
         [Output(i, "children") for i in ("message", "note", "latency", "vs-ring", "vs-df", "bytes", "breakdown")]
         + [Output("timeline", "figure"), Output("curves", "figure")],
         [Input(i, "value") for i in ("nodes", "profile", "rate", "delay", "jitter", "loss", "model", "resolution",
-                                     "images", "steps", "method", "ulysses", "warmup", "device")])
+                                     "images", "steps", "method", "ulysses", "warmup", "device", "gpus", "intra",
+                                     "inter")])
     def update_whatif(nodes, profile, rate, delay, jitter, loss, model, resolution, images, steps, method, ulysses,
-                      warmup, device):
+                      warmup, device, gpus, intra, inter):
         empty = go.Figure()
         try:
             if None in (nodes, resolution, images, steps):
@@ -104,7 +109,8 @@ def create_app(result_roots: list[Path], calib: Calibration) -> Dash:
             w = W.WhatIf.of(dict(nodes=nodes, profile=profile, rate_mbit=rate or None, delay_ms=delay or 0,
                                  jitter_ms=jitter or 0, loss_pct=loss or 0, model=model, resolution=resolution,
                                  images=images, steps=steps, method=method, ulysses_degree=ulysses or 1,
-                                 warmup=warmup, device=device))
+                                 warmup=warmup, device=device, gpus_per_node=gpus or 1, intra_node=intra,
+                                 inter_node=inter))
             rows, detail = W.answer(w, calib)
             text = W.summary_text(rows, w.method)
             return ("", W.profile_note(w), text["latency"], text["vs_ring"], text["vs_distrifusion"], text["bytes"],

@@ -12,9 +12,9 @@ from ..netem.profiles import named_profiles
 from ..runtime.records import speedups
 from ..scenarios.schema import METHOD_PRESETS, Scenario, ScenarioError, format_errors, parse_scenario
 from ..simulator.costs import Calibration
-from ..simulator.model import Prediction, Simulator, cluster_of
-from ..simulator.predict import PredictedRow, predict
-from ..simulator.workload import workload_of
+from ..simulator.hardware import shipped
+from ..simulator.model import Prediction
+from ..simulator.predict import PredictedRow, predict, predict_latencies
 from .style import empty_figure, title
 
 MODELS = {"tiny_flux_mnist": 16, "flux.1-dev": 1024, "cogvideox-5b": 720}    # default resolution per model
@@ -22,8 +22,18 @@ COMPARED = ["ring", "patch", "distrifusion", "ulysses", "compact-1bit", "compact
 CURVE_RATES_MBIT = [10, 25, 50, 100, 250, 500, 1000, 2500, 10_000]
 MAX_NODES = 64                  # the explorer's range; `scenario predict` takes more
 CURVE_MAX_NODES = 16            # the curves simulate every method at every rate: kept interactive
-DEVICES = {"cpu": "cpu: the emulation host (2 cores, measured here)",
-           "l20": "l20: an L20-class GPU (the paper's single-GPU time; hops as on the emulation host)"}
+CPU_DEVICE = "cpu: the emulation host (2 cores, calibrated on emulated runs)"
+
+
+def device_options(calib: Calibration) -> list[dict]:
+    """The emulation host's calibrated profile and every shipped GPU (with its peak and memory bandwidth)."""
+    gpus = shipped().devices
+    return [{"label": CPU_DEVICE if k == "cpu" else k, "value": k} for k in calib.devices if k not in gpus] + \
+        [{"label": f"{k}: {d.peak_tflops:g} TFLOPS bf16, {d.hbm_gbs:g} GB/s", "value": k} for k, d in gpus.items()]
+
+
+def link_options(scope: str) -> list[str]:
+    return [k for k, x in shipped().links.items() if x.scope == scope]
 
 
 @dataclass
@@ -44,6 +54,9 @@ class WhatIf:
     ulysses_degree: Annotated[int, Field(ge=1, le=MAX_NODES)] = 1    # for `usp` methods (ulysses x ring = nodes)
     warmup: str = "local"
     device: str = "cpu"
+    gpus_per_node: Annotated[int, Field(ge=1, le=64)] = 1       # GPU devices only: ranks per machine,
+    intra_node: str = "pcie4"                                    # joined by this class,
+    inter_node: str = "ethernet_shaped"                          # machines by this NIC (and the link above)
 
     @classmethod
     def of(cls, controls: dict) -> "WhatIf":
@@ -67,7 +80,10 @@ _CONTROLS = TypeAdapter(WhatIf)
 def profile_note(w: WhatIf) -> str:
     """What the chosen compute profile models, where the model makes that matter."""
     if w.device == "cpu" and w.model != "tiny_flux_mnist":
-        return (f"the cpu profile is the 2-core emulation host: {w.model} on it takes hours; choose l20 for a GPU")
+        return (f"the cpu profile is the 2-core emulation host: {w.model} on it takes hours; choose a GPU")
+    if w.device in shipped().devices:
+        return (f"GPU cluster model: {w.gpus_per_node} {w.device} per machine over {w.intra_node}, machines through "
+                f"{w.inter_node} and the link above (no per-rank timeline drawn)")
     return ""
 
 
@@ -82,13 +98,14 @@ def scenario_of(w: WhatIf, methods: list[str] | None = None, link=None) -> Scena
                 model={"name": w.model}, resolution=w.resolution, labels=w.images, steps=w.steps, guidance=1.0,
                 methods=methods, warmup={"mode": w.warmup, "steps": 1},
                 parallel={"ulysses_degree": w.ulysses_degree})
+    if w.device in shipped().devices:
+        data["hardware"] = {"device": w.device, "gpus_per_node": w.gpus_per_node, "intra_node": w.intra_node,
+                            "inter_node": w.inter_node}
     return parse_scenario(data, "what-if")
 
 
 def answer(w: WhatIf, calib: Calibration) -> tuple[list[PredictedRow], Prediction]:
     """Predicted table rows for the chosen method and its baselines, and the chosen method's detail."""
-    if w.device not in calib.devices:
-        raise ScenarioError(f"device: no compute profile {w.device!r}; known: {', '.join(calib.devices)}")
     sc = scenario_of(w)
     rows, details = predict(sc, calib, w.device, timeline=True)
     return rows, details[w.method]
@@ -123,8 +140,7 @@ def bandwidth_curves(w: WhatIf, calib: Calibration, rates=CURVE_RATES_MBIT) -> g
     for rate in rates:
         sc = scenario_of(w, methods=methods, link={"rate_mbit": rate, "delay_ms": delay, "jitter_ms": jitter,
                                                    "loss_pct": loss})
-        shaped = cluster_of(sc, w.device)
-        latency = {m.name: Simulator(workload_of(sc, m), shaped, calib).run().latency_s for m in sc.methods}
+        latency = predict_latencies(sc, calib, w.device)
         for m, (vs_ring, _) in speedups(latency).items():
             curves[m].append(vs_ring)
     fig = go.Figure()

@@ -20,7 +20,7 @@ class LinkSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rate_mbit: float | None = Field(None, gt=0, le=400_000, description="shaped rate, Mbit/s; null = unlimited")
+    rate_mbit: float | None = Field(None, gt=0, le=10_000_000, description="shaped rate, Mbit/s; null = unlimited")
     delay_ms: float = Field(0.0, ge=0, le=10_000, description="one-way delay, ms")
     jitter_ms: float = Field(0.0, ge=0, le=10_000, description="uniform +- jitter on the delay, ms")
     loss_pct: float = Field(0.0, ge=0, lt=100, description="independent per-packet loss, percent")

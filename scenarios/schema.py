@@ -33,6 +33,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_PROFILE_NAME = r"^[a-z0-9][a-z0-9_.-]{0,39}$"
+
+
+class HardwareSpec(_Strict):
+    """The GPU cluster that ``scenario predict`` models (emulated runs use the host they run on): each rank a
+    ``device``, ``gpus_per_node`` consecutive ranks per machine joined by ``intra_node``, machines by their
+    ``inter_node`` NICs and, where the scenario sets links, its shaped paths. Names are the shipped profiles
+    (``simulator/profiles``; ``scenario profile`` adds measured ones)."""
+
+    device: str = Field(pattern=_PROFILE_NAME)
+    gpus_per_node: int = Field(1, ge=1, le=64)
+    intra_node: str = Field("pcie4", pattern=_PROFILE_NAME)
+    inter_node: str = Field("ethernet_shaped", pattern=_PROFILE_NAME)
+
+
 class NodeSpec(_Strict):
     """One node (rank). ``link`` is its access link (uplink and downlink, see ``Scenario.topology``);
     ``host`` is the address of a real machine (the ``hosts:`` form), empty for emulated nodes;
@@ -43,6 +58,11 @@ class NodeSpec(_Strict):
     host: str | None = Field(None, pattern=r"^[A-Za-z0-9.:_-]{1,253}$")
     interface: str = Field("eth0", pattern=r"^[A-Za-z0-9_.:-]{1,15}$", description="hosts form: shaped NIC")
     compute_scale: float = Field(1.0, gt=0, le=1000)
+    device: str | None = Field(None, pattern=_PROFILE_NAME, description="predictions: this rank's GPU (overrides "
+                                                                        "hardware.device)")
+    nic: str | None = Field(None, pattern=_PROFILE_NAME, description="predictions: the NIC of the machine this rank "
+                                                                     "is the first GPU of (overrides "
+                                                                     "hardware.inter_node)")
 
     @field_validator("link", mode="before")
     @classmethod
@@ -212,7 +232,10 @@ class Scenario(_Strict):
     link: LinkSpec = Field(default_factory=lambda: named_profiles()["ethernet_1g"])
     links: list[LinkOverride] = Field(default_factory=list, max_length=100_000)
     model: ModelSpec = ModelSpec()
-    resolution: int = Field(16, ge=4, le=8192, description="image side in pixels (tiny model: 16)")
+    resolution: int = Field(16, ge=4, le=8192, description="image side in pixels (tiny model: 16); the width if "
+                                                           "height is given")
+    height: int | None = Field(None, ge=4, le=8192, description="image height in pixels (default: square)")
+    frames: int = Field(1, ge=1, le=1024, description="video frames (predictions of video models)")
     labels: list[int] | None = Field(None, min_length=1, max_length=1024,
                                      description="one digit class per image, or a count (digits 0-9 cycling); "
                                                  "default 0-9")
@@ -224,6 +247,7 @@ class Scenario(_Strict):
     methods: list[MethodSpec] = Field(min_length=1, max_length=64)
     warmup: WarmupSpec = WarmupSpec()
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
+    hardware: HardwareSpec | None = None
     topology: Literal["star", "mesh"] = Field(
         "star", description="star: a node's link is its access link to a hub, one shared uplink for all it sends "
                             "and one shared downlink for all it receives; a path adds both nodes' delays. mesh: every "
@@ -334,6 +358,9 @@ class Scenario(_Strict):
             raise ValueError("prompts condition a pipeline folder given as model.path; the shipped tiny model is "
                              "conditioned on digit labels (use `labels:`)")
         if self.model.path is None and self.model.name == "tiny_flux_mnist":
+            if self.frames != 1 or self.height is not None:
+                raise ValueError("the tiny model makes square images: frames and height are for predictions of "
+                                 "published models (model: {name: cogvideox-5b})")
             image, text, heads = (self.resolution // 2) ** 2, 4, 4
             if n > MAX_EMULATED_NODES:
                 raise ValueError(f"the tiny model runs on at most {MAX_EMULATED_NODES} emulated nodes, got {n} "
@@ -384,6 +411,11 @@ class Scenario(_Strict):
     def degrees(self, method: MethodSpec) -> tuple[int, int]:
         """(ulysses_degree, ring_degree) that ``method`` runs with."""
         return method.degrees(self.world_size, self.usp_degrees)
+
+    @property
+    def sets_links(self) -> bool:
+        """The file itself gives link impairments (``link``, a node's link or ``links``), not only the default."""
+        return "link" in self.model_fields_set or bool(self.links) or any(x.link for x in self.nodes)
 
     def access_link(self, k: int) -> LinkSpec:
         """Node k's access link: its own ``link``, else the scenario's."""

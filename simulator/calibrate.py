@@ -16,7 +16,6 @@ import numpy as np
 
 from ..runtime.records import read_state
 from .costs import HOP_PARAMS, Calibration
-from .devices import l20_profile
 from .fit import (
     ASYNC_PARAMS,
     columns,
@@ -99,8 +98,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     shaped = [p for p in lpoints if p["configured_rate_mbit"]]
     efficiency = float(np.mean([p["wire_mbit"] / p["configured_rate_mbit"] for p in shaped])) if shaped else 1.0
     overhead = float(np.mean([(p["rtt_ms"] - p["configured_rtt_ms"]) / 2 / 1e3 for p in lpoints])) if lpoints else 0.0
-    # "l20": not measured here; anchored to the paper's single-GPU FLUX time and codec timings, for GPU what-ifs
-    calib = Calibration(devices={"cpu": device, "l20": l20_profile()}, codec=fit_codec(kpoints), link_efficiency=efficiency,
+    calib = Calibration(devices={"cpu": device}, codec=fit_codec(kpoints), link_efficiency=efficiency,
                         link_overhead_s=max(0.0, overhead), sources=_sources(results, exclude))
     if earlier:     # whole runs of DistriFusion refit it below; without any, an earlier calibration's value stays
         for name in ASYNC_PARAMS:

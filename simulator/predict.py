@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.records import speedups
-from ..scenarios.schema import Scenario, parse_recorded
+from ..scenarios.schema import Scenario, ScenarioError, parse_recorded
 from .costs import Calibration
+from .gpu import GpuSimulator, gpu_cluster_of
+from .hardware import shipped
 from .model import Cluster, Prediction, Simulator, cluster_of
 from .points import host_factors
 from .runs import read_runs
@@ -30,15 +32,60 @@ class PredictedRow:
     speedup_vs_distrifusion: float | None = None
 
 
-def predict(scenario: Scenario, calib: Calibration, device: str = "cpu", timeline: bool = False
+def on_gpus(scenario: Scenario, device: str | None) -> bool:
+    """Predicted as a GPU cluster (:mod:`.gpu`): a shipped GPU profile is asked for, or the scenario's hardware is
+    and no emulation-host profile overrides it."""
+    if device is None:
+        return scenario.hardware is not None
+    return device in shipped().devices
+
+
+def describe_hardware(scenario: Scenario, device: str | None) -> str:
+    """What a prediction runs on, in words."""
+    if not on_gpus(scenario, device):
+        return f"device profile {device or 'cpu'} (calibrated)"
+    c = gpu_cluster_of(scenario, device)
+    machines = len(set(c.fabric.machine))
+    kinds = ", ".join(sorted({d.name for d in c.devices}))
+    nics = ", ".join(sorted({x.name for x in c.fabric.nic}))
+    within = f" over {c.fabric.intra.name}" if machines < c.world else ""
+    paths = ", shaped paths between machines" if c.fabric.paths else ""
+    return f"{kinds} on {machines} machine{'s' if machines > 1 else ''}{within}, NIC {nics}{paths}"
+
+
+def predict_latencies(scenario: Scenario, calib: Calibration, device: str | None = None) -> dict[str, float]:
+    """Each method's predicted latency on the scenario's shaped links (no bound pass: for curves over many links)."""
+    if on_gpus(scenario, device):
+        c = gpu_cluster_of(scenario, device)
+        return {m.name: GpuSimulator(workload_of(scenario, m), c).run().latency_s for m in scenario.methods}
+    c = cluster_of(scenario, device or "cpu")
+    return {m.name: Simulator(workload_of(scenario, m), c, calib).run().latency_s for m in scenario.methods}
+
+
+def predict(scenario: Scenario, calib: Calibration, device: str | None = None, timeline: bool = False
             ) -> tuple[list[PredictedRow], dict[str, Prediction]]:
+    """The scenario's table, predicted: on its ``hardware`` (or the GPU ``device``) by the GPU-cluster model, else on
+    a profile of the calibration (default: the emulation host, ``cpu``)."""
     rows, details = [], {}
-    shaped, bound = cluster_of(scenario, device), cluster_of(scenario, device, unlimited_rate=True)
+    if on_gpus(scenario, device):
+        shaped, bound = gpu_cluster_of(scenario, device), gpu_cluster_of(scenario, device, unlimited_rate=True)
+
+        def simulate(w, cluster, timeline=False):
+            return GpuSimulator(w, cluster).run()
+    else:
+        device = device or "cpu"
+        if device not in calib.devices:
+            raise ScenarioError(f"no device profile {device!r}: the calibration has {', '.join(calib.devices)}, the "
+                                f"shipped GPU profiles are {', '.join(shipped().devices)}")
+        shaped, bound = cluster_of(scenario, device), cluster_of(scenario, device, unlimited_rate=True)
+
+        def simulate(w, cluster, timeline=False):
+            return Simulator(w, cluster, calib, timeline=timeline).run()
     for method in scenario.methods:
         w = workload_of(scenario, method)
-        p = Simulator(w, shaped, calib, timeline=timeline).run()
-        b = Simulator(w, bound, calib).run()
-        raw = Simulator(workload_of(scenario, method.model_copy(update={"codec": None})), bound, calib).run()
+        p = simulate(w, shaped, timeline)
+        b = simulate(w, bound)
+        raw = simulate(workload_of(scenario, method.model_copy(update={"codec": None})), bound)
         details[method.name] = p
         rows.append(PredictedRow(method.name, p.latency_s, b.latency_s, p.compute_s, p.comm_s, p.codec_s,
                                  p.bytes_on_wire, raw.bytes_on_wire))

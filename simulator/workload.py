@@ -27,13 +27,14 @@ class ModelShape:
     pixels_per_token: int = 16    # VAE /8 then 2x2 patches; the tiny model works on pixels: 2x2 patches
     out_channels: int = 64        # channels of an output token (packed latents)
     guidance_embeds: bool = False  # guidance-distilled (FLUX.1-dev): guidance is an input, no CFG batch
+    frames_per_latent: int = 1    # video: frames per latent frame after the first (CogVideoX, HunyuanVideo: 4)
 
 
 # Published shapes (diffusers configs): FLUX.1-dev 19 double + 38 single blocks, 24 heads x 128;
 # 1024 px -> 128x128 latents -> 64x64 = 4096 image tokens, 512 T5 tokens.
 FLUX_DEV = ModelShape("flux.1-dev", layers=57, hidden=3072, heads=24, text_tokens=512, guidance_embeds=True)
 # CogVideoX-5B: 42 blocks, 48 heads x 64, 226 text tokens; 49 frames 480x720 -> 13 x 30 x 45 = 17550 tokens.
-COGVIDEOX_5B = ModelShape("cogvideox-5b", layers=42, hidden=3072, heads=48, text_tokens=226)
+COGVIDEOX_5B = ModelShape("cogvideox-5b", layers=42, hidden=3072, heads=48, text_tokens=226, frames_per_latent=4)
 TINY = ModelShape("tiny_flux_mnist", layers=4, hidden=128, heads=4, text_tokens=4, act_bytes=4, pixels_per_token=2,
                   out_channels=4)
 SHAPES = {s.name: s for s in (FLUX_DEV, COGVIDEOX_5B, TINY)}
@@ -112,15 +113,18 @@ def folder_shape(path: Path, dtype: str = "float32", max_sequence_length: int = 
                       guidance_embeds=bool(t.get("guidance_embeds")))
 
 
-def image_tokens(shape: ModelShape, resolution: int) -> int:
-    """Tokens of one square image."""
-    return (resolution // shape.pixels_per_token) ** 2
+def image_tokens(shape: ModelShape, resolution: int, frames: int = 1, height: int | None = None) -> int:
+    """Tokens of one image (square unless ``height`` is given) or video of ``frames`` frames (the first frame, then
+    one latent frame per ``frames_per_latent``)."""
+    latent_frames = 1 + (frames - 1) // shape.frames_per_latent
+    side = shape.pixels_per_token
+    return (resolution // side) * ((height or resolution) // side) * latent_frames
 
 
 def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape | None = None) -> Workload:
     shape = shape or shape_of(scenario)
     guided = scenario.guidance != 1.0 and not shape.guidance_embeds
-    return Workload(shape=shape, image_tokens=image_tokens(shape, scenario.resolution),
+    return Workload(shape=shape, image_tokens=image_tokens(shape, scenario.resolution, scenario.frames, scenario.height),
                     ulysses_degree=scenario.degrees(method)[0],
                     batch=scenario.images * (2 if guided else 1), steps=scenario.steps,
                     world=scenario.world_size, method=method,

@@ -48,6 +48,10 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
         links = (f"access link {s.link.describe()} (node to node {s.link.then(s.link).describe()})"
                  if s.topology == "star" else f"link {s.link.describe()}")
         links += f", {own} nodes with their own" if own else ""
+        if s.hardware:
+            from ..simulator.predict import describe_hardware
+
+            links = f"predicted on {describe_hardware(s, None)}" + (f", {links}" if s.sets_links else "")
         console.print(f"[green]ok[/] {path}: {s.name}, {s.world_size} nodes, {links}, "
                       f"{len(s.methods)} methods ({', '.join(m.name for m in s.methods)}), "
                       f"{s.steps} steps, warmup {s.warmup.mode} x{s.warmup.steps}")
@@ -112,14 +116,13 @@ def _calibration(args):
 
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     from ..runtime.records import UNCOMPRESSED_BASELINE
-    from ..simulator.predict import predict
+    from ..simulator.predict import describe_hardware, predict
 
     scenario = load_scenario(args.scenario)
     calib = _calibration(args)
-    if args.device not in calib.devices:
-        raise CommandError(f"no compute profile {args.device!r} in the calibration; known: {', '.join(calib.devices)}")
     rows, _ = predict(scenario, calib, args.device)
-    t = Table(title=f"{scenario.name}: predicted ({scenario.world_size} ranks, device profile {args.device})")
+    t = Table(title=f"{scenario.name}: predicted ({scenario.world_size} ranks, "
+                    f"{describe_hardware(scenario, args.device)})")
     for col in ("method", "latency s", f"vs {UNCOMPRESSED_BASELINE}", "vs distrifusion", "bound s", "x bound",
                 "compute s", "comm s", "codec s", "MB on wire", "ratio"):
         t.add_column(col, justify="left" if col == "method" else "right")
@@ -203,6 +206,39 @@ def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
     console.print("host: the run's single-process reference generation (timed before the distributed runs, no "
                   "links) against the calibration runs', relative to the model; the predicted compute is scaled "
                   "by it")
+    return 0
+
+
+def cmd_published(args: argparse.Namespace, console: Console) -> int:
+    import numpy as np
+
+    from ..simulator.published import published_sets
+
+    try:
+        sets = published_sets(only=args.sets or None)
+    except KeyError as e:
+        raise CommandError(e.args[0]) from None
+    rows = []
+    for s in sets:
+        t = Table(title=f"{s.title}: predicted vs published\nsource: {s.source}")
+        for col in ("method", "GPUs", "published s", "predicted s", "error", "speedup pub", "speedup pred", "error"):
+            t.add_column(col, justify="left" if col == "method" else "right")
+        for r in s.rows:
+            se = r.speedup_error
+            t.add_row(r.label, str(r.nodes), f"{r.published_s:.2f}", f"{r.predicted_s:.2f}", f"{r.error:+.1%}",
+                      *(("-", "-", "-") if se is None else
+                        (f"{r.published_speedup:.2f}x", f"{r.predicted_speedup:.2f}x", f"{se:+.1%}")))
+        console.print(t)
+        fastest = "right" if s.published_best == s.predicted_best else "WRONG"
+        console.print(f"fastest: published {s.published_best}, predicted {s.predicted_best} ({fastest})"
+                      + (f"; not modelled: {', '.join(f'{k} {v:g} s' for k, v in s.not_modelled.items())}"
+                         if s.not_modelled else ""))
+        rows += s.rows
+    speed = [abs(r.speedup_error) for r in rows if r.speedup_error is not None and r.speedup_error != 0]
+    console.print(f"{len(sets)} sets, {len(rows)} rows: latency error mean {np.mean([abs(r.error) for r in rows]):.1%}"
+                  f" (max {max(abs(r.error) for r in rows):.1%}); speedup error mean {np.mean(speed):.1%} (max "
+                  f"{max(speed):.1%}); fastest right in {sum(s.published_best == s.predicted_best for s in sets)} "
+                  f"of {len(sets)}")
     return 0
 
 
@@ -309,9 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the same table `scenario run` prints, predicted.")
     s.add_argument("scenario")
     s.add_argument("--calibration", help="calibration folder (default: the shipped one)")
-    s.add_argument("--device", default="cpu", help="compute profile in the calibration (default: cpu)")
+    s.add_argument("--device", default=None,
+                   help="a shipped GPU profile (overrides the scenario's hardware.device) or cpu, the emulation "
+                        "host's calibrated profile (default: the scenario's hardware, else cpu)")
     s.set_defaults(func=cmd_predict)
 
+    s = sub.add_parser("published", help="predict published GPU tables (CompactFusion, xDiT) side by side",
+                       description="Predict every published multi-GPU set shipped in simulator/profiles/"
+                                   "published.yaml, each anchored only by its own single-device time; print "
+                                   "predicted against published latency and speedup, with the source of each set.")
+    s.add_argument("sets", nargs="*", help="set names (default: all)")
+    s.set_defaults(func=cmd_published)
     s = sub.add_parser("regress", help="run a scenario and compare its figures with a committed baseline",
                        description="Run the scenario (shaped links, no bound pass) and compare bytes on wire, "
                                    "compression ratio, quality, the exchange against the hop model and the latency "

@@ -7,7 +7,8 @@ import pytest
 
 from compactbed.testbed.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "validate", "predict", "simcheck", "regress", "calibrate", "crossval", "dashboard", "netem"]
+SUBCOMMANDS = ["run", "validate", "predict", "published", "simcheck", "regress", "calibrate", "crossval", "dashboard",
+               "netem"]
 
 
 def test_help_lists_and_explains_every_subcommand(capsys):
@@ -27,6 +28,22 @@ def test_validate_ok(repo, capsys):
     assert main(["validate", str(repo / "scenarios" / "edge_4node.yaml")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "edge_4node, 4 nodes, access link 100 Mbit/s, 5 ms (node to node 100 Mbit/s, 10 ms)" in out
+
+
+def test_gpu_scenarios_are_validated_predicted_and_published_sets_printed(repo, capsys):
+    gpu = str(repo / "scenarios" / "gpu_2x8_h100.yaml")
+    assert main(["validate", gpu]) == 0
+    assert "predicted on h100-sxm on 2 machines over nvlink4, NIC ethernet_25g" in capsys.readouterr().out
+    assert main(["predict", gpu, "--device", "l40s"]) == 0
+    out = capsys.readouterr().out
+    assert "l40s on 2 machines" in out and "compact-1bit" in out
+    assert main(["predict", gpu, "--device", "b300"]) == 2
+    assert "no device profile 'b300'" in capsys.readouterr().err
+    assert main(["published", "compactfusion_pcie"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "source: CompactFusion (arXiv 2507.17511) Table 1" in out and "fastest: published compact-1bit" in out
+    assert main(["published", "nope"]) == 1
+    assert "no published set nope; known: compactfusion_pcie" in capsys.readouterr().err
 
 
 def test_bad_scenario_one_reason_exit_2(tmp_path, capsys):

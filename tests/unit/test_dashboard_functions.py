@@ -63,6 +63,20 @@ def test_flux_what_if_runs_on_a_gpu_profile_quickly():
     assert {r.method for r in rows} == {"compact-1bit", "ring", "distrifusion"}
 
 
+def test_gpu_what_ifs_take_the_machines_fabric_and_nic():
+    """8 H100s in one NVLink machine against two machines of 4 over 25 GbE: the NIC makes ring slower; a name that
+    is not a NIC is a message naming the shipped ones."""
+    base = dict(model="flux.1-dev", resolution=1024, images=1, steps=28, nodes=8, profile="ethernet_1g",
+                device="h100-sxm", intra_node="nvlink4", method="ring", warmup="sync")
+    one = {r.method: r for r in W.answer(W.WhatIf(**base, gpus_per_node=8), CALIB)[0]}
+    two = {r.method: r for r in W.answer(W.WhatIf(**base, gpus_per_node=4, inter_node="ethernet_25g"), CALIB)[0]}
+    assert two["ring"].latency_s > 1.5 * one["ring"].latency_s
+    assert "h100-sxm per machine over nvlink4" in W.profile_note(W.WhatIf(**base, gpus_per_node=8))
+    with pytest.raises(ScenarioError, match="shipped: ethernet_10g"):
+        W.answer(W.WhatIf(**base, gpus_per_node=4, inter_node="nvlink4"), CALIB)
+    assert {"h100-sxm", "l20", "cpu"} <= {o["value"] for o in W.device_options(CALIB)}
+
+
 @pytest.fixture
 def folder(tmp_path):
     res = tmp_path / "res" / "20260101-000000"
@@ -116,7 +130,7 @@ def test_rgb_samples_show_as_colour_images(folder):
 
 
 CONTROLS = ["nodes", "profile", "rate", "delay", "jitter", "loss", "model", "resolution", "images", "steps", "method",
-            "ulysses", "warmup", "device"]
+            "ulysses", "warmup", "device", "gpus", "intra", "inter"]
 
 
 @pytest.mark.parametrize("control, value, says", [
@@ -131,7 +145,8 @@ def test_a_malformed_control_posted_to_the_app_is_a_message_not_a_server_error(c
     client = app.server.test_client()
     key = next(k for k in app.callback_map if "message.children" in k)
     values = dict(nodes=4, profile="edge_100m_10ms", rate=100, delay=10, jitter=0, loss=0, model="tiny_flux_mnist",
-                  resolution=16, images=8, steps=4, method="compact-1bit", ulysses=1, warmup="local", device="cpu")
+                  resolution=16, images=8, steps=4, method="compact-1bit", ulysses=1, warmup="local", device="cpu", gpus=1, intra="pcie4",
+                  inter="ethernet_shaped")
     values[control] = value
     payload = {"output": key, "outputs": [{"id": s.split(".")[0], "property": s.split(".")[1]}
                                           for s in key.strip(".").split("...")],
@@ -147,7 +162,7 @@ def test_wide_clusters_answer_without_curves_and_profiles_say_what_they_model():
                  device="l20")
     fig = W.bandwidth_curves(w, CALIB)
     assert not fig.data and "up to 16 nodes" in fig.layout.title.text
-    assert W.profile_note(w) == ""
+    assert "GPU cluster model" in W.profile_note(w)
     assert "emulation host" in W.profile_note(W.WhatIf(model="flux.1-dev", resolution=1024, device="cpu"))
 
 

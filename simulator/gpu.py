@@ -1,0 +1,337 @@
+"""GPU clusters: one generation as xDiT runs it on NCCL, simulated in SimPy from the layered cost model.
+
+Layers of the model, each with its own data and code:
+  workload      :mod:`.workload`: tokens, FLOPs and bytes of a layer for a model shape and method
+  device        a layer's time on a GPU (:func:`layer_seconds`): its linear FLOPs at the device's anchored
+                efficiency of its datasheet peak (or reading its weights from HBM, if slower), plus attention FLOPs
+  interconnect  :mod:`.hardware` link classes, in nccl-tests' terms
+  collectives   :mod:`.collectives`: NCCL's ring all-gather, all-to-all and send/recv over the machines' fabric
+  codec         a memory-bound pass: the paper's L20 kernel timings, scaled by the device's HBM bandwidth
+
+What overlaps is simulated: ring attention's K/V rotation (xDiT's ring flash attention) runs each hop beside the
+attention over the block at hand; a direct exchange beside the own block; DistriFusion's all-gathers beside the
+next layers and step. Each machine's NIC and its GPU fabric are SimPy resources a transfer holds, so an
+asynchronous gather and the next exchange contend. Ranks run in lockstep, each phase as long as its slowest rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import math
+
+import simpy
+
+from ..scenarios.schema import HardwareSpec, Scenario, ScenarioError
+from .collectives import Fabric, allgather_seconds, alltoall_seconds, sendrecv_seconds
+from .hardware import Anchor, DeviceSpec, shipped
+from .model import Prediction
+from .workload import SHAPES, Workload, image_tokens
+
+# The paper's codec timings on an L20 for one FLUX K/V shard (1088 tokens x 3072, bf16 = 6.68 MB): 1-bit compress
+# 0.06 ms, decompress 0.02 ms; low-rank compress 0.93 ms (2-bit and sparse taken as 1-bit's: not published).
+CODEC_REFERENCE = {"device": "l20", "shard_bytes": 1088 * 3072 * 2,
+                   "seconds": {"encode": 0.06e-3, "decode": 0.02e-3, "lowrank/encode": 0.93e-3}}
+DEFAULT_EFFICIENCY_NOTE = "median of the anchored devices (no published single-device time for this device)"
+
+
+def layer_flops(tokens: float, kv_tokens: float, hidden: int) -> tuple[float, float]:
+    """(linear, attention) FLOPs of one DiT block: QKV, output and a 4x MLP (12 h^2 weights, 2 FLOPs per weight
+    and token), and QK^T plus AV."""
+    return 24 * tokens * hidden ** 2, 4 * tokens * kv_tokens * hidden
+
+
+TILE = 128          # output tile of a tensor-core GEMM / flash-attention block (CUTLASS's default 128x128 for bf16)
+
+
+def waves(dev: DeviceSpec, blocks: int) -> float:
+    """The share of the SMs a kernel of ``blocks`` thread blocks keeps busy over its waves (wave quantization)."""
+    if not dev.sms or blocks <= 0:
+        return 1.0
+    return blocks / (math.ceil(blocks / dev.sms) * dev.sms)
+
+
+def layer_seconds(dev: DeviceSpec, efficiency: float, tokens: float, kv_tokens: float, hidden: int,
+                  heads: int = 1, act_bytes: int = 2) -> float:
+    """One DiT block on ``tokens`` queries over ``kv_tokens`` keys: its four GEMMs (QKV, output, MLP up and
+    down: N = 3h, h, 4h, h) and attention at ``efficiency`` of the peak, each kernel slowed by its last partial wave
+    of 128x128 tiles (attention: 128-query blocks per head); a GEMM reads its weights from HBM at least."""
+    peak = dev.peak_tflops * 1e12 * efficiency
+    m = math.ceil(tokens / TILE)
+    t = 0.0
+    for n_out, k_in in ((3 * hidden, hidden), (hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden)):
+        flops = 2 * tokens * n_out * k_in
+        t += max(flops / (peak * waves(dev, m * math.ceil(n_out / TILE))), n_out * k_in * act_bytes / (dev.hbm_gbs * 1e9))
+    if kv_tokens:
+        t += 4 * tokens * kv_tokens * hidden / (peak * waves(dev, m * heads))
+    return t
+
+
+def anchor_tokens(anchor: Anchor) -> tuple[int, int]:
+    """(tokens per sequence, batch) of an anchor's generation."""
+    shape = SHAPES[anchor.model]
+    return image_tokens(shape, anchor.resolution, anchor.frames, anchor.height) + shape.text_tokens, anchor.batch
+
+
+@cache
+def fit_efficiency(dev: DeviceSpec, anchor: Anchor) -> float:
+    """The fraction of ``dev``'s peak at which :func:`layer_seconds` reproduces the anchor's single-device time."""
+    shape = SHAPES[anchor.model]
+    tokens, batch = anchor_tokens(anchor)
+    lo, hi = 1e-4, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        t = anchor.steps * shape.layers * layer_seconds(dev, mid, batch * tokens, tokens, shape.hidden, shape.heads,
+                                                        shape.act_bytes)
+        lo, hi = (lo, mid) if t < anchor.seconds else (mid, hi)
+    return (lo + hi) / 2
+
+
+@cache
+def efficiency(dev: DeviceSpec, model: str) -> tuple[float, str]:
+    """``dev``'s compute efficiency for ``model``: fitted to its published single-device time of that model (else
+    of another model, else the median over the shipped devices that have one), and where it came from."""
+    same = [a for a in dev.anchors if a.model == model] or list(dev.anchors)
+    if same:
+        a = same[0]
+        note = "" if a.model == model else f" (no {model} time published)"
+        return fit_efficiency(dev, a), f"{a.seconds:g} s single-device {a.model}{note}: {a.source}"
+    values = sorted(efficiency(d, model)[0] for d in shipped().devices.values() if d.anchors)
+    return values[len(values) // 2], DEFAULT_EFFICIENCY_NOTE
+
+
+def codec_seconds(dev: DeviceSpec, kind: str, op: str, raw_bytes: float) -> float:
+    """One encode or decode of ``raw_bytes`` of K+V: a memory-bound pass, the reference timings scaled by HBM
+    bandwidth."""
+    ref = CODEC_REFERENCE
+    secs = ref["seconds"].get(f"{kind}/{op}", ref["seconds"][op])
+    hbm_ref = shipped().device(ref["device"]).hbm_gbs
+    return secs * raw_bytes / ref["shard_bytes"] * hbm_ref / dev.hbm_gbs
+
+
+@dataclass(frozen=True)
+class GpuCluster:
+    """Ranks on GPUs: each rank's device and compute scale, and the fabric joining them."""
+
+    devices: tuple[DeviceSpec, ...]
+    fabric: Fabric
+    compute_scale: tuple[float, ...] = ()
+
+    @property
+    def world(self) -> int:
+        return self.fabric.world
+
+    def scale(self, r: int) -> float:
+        return self.compute_scale[r] if self.compute_scale else 1.0
+
+
+def gpu_cluster_of(scenario: Scenario, device: str | None = None, unlimited_rate: bool = False) -> GpuCluster:
+    """The scenario's ``hardware`` (``device`` overrides its GPU; without the block: one ``device`` per machine
+    behind the scenario's links). Paths between machines are the scenario's links where it sets any (the rate
+    lifted for the bound pass)."""
+    hw = scenario.hardware or HardwareSpec(device=device or "l20")
+    if device:
+        hw = hw.model_copy(update={"device": device})
+    profiles, g, n = shipped(), hw.gpus_per_node, scenario.world_size
+    try:
+        devices = tuple(profiles.device(x.device or hw.device) for x in scenario.nodes)
+        nics = tuple(profiles.link(scenario.nodes[m * g].nic or hw.inter_node, "nic") for m in range(-(-n // g)))
+        intra = profiles.link(hw.intra_node, "intra")
+    except KeyError as e:
+        raise ScenarioError(f"{scenario.name}: hardware: {e.args[0]}") from None
+    paths = scenario.directed_links(unlimited_rate) if scenario.sets_links or scenario.hardware is None else None
+    fabric = Fabric(tuple(r // g for r in range(n)), intra, nics, paths)
+    return GpuCluster(devices, fabric, tuple(x.compute_scale for x in scenario.nodes))
+
+
+class GpuSimulator:
+    """Predict one generation of ``workload`` on ``cluster``."""
+
+    def __init__(self, workload: Workload, cluster: GpuCluster):
+        if cluster.world != workload.world:
+            raise ValueError(f"cluster has {cluster.world} ranks, workload {workload.world}")
+        self.w, self.c = workload, cluster
+        shape = workload.shape
+        self.eff = [efficiency(d, shape.name if shape.name in SHAPES else "flux.1-dev")[0] for d in cluster.devices]
+        self._compute: dict[tuple, float] = {}
+
+    # --- costs of one layer (slowest rank) --------------------------------------------------------------------
+    def compute(self, tokens: float, kv_tokens: float) -> float:
+        key = (tokens, kv_tokens)
+        if key not in self._compute:
+            self._compute[key] = self._compute_seconds(tokens, kv_tokens)
+        return self._compute[key]
+
+    def _compute_seconds(self, tokens: float, kv_tokens: float) -> float:
+        w = self.w
+        return max(layer_seconds(d, e, tokens, kv_tokens, w.shape.hidden, w.shape.heads, w.shape.act_bytes) * self.c.scale(r)
+                   for r, (d, e) in enumerate(zip(self.c.devices, self.eff)))
+
+    def linear(self, tokens: float) -> float:
+        return self.compute(tokens, 0)
+
+    def attention(self, tokens: float, kv_tokens: float) -> float:
+        return self.compute(tokens, kv_tokens) - self.linear(tokens)
+
+    def codec(self, warm: bool) -> tuple[float, float]:
+        w = self.w
+        if warm or not w.method.compressed:
+            return 0.0, 0.0
+        kind, raw = w.method.codec.compressor.kind, w.kv_bytes()
+        return (max(codec_seconds(d, kind, "encode", raw) * self.c.scale(r) for r, d in enumerate(self.c.devices)),
+                max(codec_seconds(d, kind, "decode", raw) * self.c.scale(r) for r, d in enumerate(self.c.devices)))
+
+    # --- the event model --------------------------------------------------------------------------------------
+    def run(self) -> Prediction:
+        env = simpy.Environment()
+        w, f, p, L = self.w, self.c.fabric, self.w.world, self.w.shape.layers
+        machines = sorted(set(f.machine))
+        nic = {m: simpy.Resource(env, 1) for m in machines}
+        fabric = {m: simpy.Resource(env, 1) for m in machines}
+        stats = dict(compute=0.0, comm=0.0, codec=0.0, bytes=0)
+        everyone = list(range(p))
+        T = w.tokens                                            # keys a query attends to (one sequence)
+        t_local = w.local_tokens
+
+        def transfer(seconds: float, ranks: list[int]):
+            """A collective: holds the NICs it crosses and the fabric of every machine it touches."""
+            held = [nic[m] for m in f.nics_used(ranks)] + [fabric[m] for m in {f.machine[r] for r in ranks}]
+            reqs = [res.request() for res in held]
+            yield env.all_of(reqs)
+            yield env.timeout(seconds)
+            for res, req in zip(held, reqs):
+                res.release(req)
+
+        def exposed(what, seconds_busy_elsewhere: float):
+            """Wait for ``what`` (a transfer) while computing ``seconds_busy_elsewhere``; account what shows."""
+            t0 = env.now
+            yield env.all_of([env.process(what), env.timeout(seconds_busy_elsewhere)])
+            stats["comm"] += max(0.0, env.now - t0 - seconds_busy_elsewhere)
+
+        def ring_attention(payload: float, ranks_per_ring: int, decode: float, direct: bool):
+            """Attention over ``ranks_per_ring`` K/V blocks: the own block, then each peer's block as it arrives
+            (ring: P-1 hops, each beside the block at hand; direct: one round beside the own block)."""
+            block = self.attention(t_local, T / ranks_per_ring) if ranks_per_ring else 0.0
+            groups = _ring_groups(w, p)
+            if direct:
+                secs = max(alltoall_seconds(f, payload * len(g), g) for g in groups)
+                yield from exposed(transfer(secs, everyone), block)
+                yield env.timeout((ranks_per_ring - 1) * (block + decode))
+                stats["compute"] += ranks_per_ring * block
+                stats["codec"] += (ranks_per_ring - 1) * decode
+                return
+            pairs = [(g[i], g[(i + 1) % len(g)]) for g in groups for i in range(len(g))]
+            hop = sendrecv_seconds(f, payload, pairs)
+            for _ in range(ranks_per_ring - 1):
+                yield from exposed(transfer(hop, everyone), block + decode)
+            yield env.timeout(block)
+            stats["compute"] += ranks_per_ring * block
+            stats["codec"] += (ranks_per_ring - 1) * decode
+
+        def layer(warm: bool, local: bool):
+            """One block on every rank (lockstep)."""
+            if local:                                           # local warmup: the whole sequence, no exchange
+                t = self.compute(w.batch * T, T)
+                yield env.timeout(t)
+                stats["compute"] += t
+                return
+            enc, dec = self.codec(warm)
+            payload = w.kv_wire_bytes(warm)
+            lin = self.linear(t_local)
+            yield env.timeout(lin + enc)
+            stats["compute"] += lin
+            stats["codec"] += enc
+            u, r = w.degrees
+            if w.method.all_to_all:
+                if u > 1:
+                    secs = max(alltoall_seconds(f, payload * 3 / 2, g) for g in _ulysses_groups(w, p))
+                    yield from exposed(transfer(secs, everyone), 0.0)
+                yield from ring_attention(payload / u, r, dec, direct=False)
+                if u > 1:
+                    secs = max(alltoall_seconds(f, payload / 2, g) for g in _ulysses_groups(w, p))
+                    yield from exposed(transfer(secs, everyone), 0.0)
+            elif w.method.own_attention_exchange and not w.method.stale_kv:     # patch: gather, then attend
+                yield from exposed(transfer(allgather_seconds(f, payload, everyone), everyone), 0.0)
+                att = self.attention(t_local, T)
+                yield env.timeout(att + (p - 1) * dec)
+                stats["compute"] += att
+                stats["codec"] += (p - 1) * dec
+            else:
+                yield from ring_attention(payload, p, dec, direct=w.method.exchange == "direct")
+
+        pending: list = [None] * L
+        refresh = allgather_seconds(f, w.kv_wire_bytes(False), everyone) if w.method.stale_kv else 0.0
+
+        def stale_layer(l: int):
+            """DistriFusion: attend over last step's K/V; this layer's gather runs behind what follows."""
+            enc, dec = self.codec(False)
+            if pending[l] is not None and not pending[l].triggered:
+                t0 = env.now
+                yield pending[l]
+                stats["comm"] += env.now - t0
+            t = self.compute(t_local, T)
+            yield env.timeout(t + enc + (p - 1) * dec)
+            stats["compute"] += t
+            stats["codec"] += enc + (p - 1) * dec
+            pending[l] = env.process(transfer(refresh, everyone))
+
+        step_time: dict[str, float] = {}
+
+        def step(kind: str):
+            t0 = env.now
+            if kind == "stale":
+                for l in range(L):
+                    yield from stale_layer(l)
+            elif kind in step_time:                             # identical steps: the first one simulated
+                yield env.timeout(step_time[kind])
+                for k, v in per_step[kind].items():
+                    stats[k] += v
+                return
+            else:
+                before = dict(stats)
+                yield from layer(kind == "sync", kind == "local")
+                one = {k: stats[k] - before[k] for k in stats}
+                yield env.timeout((L - 1) * (env.now - t0))
+                for k in stats:
+                    stats[k] += (L - 1) * one[k]
+            out = allgather_seconds(f, w.output_bytes(), everyone)
+            yield from exposed(transfer(out, everyone), 0.0)
+            if kind != "stale":
+                step_time[kind] = env.now - t0
+                per_step[kind] = {k: stats[k] - start[k] for k in stats}
+
+        per_step: dict[str, dict] = {}
+        start: dict = {}
+
+        def generation():
+            for k in range(w.steps):
+                warm = k < w.warmup_steps
+                kind = ("local" if w.warmup_mode == "local" else "sync") if warm else \
+                    "stale" if w.method.stale_kv else "steady"
+                start.update(stats)
+                yield from step(kind)
+                stats["bytes"] += self.step_bytes(kind)
+            for ev in pending:
+                if ev is not None and not ev.triggered:
+                    yield ev
+
+        env.process(generation())
+        env.run()
+        return Prediction(latency_s=env.now, compute_s=stats["compute"], comm_s=stats["comm"],
+                          codec_s=stats["codec"], bytes_on_wire=int(stats["bytes"]))
+
+    def step_bytes(self, kind: str) -> int:
+        w, p, L = self.w, self.w.world, self.w.shape.layers
+        kv = 0 if kind == "local" else w.kv_wire_bytes(kind == "sync")
+        return p * (p - 1) * (L * kv + w.output_bytes())
+
+
+def _ulysses_groups(w: Workload, p: int) -> list[list[int]]:
+    u, _ = w.degrees
+    return [list(range(g * u, g * u + u)) for g in range(p // u)]
+
+
+def _ring_groups(w: Workload, p: int) -> list[list[int]]:
+    u, _ = w.degrees
+    return [list(range(i, p, u)) for i in range(u)]

@@ -1,0 +1,96 @@
+"""Published multi-GPU tables predicted side by side (``scenario published``): the sets in
+``profiles/published.yaml``, each anchored only by its own single-device time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from ..scenarios.schema import Scenario, parse_scenario
+from .gpu import GpuSimulator, gpu_cluster_of
+from .hardware import PROFILES_DIR, Anchor
+from .workload import workload_of
+
+PUBLISHED_FILE = PROFILES_DIR / "published.yaml"
+
+
+@dataclass
+class Row:
+    """One published latency and its prediction; speedups over the set's baseline (a method, or one device)."""
+
+    set: str
+    label: str
+    nodes: int
+    published_s: float
+    predicted_s: float
+    published_speedup: float | None = None
+    predicted_speedup: float | None = None
+
+    @property
+    def error(self) -> float:
+        return self.predicted_s / self.published_s - 1
+
+    @property
+    def speedup_error(self) -> float | None:
+        if self.published_speedup is None or self.predicted_speedup is None:
+            return None
+        return self.predicted_speedup / self.published_speedup - 1
+
+
+@dataclass
+class PublishedSet:
+    name: str
+    title: str
+    source: str
+    rows: list[Row]
+    not_modelled: dict[str, float]
+    published_best: str
+    predicted_best: str
+
+
+def _scenario(name: str, common: dict, row: dict) -> Scenario:
+    data = dict(common, name=name)
+    data["nodes"] = row.get("nodes", common.get("nodes"))
+    data["methods"] = [row["method"]]
+    if "ulysses_degree" in row:
+        data["parallel"] = {"ulysses_degree": row["ulysses_degree"]}
+    return parse_scenario(data, f"{PUBLISHED_FILE.name}: {name}")
+
+
+def predict_set(name: str, entry: dict) -> PublishedSet:
+    """Predict every row of one published set with its single-device time as the compute anchor."""
+    rows = []
+    for r in entry["rows"]:
+        sc = _scenario(name, entry["scenario"], r)
+        shape = workload_of(sc, sc.methods[0]).shape
+        anchor = Anchor(model=shape.name, resolution=sc.resolution, height=sc.height, frames=sc.frames,
+                        steps=sc.steps, batch=workload_of(sc, sc.methods[0]).batch // sc.images,
+                        seconds=float(entry["single_s"]), source=entry["source"])
+        cluster = gpu_cluster_of(sc)
+        cluster = replace(cluster, devices=tuple(replace(d, anchors=(anchor,)) for d in cluster.devices))
+        pred = GpuSimulator(workload_of(sc, sc.methods[0]), cluster).run().latency_s
+        label = r["method"] + (f" u{r['ulysses_degree']}" if "ulysses_degree" in r else "")
+        rows.append(Row(name, label, sc.world_size, float(r["seconds"]), pred))
+    base = entry.get("baseline", "single")
+    for row in rows:
+        if base == "single":
+            row.published_speedup = entry["single_s"] / row.published_s
+            row.predicted_speedup = entry["single_s"] / row.predicted_s
+        else:
+            ref = next((x for x in rows if x.label == base and x.nodes == row.nodes), None)
+            if ref is not None:
+                row.published_speedup = ref.published_s / row.published_s
+                row.predicted_speedup = ref.predicted_s / row.predicted_s
+    best = (min(rows, key=lambda x: x.published_s), min(rows, key=lambda x: x.predicted_s))
+    return PublishedSet(name, entry.get("title", name), entry["source"], rows, entry.get("not_modelled") or {},
+                        f"{best[0].label} ({best[0].nodes})", f"{best[1].label} ({best[1].nodes})")
+
+
+def published_sets(path: Path = PUBLISHED_FILE, only: list[str] | None = None) -> list[PublishedSet]:
+    raw = yaml.safe_load(path.read_text())
+    unknown = sorted(set(only or ()) - set(raw))
+    if unknown:
+        raise KeyError(f"no published set {', '.join(unknown)}; known: {', '.join(raw)}")
+    return [predict_set(name, entry) for name, entry in raw.items() if not only or name in only]

@@ -1,0 +1,152 @@
+"""The GPU-cluster model: collectives follow their link profiles, machines share their NIC, profiles round-trip
+through their files, and published sets are predicted from their single-device anchor only."""
+
+from dataclasses import replace
+
+import pytest
+from compactbed.scenarios.schema import ScenarioError, parse_scenario
+from compactbed.simulator.collectives import Fabric, allgather_seconds, alltoall_seconds, sendrecv_seconds
+from compactbed.simulator.gpu import GpuSimulator, efficiency, gpu_cluster_of, layer_seconds
+from compactbed.simulator.hardware import (Anchor, read_devices, read_links, shipped, write_devices,
+                                           write_links)
+from compactbed.simulator.predict import predict
+from compactbed.simulator.published import published_sets
+from compactbed.simulator.workload import FLUX_DEV, image_tokens, workload_of
+
+from .simulated import CALIB
+
+P = shipped()
+NVLINK, ETH = P.links["nvlink4"], P.links["ethernet_25g"]
+
+
+def fabric(machines: int, gpus: int, intra=NVLINK, nic=ETH) -> Fabric:
+    return Fabric(tuple(r // gpus for r in range(machines * gpus)), intra, (nic,) * machines)
+
+
+def flux(nodes: int, methods, **kw) -> object:
+    data = dict(name="g", nodes=nodes, model={"name": "flux.1-dev"}, resolution=1024, steps=28, guidance=3.5,
+                labels=1, methods=methods, warmup={"mode": "sync", "steps": 1}) | kw
+    return parse_scenario(data)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("nbytes", [1e3, 1e6, 1e8])
+def test_allgather_follows_the_profile_in_message_size_and_rank_count(p, nbytes):
+    """nccl-tests' form: (P-1) steps of one latency, n (P-1) bytes at the bus bandwidth."""
+    f = fabric(1, p)
+    t = allgather_seconds(f, nbytes, list(range(p)))
+    assert t == pytest.approx((p - 1) * (NVLINK.latency_us * 1e-6 + nbytes / (NVLINK.busbw_gbs * 1e9)))
+    assert allgather_seconds(f, 2 * nbytes, list(range(p))) - t == pytest.approx(
+        (p - 1) * nbytes / (NVLINK.busbw_gbs * 1e9))
+
+
+def test_cross_machine_pairs_go_through_the_shared_nic():
+    f = fabric(2, 4)
+    assert f.pair(0, 1) == (NVLINK.busbw_gbs * 1e9, NVLINK.latency_us * 1e-6)
+    assert f.pair(0, 4) == (ETH.busbw_gbs * 1e9, ETH.latency_us * 1e-6)
+    n = 1e8
+    # the ring crosses both NICs: every step at the NIC's rate
+    assert allgather_seconds(f, n, list(range(8))) == pytest.approx(7 * (ETH.latency_us * 1e-6 + n / (ETH.busbw_gbs * 1e9)))
+    # an all-to-all's cross-machine bytes of all 4 GPUs leave through one NIC
+    cross = 4 * 4 * n / 8 / (ETH.busbw_gbs * 1e9)
+    assert alltoall_seconds(f, n, list(range(8))) == pytest.approx(ETH.latency_us * 1e-6 + cross)
+    # one pair across the NIC alone, or four at once sharing it
+    one = sendrecv_seconds(f, n, [(0, 4)])
+    four = sendrecv_seconds(f, n, [(r, r + 4) for r in range(4)])
+    assert four - ETH.latency_us * 1e-6 == pytest.approx(4 * (one - ETH.latency_us * 1e-6))
+    assert sendrecv_seconds(f, n, [(0, 1)]) < one / 50
+
+
+def test_a_cluster_of_machines_is_slower_than_one_machine_and_faster_with_a_faster_nic():
+    sc = flux(8, ["ring"], hardware={"device": "h100-sxm", "gpus_per_node": 8, "intra_node": "nvlink4"})
+    w = workload_of(sc, sc.methods[0])
+    one = GpuSimulator(w, gpu_cluster_of(sc)).run().latency_s
+    two = gpu_cluster_of(sc.model_copy(update={"hardware": sc.hardware.model_copy(update={"gpus_per_node": 4,
+                                                                                          "inter_node": "ethernet_25g"})}))
+    slow = GpuSimulator(w, two).run().latency_s
+    ib = GpuSimulator(w, replace(two, fabric=replace(two.fabric, nic=(P.links["ib_ndr"],) * 2))).run().latency_s
+    assert one < ib < slow
+
+
+def test_compute_reproduces_the_single_device_anchor_and_scales_with_ranks():
+    l20 = P.devices["l20"]
+    anchor = next(a for a in l20.anchors if a.model == "flux.1-dev")
+    single = flux(1, ["ring"], hardware={"device": "l20"})
+    t1 = GpuSimulator(workload_of(single, single.methods[0]), gpu_cluster_of(single)).run()
+    assert t1.latency_s == pytest.approx(anchor.seconds, rel=1e-3) and t1.comm_s == 0
+    eff = efficiency(l20, "flux.1-dev")[0]
+    assert 0.2 < eff < 1.0
+    tokens = image_tokens(FLUX_DEV, 1024) + FLUX_DEV.text_tokens
+    # wave quantization: a quarter of the tokens takes more than a quarter of the time
+    quarter = layer_seconds(l20, eff, tokens / 4, tokens, FLUX_DEV.hidden, FLUX_DEV.heads)
+    whole = layer_seconds(l20, eff, tokens, tokens, FLUX_DEV.hidden, FLUX_DEV.heads)
+    assert 0.25 * whole < quarter < 0.35 * whole
+    # a device without a published time takes the median efficiency of those with one
+    assert "median" in efficiency(P.devices["a100-sxm"], "flux.1-dev")[1]
+
+
+def test_compression_pays_on_slow_links_and_distrifusion_hides_its_gathers_on_fast_ones():
+    slow = flux(4, ["ring", "compact-1bit", "distrifusion"], link={"rate_mbit": 4000},
+                hardware={"device": "l20"})
+    rows = {r.method: r for r in predict(slow, CALIB)[0]}
+    assert rows["compact-1bit"].latency_s * 5 < rows["ring"].latency_s
+    assert rows["compact-1bit"].bytes_on_wire * 8 < rows["ring"].bytes_on_wire
+    fast = flux(4, ["ring", "distrifusion"], hardware={"device": "h100-sxm", "gpus_per_node": 4,
+                                                       "intra_node": "nvlink4"})
+    rows = {r.method: r for r in predict(fast, CALIB)[0]}
+    assert rows["distrifusion"].comm_s < 0.02 * rows["distrifusion"].latency_s
+
+
+def test_asynchronous_gathers_and_the_next_exchange_contend_for_the_nic():
+    """DistriFusion's gathers hold the NIC: on a link too slow to hide them, a step waits for the last one."""
+    sc = flux(4, ["distrifusion"], link={"rate_mbit": 800}, hardware={"device": "l20"})
+    p = GpuSimulator(workload_of(sc, sc.methods[0]), gpu_cluster_of(sc)).run()
+    assert p.comm_s > 0.5 * p.latency_s
+
+
+def test_hardware_names_are_checked_with_the_shipped_choices(tmp_path):
+    sc = flux(4, ["ring"], hardware={"device": "h900"})
+    with pytest.raises(ScenarioError, match="no device profile 'h900'; shipped: h100-sxm"):
+        predict(sc, CALIB)
+    sc = flux(4, ["ring"], hardware={"device": "l20", "inter_node": "nvlink4"})
+    with pytest.raises(ScenarioError, match="between machines"):
+        predict(sc, CALIB)
+    with pytest.raises(ScenarioError, match="no device profile 'tpu'"):
+        predict(flux(4, ["ring"]), CALIB, "tpu")
+    # --device picks a GPU for a scenario without hardware: one per machine behind the scenario's links
+    rows = predict(flux(4, ["ring"], link={"rate_mbit": 4000}), CALIB, "h100-sxm")[0]
+    assert rows[0].latency_s > 100        # 4 Gbit/s links dominate
+    with pytest.raises(ScenarioError, match="tiny model makes square images"):
+        parse_scenario(dict(name="t", nodes=2, methods=["ring"], frames=9))
+
+
+def test_profiles_round_trip_through_their_files(tmp_path):
+    write_devices(P.devices, tmp_path / "d.yaml")
+    write_links(P.links, tmp_path / "l.yaml")
+    assert read_devices(tmp_path / "d.yaml") == P.devices
+    assert read_links(tmp_path / "l.yaml") == P.links
+    for entry in [*P.devices.values(), *P.links.values()]:
+        assert len(entry.source) > 20, entry.name
+    assert {"h100-sxm", "h200", "a100-sxm", "a100-pcie", "l40", "l40s", "l20", "h20", "rtx4090"} <= set(P.devices)
+    assert {"nvlink3", "nvlink4", "pcie4", "pcie4_p2p", "pcie5", "pcie5_p2p", "ethernet_10g", "ethernet_25g",
+            "ethernet_100g", "roce_200g", "roce_400g", "ib_hdr", "ib_ndr"} <= set(P.links)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("x: {scope: bus, busbw_gbs: 1, latency_us: 1, source: s}")
+    with pytest.raises(ValueError, match="scope is intra or nic"):
+        read_links(bad)
+
+
+def test_published_sets_are_predicted_from_their_single_device_time_only():
+    sets = {s.name: s for s in published_sets()}
+    assert "compactfusion_pcie" in sets and "xdit_flux_h100" in sets
+    for s in sets.values():
+        assert s.source and s.rows
+        for r in s.rows:
+            assert r.predicted_s > 0 and r.published_s > 0
+    # the anchor is the set's own: a set whose single-device time doubles predicts slower compute
+    eth = sets["compactfusion_ethernet_500"]
+    assert {r.label for r in eth.rows} >= {"ring", "compact-1bit", "ulysses"}
+    a = Anchor(model="flux.1-dev", resolution=1024, steps=28, seconds=23.16, source="s")
+    l20 = replace(P.devices["l20"], anchors=(a,))
+    assert efficiency(replace(l20, anchors=(replace(a, seconds=46.32),)), "flux.1-dev")[0] == pytest.approx(
+        efficiency(l20, "flux.1-dev")[0] / 2, rel=1e-3)
