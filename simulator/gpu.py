@@ -92,6 +92,8 @@ def fit_efficiency(dev: DeviceSpec, anchor: Anchor) -> float:
 def efficiency(dev: DeviceSpec, model: str) -> tuple[float, str]:
     """``dev``'s compute efficiency for ``model``: fitted to its published single-device time of that model (else
     of another model, else the median over the shipped devices that have one), and where it came from."""
+    if dev.efficiency:
+        return dev.efficiency, f"fitted to {len(dev.measured)} measured blocks (scenario profile)"
     same = [a for a in dev.anchors if a.model == model] or list(dev.anchors)
     if same:
         a = same[0]
@@ -102,8 +104,11 @@ def efficiency(dev: DeviceSpec, model: str) -> tuple[float, str]:
 
 
 def codec_seconds(dev: DeviceSpec, kind: str, op: str, raw_bytes: float) -> float:
-    """One encode or decode of ``raw_bytes`` of K+V: a memory-bound pass, the reference timings scaled by HBM
-    bandwidth."""
+    """One encode or decode of ``raw_bytes`` of K+V: as measured on the device (``scenario profile``), else a
+    memory-bound pass: the reference timings scaled by HBM bandwidth."""
+    measured = dict(dev.codec)
+    if f"{kind}/{op}" in measured or f"1bit/{op}" in measured:
+        return measured.get(f"{kind}/{op}", measured.get(f"1bit/{op}")) * raw_bytes
     ref = CODEC_REFERENCE
     secs = ref["seconds"].get(f"{kind}/{op}", ref["seconds"][op])
     hbm_ref = shipped().device(ref["device"]).hbm_gbs

@@ -9,6 +9,7 @@ a small message), for the GPU-to-GPU fabric inside a machine (NVLink, PCIe) and 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -33,8 +34,20 @@ class Anchor:
 
 
 @dataclass(frozen=True)
+class LayerPoint:
+    """One measured DiT block (``scenario profile``): ``tokens`` queries and keys at ``hidden`` width."""
+
+    tokens: int
+    hidden: int
+    heads: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
-    """One GPU kind: datasheet peaks and the published single-device times that fit its compute efficiency."""
+    """One device kind: its peaks (datasheet, or measured by ``scenario profile``) and what fits its compute
+    efficiency: published single-device times (``anchors``), or measured blocks (``measured``, fitted to
+    ``efficiency``). ``codec``: measured seconds per input byte of an encode or decode ("1bit/encode", ...)."""
 
     name: str
     peak_tflops: float            # dense bf16 tensor-core peak
@@ -44,6 +57,10 @@ class DeviceSpec:
     sms: int = 0                  # streaming multiprocessors (0: no wave quantization modelled)
     anchors: tuple[Anchor, ...] = ()
     codec_source: str = ""        # where its codec timings come from (see gpu.codec_seconds)
+    efficiency: float | None = None
+    measured: tuple[LayerPoint, ...] = ()
+    codec: tuple[tuple[str, float], ...] = ()
+    act_bytes: int = 2            # bytes per activation element of its runs (2: bf16; measured CPUs: 4)
 
 
 @dataclass(frozen=True)
@@ -71,7 +88,9 @@ def read_devices(path: Path) -> dict[str, DeviceSpec]:
     out = {}
     for name, v in _load(path).items():
         anchors = tuple(Anchor(**a) for a in v.pop("anchors", None) or ())
-        out[name] = DeviceSpec(name=name, anchors=anchors, **v)
+        measured = tuple(LayerPoint(**p) for p in v.pop("measured", None) or ())
+        codec = tuple(sorted((v.pop("codec", None) or {}).items()))
+        out[name] = DeviceSpec(name=name, anchors=anchors, measured=measured, codec=codec, **v)
     return out
 
 
@@ -89,7 +108,9 @@ def write_devices(devices: dict[str, DeviceSpec], path: Path) -> None:
     for name, d in devices.items():
         entry = {k: v for k, v in asdict(d).items() if k != "name"}
         entry["anchors"] = [asdict(a) for a in d.anchors]
-        data[name] = entry
+        entry["measured"] = [asdict(p) for p in d.measured]
+        entry["codec"] = dict(d.codec)
+        data[name] = {k: v for k, v in entry.items() if v not in ((), [], {}, None, "")}
     path.write_text(yaml.safe_dump(data, sort_keys=False, width=120))
 
 
@@ -116,13 +137,22 @@ class Profiles:
         return self.links[name]
 
 
-@cache
+PATH_VARIABLE = "COMPACTBED_PROFILE_PATH"
+
+
 def shipped() -> Profiles:
-    """The profiles shipped in ``simulator/profiles`` plus any measured ones beside them (``*.devices.yaml``)."""
+    """The profiles shipped in ``simulator/profiles``, plus measured ones (``<name>.devices.yaml``,
+    ``<name>.links.yaml``) beside them or in the folders of ``$COMPACTBED_PROFILE_PATH`` (colon-separated)."""
+    return _profiles(os.environ.get(PATH_VARIABLE, ""))
+
+
+@cache
+def _profiles(path: str) -> Profiles:
     devices = read_devices(PROFILES_DIR / "devices.yaml")
     links = read_links(PROFILES_DIR / "links.yaml")
-    for extra in sorted(PROFILES_DIR.glob("*.devices.yaml")):
-        devices |= read_devices(extra)
-    for extra in sorted(PROFILES_DIR.glob("*.links.yaml")):
-        links |= read_links(extra)
+    for folder in [PROFILES_DIR, *(Path(p) for p in path.split(os.pathsep) if p)]:
+        for extra in sorted(folder.glob("*.devices.yaml")):
+            devices |= read_devices(extra)
+        for extra in sorted(folder.glob("*.links.yaml")):
+            links |= read_links(extra)
     return Profiles(devices, links)

@@ -11,6 +11,7 @@ import faulthandler
 import functools
 import signal
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -242,6 +243,17 @@ def cmd_published(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace, console: Console) -> int:
+    from ..testbed.profile import profile
+
+    t0 = time.monotonic()
+    dev, link = profile(args.name, Path(args.out), say=lambda m: console.print(m), collective=not args.no_collective)
+    console.print(f"wrote {Path(args.out) / (args.name + '.devices.yaml')}"
+                  + (f" and {Path(args.out) / (args.name + '.links.yaml')}" if link else "")
+                  + f" in {time.monotonic() - t0:.0f} s; `scenario predict FILE --device {args.name}` uses it")
+    return 0
+
+
 def cmd_crossval(args: argparse.Namespace, console: Console) -> int:
     import numpy as np
 
@@ -356,6 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "predicted against published latency and speedup, with the source of each set.")
     s.add_argument("sets", nargs="*", help="set names (default: all)")
     s.set_defaults(func=cmd_published)
+    s = sub.add_parser("profile", help="measure this machine as a device profile (GEMM, memory, DiT blocks, codec, "
+                                       "all-gather between ranks)",
+                       description="Measure the machine it runs on (CUDA where present, else the CPU) with random "
+                                   "weights, and write <name>.devices.yaml and <name>.links.yaml in the shipped "
+                                   "profiles' form.")
+    s.add_argument("--name", default="this-host", help="profile name (default: this-host)")
+    s.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "simulator" / "profiles"),
+                   help="folder to write to (default: simulator/profiles, where predictions find it)")
+    s.add_argument("--no-collective", action="store_true", help="skip the all-gather between ranks")
+    s.set_defaults(func=cmd_profile)
     s = sub.add_parser("regress", help="run a scenario and compare its figures with a committed baseline",
                        description="Run the scenario (shaped links, no bound pass) and compare bytes on wire, "
                                    "compression ratio, quality, the exchange against the hop model and the latency "
