@@ -8,6 +8,7 @@ Bad input raises :class:`ScenarioError` with one line per problem, naming the fi
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NamedTuple
 
@@ -48,6 +49,26 @@ class HardwareSpec(_Strict):
     inter_node: str = Field("ethernet_shaped", pattern=_PROFILE_NAME)
 
 
+class RemoteSpec(_Strict):
+    """How the ``hosts:`` form reaches and uses its machines (SSH, key-based and non-interactive)."""
+
+    python: str = Field("python3", max_length=400, description="the interpreter with compactbed on every host")
+    workdir: str = Field("/tmp/compactbed", max_length=400, description="a folder per run is made under it on each "
+                                                                         "host and removed afterwards")
+    known_hosts: str | None = Field("~/.ssh/known_hosts", max_length=400,
+                                    description="host keys to verify the hosts against; null: do not verify")
+    shape: bool = Field(True, description="shape each host's NIC with the scenario's links (tc, as root or via "
+                                          "sudo -n); false: the network as it is")
+    connect_timeout_s: float = Field(10.0, gt=0, le=600)
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/") or ".." in v.split("/"):
+            raise ValueError("workdir is an absolute path without '..'")
+        return v
+
+
 class NodeSpec(_Strict):
     """One node (rank). ``link`` is its access link (uplink and downlink, see ``Scenario.topology``);
     ``host`` is the address of a real machine (the ``hosts:`` form), empty for emulated nodes;
@@ -57,6 +78,10 @@ class NodeSpec(_Strict):
     link: LinkSpec | None = None
     host: str | None = Field(None, pattern=r"^[A-Za-z0-9.:_-]{1,253}$")
     interface: str = Field("eth0", pattern=r"^[A-Za-z0-9_.:-]{1,15}$", description="hosts form: shaped NIC")
+    ssh_user: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_.-]{0,31}$", description="hosts form: login (default: "
+                                                                                        "the coordinator's user)")
+    ssh_port: int = Field(22, ge=1, le=65535)
+    ssh_key: str | None = Field(None, max_length=400, description="hosts form: private key file (default: ssh's own)")
     compute_scale: float = Field(1.0, gt=0, le=1000)
     device: str | None = Field(None, pattern=_PROFILE_NAME, description="predictions: this rank's GPU (overrides "
                                                                         "hardware.device)")
@@ -248,6 +273,7 @@ class Scenario(_Strict):
     warmup: WarmupSpec = WarmupSpec()
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
     hardware: HardwareSpec | None = None
+    remote: RemoteSpec = RemoteSpec()
     topology: Literal["star", "mesh"] = Field(
         "star", description="star: a node's link is its access link to a hub, one shared uplink for all it sends "
                             "and one shared downlink for all it receives; a path adds both nodes' delays. mesh: every "
@@ -378,6 +404,11 @@ class Scenario(_Strict):
         hosts = [x.host for x in self.nodes if x.host]
         if hosts and len(hosts) != n:
             raise ValueError("either every node has a `host` (real machines) or none does (emulation)")
+        if hosts:
+            groups = [list(g) for _, g in itertools.groupby(hosts)]
+            if len(groups) != len(set(hosts)) or len({len(g) for g in groups}) != 1:
+                raise ValueError("nodes on one host (its GPUs or processes) must be consecutive, and every host must "
+                                 "carry as many")
         return self
 
     # --- derived values -------------------------------------------------------------------------------
@@ -385,6 +416,11 @@ class Scenario(_Strict):
     def on_hosts(self) -> bool:
         """True for the ``hosts:`` form: every node is a real machine."""
         return all(x.host for x in self.nodes)
+
+    @property
+    def machines(self) -> list[list[int]]:
+        """The hosts form's machines, each the ranks on it (consecutive nodes with one address)."""
+        return [[k for k, _ in g] for _, g in itertools.groupby(enumerate(self.nodes), key=lambda kv: kv[1].host)]
 
     @property
     def conditions(self) -> list:

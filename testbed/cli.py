@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import functools
 import signal
 import sys
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -20,19 +18,14 @@ from rich.table import Table
 
 from ..netem.lock import EmulationBusy
 from ..scenarios.schema import MAX_EMULATED_NODES, ScenarioError, load_scenario
+from .errors import CommandError, require_folders
 from .launch import RunFailed
+from .simulate_cli import (calibration, cmd_calibrate, cmd_crossval, cmd_predict, cmd_profile, cmd_published,
+                           cmd_simcheck)
 
 MAX_LOCAL_RANKS = MAX_EMULATED_NODES
 
 
-class CommandError(RuntimeError):
-    """A job could not be done; the message is the reason shown to the user."""
-
-
-def _require_folders(paths: list[str]) -> None:
-    missing = [p for p in paths if not Path(p).is_dir()]
-    if missing:
-        raise CommandError(f"no such results folder: {missing[0]}")
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
@@ -76,74 +69,37 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .run import run_scenario
 
     scenario = load_scenario(args.scenario)
-    if scenario.world_size > MAX_LOCAL_RANKS:
-        raise CommandError(f"{scenario.world_size} nodes do not fit one machine's emulation "
-                           f"(at most {MAX_LOCAL_RANKS}); use `scenario predict` for larger clusters")
     output = Path(args.output) if args.output else Path(scenario.output)
-    if scenario.on_hosts:
+    if args.emit:
         import datetime
 
-        from .hosts import host_plan, write_host_jobs
+        from .hosts import host_plan, slurm_script
 
-        results = output / ("hosts-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        write_host_jobs(scenario, results.resolve(), args.backend)
-        plan = host_plan(scenario, results.resolve(), scenario.directed_links())
-        (results / "hosts_plan.sh").write_text(plan)
-        console.print(plan, markup=False, highlight=False, soft_wrap=True)
-        console.print(f"plan written to {results / 'hosts_plan.sh'}")
+        if args.emit == "plan" and not scenario.on_hosts:
+            raise CommandError("--emit plan is for the hosts form (every node with a `host:` address)")
+        results = (output / f"{args.emit}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
+        text = host_plan(scenario, results) if args.emit == "plan" else slurm_script(scenario, results, args.backend)
+        target = results / ("hosts_plan.sh" if args.emit == "plan" else f"{scenario.name}.sbatch")
+        target.write_text(text)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        console.print(f"written to {target}" + (f" (submit: sbatch {target})" if args.emit == "slurm" else ""))
         return 0
-    _, rows = run_scenario(scenario, output, console, backend=args.backend, shaping=not args.no_shaping,
-                           bound=not args.no_bound, force=args.force, accept_link_error=args.accept_link_error,
-                           ideal=not args.no_ideal)
+    if scenario.on_hosts:
+        from .remote_run import run_on_hosts
+
+        _, rows = run_on_hosts(scenario, output, console, backend=args.backend,
+                               accept_link_error=args.accept_link_error)
+    else:
+        if scenario.world_size > MAX_LOCAL_RANKS:
+            raise CommandError(f"{scenario.world_size} nodes do not fit one machine's emulation "
+                               f"(at most {MAX_LOCAL_RANKS}); use `scenario predict` for larger clusters")
+        _, rows = run_scenario(scenario, output, console, backend=args.backend, shaping=not args.no_shaping,
+                               bound=not args.no_bound, force=args.force,
+                               accept_link_error=args.accept_link_error, ideal=not args.no_ideal)
     failed = [r for r in rows if r.status != "ok"]
     if failed:
         raise CommandError(f"{len(failed)} of {len(rows)} method runs failed (first: {failed[0].method}: "
                            f"{failed[0].error})")
-    return 0
-
-
-def _say_left_out(results: list[Path], console: Console) -> None:
-    from ..simulator.runs import unusable
-
-    for folder, state in unusable(results):
-        console.print(f"[yellow]left out[/] {folder}: {escape(state.describe())}")
-
-
-def _calibration(args):
-    from ..simulator.costs import Calibration
-
-    return Calibration.load(Path(args.calibration) if args.calibration else None)
-
-
-def cmd_predict(args: argparse.Namespace, console: Console) -> int:
-    from ..runtime.records import UNCOMPRESSED_BASELINE
-    from ..simulator.predict import describe_hardware, predict
-
-    scenario = load_scenario(args.scenario)
-    calib = _calibration(args)
-    rows, _ = predict(scenario, calib, args.device)
-    t = Table(title=f"{scenario.name}: predicted ({scenario.world_size} ranks, "
-                    f"{describe_hardware(scenario, args.device)})")
-    for col in ("method", "latency s", f"vs {UNCOMPRESSED_BASELINE}", "vs distrifusion", "bound s", "x bound",
-                "compute s", "comm s", "codec s", "MB on wire", "ratio"):
-        t.add_column(col, justify="left" if col == "method" else "right")
-    for r in rows:
-        t.add_row(r.method, f"{r.latency_s:.2f}", "-" if r.speedup_vs_uncompressed is None else f"{r.speedup_vs_uncompressed:.2f}x",
-                  "-" if r.speedup_vs_distrifusion is None else f"{r.speedup_vs_distrifusion:.2f}x", f"{r.bound_s:.2f}",
-                  f"{r.latency_s / r.bound_s:.2f}", f"{r.compute_s:.2f}", f"{r.comm_s:.2f}", f"{r.codec_s:.2f}",
-                  f"{r.bytes_on_wire / 1e6:.2f}", f"{r.bytes_uncompressed / max(r.bytes_on_wire, 1):.1f}")
-    console.print(t)
-    return 0
-
-
-def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
-    from ..simulator.calibrate import calibrate
-
-    _require_folders(args.results)
-    try:
-        calibrate([Path(p) for p in args.results], Path(args.out), log=console.print)
-    except ValueError as e:
-        raise CommandError(str(e)) from None
     return 0
 
 
@@ -185,119 +141,13 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
-    from ..simulator.predict import mape, validate
-
-    _require_folders(args.results)
-    _say_left_out([Path(p) for p in args.results], console)
-    cases = validate([Path(p) for p in args.results], _calibration(args), args.device)
-    if not cases:
-        raise CommandError("no complete measured emulated runs in those folders")
-    t = Table(title="simulator vs measured (held-out runs: not used for calibration)")
-    for col in ("results", "links", "method", "ranks", "runs", "measured s", "spread", "host", "predicted s",
-                "error"):
-        t.add_column(col, justify="left" if col in ("results", "method", "links") else "right")
-    for c in cases:
-        t.add_row(Path(c.results).parent.name + "/" + Path(c.results).name, c.links, c.method, str(c.world),
-                  str(c.repeats), f"{c.measured_s:.2f}", f"{c.spread:.0%}" if c.repeats > 1 else "-",
-                  f"{c.host_factor:.2f}x", f"{c.predicted_s:.2f}", f"{c.error:+.1%}")
-    console.print(t)
-    console.print(f"MAPE over {len(cases)} cases: {mape(cases):.1%} (measured: median over each case's seeds; "
-                  "spread: (max - min) / median)")
-    console.print("host: the run's single-process reference generation (timed before the distributed runs, no "
-                  "links) against the calibration runs', relative to the model; the predicted compute is scaled "
-                  "by it")
-    return 0
-
-
-def cmd_published(args: argparse.Namespace, console: Console) -> int:
-    import numpy as np
-
-    from ..simulator.published import published_sets
-
-    try:
-        sets = published_sets(only=args.sets or None)
-    except KeyError as e:
-        raise CommandError(e.args[0]) from None
-    rows = []
-    for s in sets:
-        t = Table(title=f"{s.title}: predicted vs published\nsource: {s.source}")
-        for col in ("method", "GPUs", "published s", "predicted s", "error", "speedup pub", "speedup pred", "error"):
-            t.add_column(col, justify="left" if col == "method" else "right")
-        for r in s.rows:
-            se = r.speedup_error
-            t.add_row(r.label, str(r.nodes), f"{r.published_s:.2f}", f"{r.predicted_s:.2f}", f"{r.error:+.1%}",
-                      *(("-", "-", "-") if se is None else
-                        (f"{r.published_speedup:.2f}x", f"{r.predicted_speedup:.2f}x", f"{se:+.1%}")))
-        console.print(t)
-        fastest = "right" if s.published_best == s.predicted_best else "WRONG"
-        console.print(f"fastest: published {s.published_best}, predicted {s.predicted_best} ({fastest})"
-                      + (f"; not modelled: {', '.join(f'{k} {v:g} s' for k, v in s.not_modelled.items())}"
-                         if s.not_modelled else ""))
-        rows += s.rows
-    speed = [abs(r.speedup_error) for r in rows if r.speedup_error is not None and r.speedup_error != 0]
-    console.print(f"{len(sets)} sets, {len(rows)} rows: latency error mean {np.mean([abs(r.error) for r in rows]):.1%}"
-                  f" (max {max(abs(r.error) for r in rows):.1%}); speedup error mean {np.mean(speed):.1%} (max "
-                  f"{max(speed):.1%}); fastest right in {sum(s.published_best == s.predicted_best for s in sets)} "
-                  f"of {len(sets)}")
-    return 0
-
-
-def cmd_profile(args: argparse.Namespace, console: Console) -> int:
-    from ..testbed.profile import profile
-
-    t0 = time.monotonic()
-    dev, link = profile(args.name, Path(args.out), say=lambda m: console.print(m), collective=not args.no_collective)
-    console.print(f"wrote {Path(args.out) / (args.name + '.devices.yaml')}"
-                  + (f" and {Path(args.out) / (args.name + '.links.yaml')}" if link else "")
-                  + f" in {time.monotonic() - t0:.0f} s; `scenario predict FILE --device {args.name}` uses it")
-    return 0
-
-
-def cmd_crossval(args: argparse.Namespace, console: Console) -> int:
-    import numpy as np
-
-    from ..simulator.crossval import fit_without, leave_one_out
-    from ..simulator.predict import mape
-    from ..simulator.runs import read_runs
-
-    _require_folders(args.results)
-    if args.codec_from and not (Path(args.codec_from) / "codec.csv").is_file():
-        raise CommandError(f"no codec.csv in {args.codec_from}")
-    fit = functools.partial(fit_without, codec_from=Path(args.codec_from)) if args.codec_from else fit_without
-    results = [Path(p) for p in args.results]
-    _say_left_out(results, console)
-    n = len(read_runs(results))
-    cases = []
-    try:
-        for k, (folder, fold) in enumerate(leave_one_out(results, fit, args.workers), 1):
-            cases += fold
-            errors = " ".join(f"{c.links}/{c.method} {c.error:+.1%}" for c in fold) or "no measured runs"
-            console.print(f"[{k}/{n}] {folder}: {errors}")
-    except ValueError as e:
-        raise CommandError(str(e)) from e
-    if not cases:
-        raise CommandError("no measured emulated runs in those folders")
-    t = Table(title="left out one results folder at a time: error of its cases")
-    for col in ("ranks", "method", "cases", "MAPE", "mean error"):
-        t.add_column(col, justify="left" if col == "method" else "right")
-    for key in sorted({(c.world, c.method) for c in cases}):
-        group = [c for c in cases if (c.world, c.method) == key]
-        t.add_row(str(key[0]), key[1], str(len(group)), f"{mape(group):.1%}",
-                  f"{np.mean([c.error for c in group]):+.1%}")
-    console.print(t)
-    console.print(f"leave-one-out MAPE over {len(cases)} cases of {n} results folders: {mape(cases):.2%} "
-                  f"(mean error {np.mean([c.error for c in cases]):+.2%})")
-    return 0
-
-
 def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
     from ..dashboards.app import create_app
 
-    _require_folders(args.results)
+    require_folders(args.results)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] serving on {args.host}: reachable from other machines")
-    app = create_app([Path(p) for p in args.results], _calibration(args))
+    app = create_app([Path(p) for p in args.results], calibration(args))
     console.print(f"dashboard on http://{args.host}:{args.port}/ (Ctrl-C to stop)")
     app.run(host=args.host, port=args.port, debug=False)
     return 0
@@ -328,10 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("run", help="run every method of a scenario on an emulated cluster, write a results folder",
-                       description="Build the emulated cluster (network namespaces + shaped links), run each "
-                                   "method with real xDiT ranks, and write per-step records, a summary table "
-                                   "and plots to the scenario's output folder.")
+    s = sub.add_parser("run", help="run every method of a scenario (emulated cluster, or its hosts over SSH), write a "
+                                   "results folder",
+                       description="Build the emulated cluster (network namespaces + shaped links), or log into the "
+                                   "hosts of a hosts-form scenario over SSH and shape their NICs; run each method "
+                                   "with real xDiT ranks, and write per-step records, a summary table and plots to "
+                                   "the scenario's output folder.")
     s.add_argument("scenario", help="scenario YAML file, e.g. scenarios/edge_4node.yaml")
     s.add_argument("--output", help="results folder (default: the scenario's `output`)")
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "numba", "triton"],
@@ -345,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run even if another emulation holds this host (results marked contaminated)")
     s.add_argument("--accept-link-error", action="store_true",
                    help="run even if a probed link misses its profile by more than 10%% (recorded in summary.json)")
+    s.add_argument("--emit", choices=["plan", "slurm"],
+                   help="write instead of running: plan (the hosts form: what each machine runs) or slurm (an "
+                        "sbatch script: srun + torchrun, one task per machine)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("validate", help="check scenario files against the schema",
