@@ -88,7 +88,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         from .remote_run import run_on_hosts
 
         _, rows = run_on_hosts(scenario, output, console, backend=args.backend,
-                               accept_link_error=args.accept_link_error)
+                               accept_link_error=args.accept_link_error, bound=not args.no_bound,
+                               ideal=not args.no_ideal)
     else:
         if scenario.world_size > MAX_LOCAL_RANKS:
             raise CommandError(f"{scenario.world_size} nodes do not fit one machine's emulation "

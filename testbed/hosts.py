@@ -20,21 +20,23 @@ PORT = 29_400
 ENGINE = "compactbed.runtime.engine"
 
 
-def machine_links(scenario: Scenario) -> tuple[list[str], dict[tuple[int, int], LinkSpec], list[LinkSpec] | None,
-                                              list[tuple[int, int]]]:
+def machine_links(scenario: Scenario, unlimited_rate: bool = False
+                  ) -> tuple[list[str], dict[tuple[int, int], LinkSpec], list[LinkSpec] | None, list[tuple[int, int]]]:
     """Per machine: addresses, the paths between machines (first rank to first rank), access links (a star) and
-    paths of their own; ranks of one machine talk inside it, unshaped."""
+    paths of their own, the rate lifted for the bound pass; ranks of one machine talk inside it, unshaped."""
     machines = scenario.machines
     addresses = [scenario.nodes[m[0]].host for m in machines]
     n = len(machines)
     links = {(i, j): scenario.link_between(machines[i][0], machines[j][0]) for i in range(n) for j in range(n) if i != j}
-    access = scenario.access_links()
+    if unlimited_rate:
+        links = {k: v.model_copy(update={"rate_mbit": None}) for k, v in links.items()}
+    access = scenario.access_links(unlimited_rate=unlimited_rate)
     own = [(i, j) for i, j in links if scenario.overridden(machines[i][0], machines[j][0]) is not None]
     return addresses, links, access and [access[m[0]] for m in machines], own
 
 
-def shaping_commands(scenario: Scenario, i: int) -> list[list[str]]:
-    addresses, links, access, own = machine_links(scenario)
+def shaping_commands(scenario: Scenario, i: int, unlimited_rate: bool = False) -> list[list[str]]:
+    addresses, links, access, own = machine_links(scenario, unlimited_rate)
     return host_commands(i, addresses, links, scenario.nodes[scenario.machines[i][0]].interface, access and access[i],
                          [d for s, d in own if s == i])
 

@@ -47,8 +47,15 @@ def _rate_only(commands: list[list[str]]) -> list[list[str]]:
     return out
 
 
-async def _shape(scenario: Scenario, host: R.Host) -> str:
-    cmds = shaping_commands(scenario, host.index)
+async def _shape(scenario: Scenario, host: R.Host, pass_name: str) -> str:
+    """Shape the host's NIC for a pass: the scenario's links (shaped), the same with the rate lifted (bound), or
+    nothing at all (ideal)."""
+    if host.shaped:             # the previous pass's tree goes first (htb's root cannot be changed in place)
+        await R.run(host, [*host.sudo, "tc", "qdisc", "del", "dev", host.node.interface, "root"], timeout=15)
+        host.shaped = False
+    if pass_name == "ideal":
+        return "none"
+    cmds = shaping_commands(scenario, host.index, unlimited_rate=pass_name == "bound")
     how = "tc netem"
     if not host.report.get("netem"):
         cmds, how = _rate_only(cmds), "htb rate (no sch_netem)"
@@ -249,49 +256,57 @@ async def _run(scenario: Scenario, results: Path, console: Console, backend: str
             raise R.HostError(f"{len(issues)} problem(s) on the hosts (table above); first: {issues[0][0]}: "
                               f"{issues[0][1]}")
         env = json.loads((results / "environment.json").read_text())
-        shaped = "unshaped (remote.shape: false)"
-        pass_name = "shaped" if scenario.remote.shape else "unshaped"
         for h in hosts:
             h.workdir = f"{scenario.remote.workdir.rstrip('/')}/{scenario.name}-{run_id}/host{h.index}"
             await R.run(h, ["mkdir", "-p", h.workdir])
-        if scenario.remote.shape:
-            shaped = ", ".join(sorted(set(await asyncio.gather(*(_shape(scenario, h) for h in hosts)))))
-        env |= {"hosts": [h.report | {"name": h.name} for h in hosts], "link_mode": f"hosts ({shaped})",
-                "topology": scenario.topology}
-        (results / "environment.json").write_text(json.dumps(env, indent=1))
-        state.link_errors = await _probe_all(scenario, hosts, results, console, accept_link_error)
-        jobs = []
-        for job_file, job in write_jobs(scenario, results, backend, pass_name=pass_name):
-            per_host = {h.index: job.model_copy(update={"out_dir": f"{h.workdir}/{Path(job_file).parent.relative_to(results)}"})
-                        for h in hosts}
-            paths = {h.index: f"{per_host[h.index].out_dir}/job.json" for h in hosts}
-            jobs.append((job_file, per_host, paths))
-            for h in hosts:
-                tmp = job_file.with_suffix(f".host{h.index}.json")
-                tmp.write_text(per_host[h.index].model_dump_json(indent=1))
-                await R.put(h, tmp, paths[h.index])
-                tmp.unlink()
-
-        def done(row: MethodResult) -> None:
-            rows.append(row)
-            state.methods_done.append(f"{pass_name}/{row.method}/seed{row.seed}")
-            save()
-
-        try:
-            await _Pass(scenario, hosts, results, pass_name, jobs, refs, model, console, done).run()
-        except RunFailed as e:
-            got = {(r.method, r.seed) for r in rows}
-            for _, per_host, _ in jobs:
-                job = per_host[0]
-                if (job.method.name, job.seed) not in got:
-                    rows.append(MethodResult(method=job.method.name, seed=job.seed, links=pass_name,
-                                             status="failed", error=str(e)))
-            raise
+        passes = meta["passes"]
+        for pass_name in passes:
+            how = await asyncio.gather(*(_shape(scenario, h, pass_name) for h in hosts)) \
+                if scenario.remote.shape else ["unshaped (remote.shape: false)"]
+            if pass_name == passes[0]:
+                env |= {"hosts": [h.report | {"name": h.name} for h in hosts], "topology": scenario.topology,
+                        "link_mode": f"hosts ({', '.join(sorted(set(how)))})"}
+                (results / "environment.json").write_text(json.dumps(env, indent=1))
+                state.link_errors = await _probe_all(scenario, hosts, results, console, accept_link_error)
+            await _run_pass(scenario, hosts, results, pass_name, backend, refs, model, console, state, rows, save)
     finally:
         left = await asyncio.gather(*(R.teardown(h) for h in hosts), return_exceptions=True)
         for h, x in zip(hosts, left):
             if x:
                 console.print(f"[yellow]teardown on {h.name} incomplete:[/] {x}")
+
+
+async def _run_pass(scenario: Scenario, hosts: list[R.Host], results: Path, pass_name: str, backend: str, refs,
+                    model, console: Console, state: RunState, rows: list, save) -> None:
+    """One pass: its job files on every host, one torchrun per host, a row per job as it ends (failed rows for the
+    jobs a failure left unrun)."""
+    jobs = []
+    for job_file, job in write_jobs(scenario, results, backend, pass_name=pass_name):
+        rel = Path(job_file).parent.relative_to(results)
+        per_host = {h.index: job.model_copy(update={"out_dir": f"{h.workdir}/{rel}"}) for h in hosts}
+        paths = {h.index: f"{per_host[h.index].out_dir}/job.json" for h in hosts}
+        jobs.append((job_file, per_host, paths))
+        for h in hosts:
+            tmp = job_file.with_suffix(f".host{h.index}.json")
+            tmp.write_text(per_host[h.index].model_dump_json(indent=1))
+            await R.put(h, tmp, paths[h.index])
+            tmp.unlink()
+
+    def done(row: MethodResult) -> None:
+        rows.append(row)
+        state.methods_done.append(f"{pass_name}/{row.method}/seed{row.seed}")
+        save()
+
+    try:
+        await _Pass(scenario, hosts, results, pass_name, jobs, refs, model, console, done).run()
+    except RunFailed as e:
+        got = {(r.links, r.method, r.seed) for r in rows}
+        for _, per_host, _ in jobs:
+            job = per_host[0]
+            if (pass_name, job.method.name, job.seed) not in got:
+                rows.append(MethodResult(method=job.method.name, seed=job.seed, links=pass_name, status="failed",
+                                         error=str(e)))
+        raise
 
 
 def _local_report() -> str:
@@ -302,20 +317,22 @@ def _local_report() -> str:
 
 
 def run_on_hosts(scenario: Scenario, output: Path, console: Console, backend: str = "auto",
-                 accept_link_error: bool = False) -> tuple[Path, list[MethodResult]]:
-    """Run the scenario on its hosts; the results folder has the emulated layout (pass ``shaped``, or
-    ``unshaped`` with ``remote.shape: false``)."""
+                 accept_link_error: bool = False, bound: bool = True, ideal: bool = True
+                 ) -> tuple[Path, list[MethodResult]]:
+    """Run the scenario on its hosts; the results folder has the emulated layout: passes shaped, bound (the rate
+    lifted, delays kept) and ideal (no shaping), or one ``unshaped`` pass with ``remote.shape: false``."""
     import datetime
 
     results = output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     results.mkdir(parents=True, exist_ok=False)
     (results / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
     (results / "environment.json").write_text(json.dumps(environment("hosts"), indent=1))
+    passes = ["shaped", *(["bound"] if bound else []), *(["ideal"] if ideal else [])] if scenario.remote.shape \
+        else ["unshaped"]
     console.print(f"[bold]{scenario.name}[/]: {scenario.world_size} ranks on {len(scenario.machines)} hosts, "
-                  f"{len(scenario.methods)} methods, {scenario.steps} steps -> {results}")
+                  f"{len(scenario.methods)} methods, {scenario.steps} steps; passes: {', '.join(passes)} -> {results}")
     state, rows = RunState(), []
-    meta = dict(scenario=scenario.name, link_mode="hosts", passes=["shaped" if scenario.remote.shape else "unshaped"],
-                reference_threads=REFERENCE_THREADS)
+    meta = dict(scenario=scenario.name, link_mode="hosts", passes=passes, reference_threads=REFERENCE_THREADS)
 
     def save() -> None:
         add_speedups(rows)

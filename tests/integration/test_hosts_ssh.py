@@ -81,6 +81,7 @@ def test_hosts_form_runs_over_ssh_like_emulation_and_cleans_up(tmp_path, report)
         assert "hosts (preflight)" in done.stdout
         rows, summary, res = _summary(tmp_path / "hosts")
         assert summary["state"]["state"] == "complete"
+        assert {links for links, _ in rows} == {"shaped", "bound", "ideal"}
         for method in SCENARIO["methods"]:
             got, want = rows[("shaped", method)], emulated[("shaped", method)]
             assert got["bytes_on_wire"] == want["bytes_on_wire"] > 0
