@@ -53,14 +53,13 @@ def test_usp_degrees_come_from_the_controls():
         W.answer(W.WhatIf(method="usp", ulysses_degree=3), CALIB)
 
 
-def test_flux_what_if_runs_on_a_gpu_profile_quickly():
-    import time
-
-    t0 = time.perf_counter()
+def test_flux_what_if_runs_on_a_gpu_profile():
+    """Speed is the sweep benchmark's (python -m compactbed.simulator.bench sweep), not a timed test."""
     rows, _ = W.answer(W.WhatIf(model="flux.1-dev", resolution=1024, images=1, steps=28, nodes=8,
                                 profile="ethernet_1g", device="l20"), CALIB)
-    assert time.perf_counter() - t0 < 1.0
-    assert {r.method for r in rows} == {"compact-1bit", "ring", "distrifusion"}
+    by = {r.method: r for r in rows}
+    assert set(by) == {"compact-1bit", "ring", "distrifusion"}
+    assert by["compact-1bit"].latency_s < by["ring"].latency_s and by["compact-1bit"].bytes_on_wire > 0
 
 
 def test_gpu_what_ifs_take_the_machines_fabric_and_nic():
