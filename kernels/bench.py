@@ -22,7 +22,8 @@ SPECS = [CompressorSpec(kind="1bit"), CompressorSpec(kind="2bit"), CompressorSpe
          CompressorSpec(kind="lowrank", rank=8), CompressorSpec(kind="sparse")]
 
 
-def _timer(device: torch.device):
+def timer(device: torch.device):
+    """``run(fn, reps)``: the median seconds of ``fn`` over ``reps`` calls after one warm-up (CUDA events on GPUs)."""
     if device.type == "cuda":
         def run(fn, reps):
             fn()
@@ -50,7 +51,7 @@ def _timer(device: torch.device):
 
 def bench_shape(n: int, c: int, dtype: torch.dtype, device: torch.device, backend: Backend,
                 reps: int, specs=SPECS) -> list[dict]:
-    timed = _timer(device)
+    timed = timer(device)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(n, c, generator=g).to(device, dtype)
     x1 = (x0.float() + 0.05 * torch.randn(n, c, generator=g).to(device)).to(dtype)

@@ -113,10 +113,25 @@ def _client(host: str, port: int, nbytes: int, pings: int) -> dict:
     return dict(rtt_s=rtt, seconds=elapsed, bytes=nbytes, goodput_bps=reply["steady_bps"])
 
 
+def bulk_bytes(spec, seconds: float = 1.0) -> int:
+    """The bulk transfer's size: about ``seconds`` at the link's rate (10 Gbit/s if unlimited), 256 KB-256 MB."""
+    rate_bps = (spec.rate_mbit or 10_000) * 1e6
+    return int(min(max(rate_bps / 8 * seconds, 256_000), 256_000_000))
+
+
+def measured(src: int, dst: int, spec, back, nbytes: int, client: dict) -> LinkProbe:
+    """A probe from the client's report (``_client``) of path src -> dst, configured ``spec`` (``back``: the way
+    back, whose delay and jitter the round trip also pays)."""
+    good = client["goodput_bps"] / 1e6
+    return LinkProbe(src, dst, rtt_ms=client["rtt_s"] * 1e3, goodput_mbit=good, wire_mbit=good * WIRE_PER_PAYLOAD,
+                     bytes=nbytes, configured_rate_mbit=spec.rate_mbit,
+                     configured_rtt_ms=spec.delay_ms + back.delay_ms,
+                     configured_jitter_ms=spec.jitter_ms + back.jitter_ms, lossy=bool(spec.loss_pct or back.loss_pct))
+
+
 def probe_link(cluster, src: int, dst: int, spec, seconds: float = 1.0) -> LinkProbe:
     """Probe one directed link of an EmulatedCluster (blocking, a second or two)."""
-    rate_bps = (spec.rate_mbit or 10_000) * 1e6
-    nbytes = int(min(max(rate_bps / 8 * seconds, 256_000), 256_000_000))
+    nbytes = bulk_bytes(spec, seconds)
     server = subprocess.Popen([*cluster.prefix(dst), sys.executable, "-m", "compactbed.netem.probe", "serve",
                                "--port", str(PORT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -130,12 +145,7 @@ def probe_link(cluster, src: int, dst: int, spec, seconds: float = 1.0) -> LinkP
     finally:
         server.kill()
         server.wait()
-    back = cluster.links.get((dst, src), spec)
-    good = m["goodput_bps"] / 1e6
-    return LinkProbe(src, dst, rtt_ms=m["rtt_s"] * 1e3, goodput_mbit=good, wire_mbit=good * WIRE_PER_PAYLOAD,
-                     bytes=nbytes, configured_rate_mbit=spec.rate_mbit,
-                     configured_rtt_ms=spec.delay_ms + back.delay_ms,
-                     configured_jitter_ms=spec.jitter_ms + back.jitter_ms, lossy=bool(spec.loss_pct or back.loss_pct))
+    return measured(src, dst, spec, cluster.links.get((dst, src), spec), nbytes, m)
 
 
 def main(argv: list[str] | None = None) -> int:

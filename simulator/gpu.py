@@ -160,6 +160,7 @@ class GpuSimulator:
         shape = workload.shape
         self.eff = [efficiency(d, shape.name if shape.name in SHAPES else "flux.1-dev")[0] for d in cluster.devices]
         self._compute: dict[tuple, float] = {}
+        self._codec: dict[bool, tuple[float, float]] = {}
 
     # --- costs of one layer (slowest rank) --------------------------------------------------------------------
     def compute(self, tokens: float, kv_tokens: float) -> float:
@@ -180,6 +181,12 @@ class GpuSimulator:
         return self.compute(tokens, kv_tokens) - self.linear(tokens)
 
     def codec(self, warm: bool) -> tuple[float, float]:
+        """(encode, decode) of one layer's K/V, slowest rank."""
+        if warm not in self._codec:
+            self._codec[warm] = self._codec_seconds(warm)
+        return self._codec[warm]
+
+    def _codec_seconds(self, warm: bool) -> tuple[float, float]:
         w = self.w
         if warm or not w.method.compressed:
             return 0.0, 0.0
@@ -199,9 +206,11 @@ class GpuSimulator:
         T = w.tokens                                            # keys a query attends to (one sequence)
         t_local = w.local_tokens
 
-        def transfer(seconds: float, ranks: list[int]):
-            """A collective: holds the NICs it crosses and the fabric of every machine it touches."""
-            held = [nic[m] for m in f.nics_used(ranks)] + [fabric[m] for m in {f.machine[r] for r in ranks}]
+        # every collective spans all ranks: it holds the NICs it crosses and every machine's fabric
+        held = [nic[m] for m in f.nics_used(everyone)] + list(fabric.values())
+
+        def transfer(seconds: float):
+            """A collective of ``seconds``, holding the resources it uses."""
             reqs = [res.request() for res in held]
             yield env.all_of(reqs)
             yield env.timeout(seconds)
@@ -221,7 +230,7 @@ class GpuSimulator:
             groups = _ring_groups(w, p)
             if direct:
                 secs = max(alltoall_seconds(f, payload * len(g), g) for g in groups)
-                yield from exposed(transfer(secs, everyone), block)
+                yield from exposed(transfer(secs), block)
                 yield env.timeout((ranks_per_ring - 1) * (block + decode))
                 stats["compute"] += ranks_per_ring * block
                 stats["codec"] += (ranks_per_ring - 1) * decode
@@ -229,7 +238,7 @@ class GpuSimulator:
             pairs = [(g[i], g[(i + 1) % len(g)]) for g in groups for i in range(len(g))]
             hop = sendrecv_seconds(f, payload, pairs)
             for _ in range(ranks_per_ring - 1):
-                yield from exposed(transfer(hop, everyone), block + decode)
+                yield from exposed(transfer(hop), block + decode)
             yield env.timeout(block)
             stats["compute"] += ranks_per_ring * block
             stats["codec"] += (ranks_per_ring - 1) * decode
@@ -251,13 +260,13 @@ class GpuSimulator:
             if w.method.all_to_all:
                 if u > 1:
                     secs = max(alltoall_seconds(f, payload * 3 / 2, g) for g in _ulysses_groups(w, p))
-                    yield from exposed(transfer(secs, everyone), 0.0)
+                    yield from exposed(transfer(secs), 0.0)
                 yield from ring_attention(payload / u, r, dec, direct=False)
                 if u > 1:
                     secs = max(alltoall_seconds(f, payload / 2, g) for g in _ulysses_groups(w, p))
-                    yield from exposed(transfer(secs, everyone), 0.0)
+                    yield from exposed(transfer(secs), 0.0)
             elif w.method.own_attention_exchange and not w.method.stale_kv:     # patch: gather, then attend
-                yield from exposed(transfer(allgather_seconds(f, payload, everyone), everyone), 0.0)
+                yield from exposed(transfer(allgather_seconds(f, payload, everyone)), 0.0)
                 att = self.attention(t_local, T)
                 yield env.timeout(att + (p - 1) * dec)
                 stats["compute"] += att
@@ -267,6 +276,7 @@ class GpuSimulator:
 
         pending: list = [None] * L
         refresh = allgather_seconds(f, w.kv_wire_bytes(False), everyone) if w.method.stale_kv else 0.0
+        output_gather = allgather_seconds(f, w.output_bytes(), everyone)
 
         def stale_layer(l: int):
             """DistriFusion: attend over last step's K/V; this layer's gather runs behind what follows."""
@@ -279,42 +289,35 @@ class GpuSimulator:
             yield env.timeout(t + enc + (p - 1) * dec)
             stats["compute"] += t
             stats["codec"] += enc + (p - 1) * dec
-            pending[l] = env.process(transfer(refresh, everyone))
+            pending[l] = env.process(transfer(refresh))
 
-        step_time: dict[str, float] = {}
+        per_step: dict[str, tuple[float, dict]] = {}       # kind -> (duration, stats) of its first step
 
         def step(kind: str):
-            t0 = env.now
+            t0, before = env.now, dict(stats)
+            if kind in per_step:                                # identical steps: the first one simulated
+                duration, added = per_step[kind]
+                yield env.timeout(duration)
+                for k, v in added.items():
+                    stats[k] += v
+                return
             if kind == "stale":
                 for l in range(L):
                     yield from stale_layer(l)
-            elif kind in step_time:                             # identical steps: the first one simulated
-                yield env.timeout(step_time[kind])
-                for k, v in per_step[kind].items():
-                    stats[k] += v
-                return
-            else:
-                before = dict(stats)
+            else:                                               # identical layers: one simulated, scaled by L
                 yield from layer(kind == "sync", kind == "local")
-                one = {k: stats[k] - before[k] for k in stats}
                 yield env.timeout((L - 1) * (env.now - t0))
                 for k in stats:
-                    stats[k] += (L - 1) * one[k]
-            out = allgather_seconds(f, w.output_bytes(), everyone)
-            yield from exposed(transfer(out, everyone), 0.0)
-            if kind != "stale":
-                step_time[kind] = env.now - t0
-                per_step[kind] = {k: stats[k] - start[k] for k in stats}
-
-        per_step: dict[str, dict] = {}
-        start: dict = {}
+                    stats[k] += (L - 1) * (stats[k] - before[k])
+            yield from exposed(transfer(output_gather), 0.0)
+            if kind != "stale":                                 # stale steps depend on the gathers still in flight
+                per_step[kind] = env.now - t0, {k: stats[k] - before[k] for k in stats}
 
         def generation():
             for k in range(w.steps):
                 warm = k < w.warmup_steps
                 kind = ("local" if w.warmup_mode == "local" else "sync") if warm else \
                     "stale" if w.method.stale_kv else "steady"
-                start.update(stats)
                 yield from step(kind)
                 stats["bytes"] += self.step_bytes(kind)
             for ev in pending:

@@ -14,8 +14,6 @@ Writes ``<name>.devices.yaml`` and ``<name>.links.yaml``; in ``simulator/profile
 from __future__ import annotations
 
 import os
-import socket
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..kernels.bench import timer
 from ..simulator.gpu import layer_seconds
 from ..simulator.hardware import DeviceSpec, LayerPoint, LinkClass, write_devices, write_links
+from .launch import free_port
 
 GRID = {"cuda": {"tokens": [1024, 4096, 8192], "hidden": [1536, 3072]},
         "cpu": {"tokens": [128, 512, 1024], "hidden": [256, 512]}}
@@ -32,30 +32,16 @@ HEAD_DIM = 64
 SIZES = [2 ** k for k in range(10, 25, 2)]          # all-gather bytes per rank: 1 KiB .. 16 MiB
 
 
-def _timed(fn, device: torch.device, reps: int) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure_peak(device: torch.device, dtype: torch.dtype) -> float:
     n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / _timed(lambda: a @ b, device, 10) / 1e12
+    return 2 * n ** 3 / timer(device)(lambda: a @ b, 10) / 1e12
 
 
 def measure_memory(device: torch.device) -> float:
     n = (1 << 28) if device.type == "cuda" else (1 << 26)
     src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
-    return 2 * n / _timed(lambda: dst.copy_(src), device, 10) / 1e9
+    return 2 * n / timer(device)(lambda: dst.copy_(src), 10) / 1e9
 
 
 def measure_blocks(device: torch.device, dtype: torch.dtype, say) -> list[LayerPoint]:
@@ -69,7 +55,7 @@ def measure_blocks(device: torch.device, dtype: torch.dtype, say) -> list[LayerP
             text = torch.randn(1, 0, h, device=device, dtype=dtype)
             temb = torch.randn(1, h, device=device, dtype=dtype)
             with torch.no_grad():
-                s = _timed(lambda: block(x, text, temb), device, 5)
+                s = timer(device)(lambda: block(x, text, temb), 5)
             points.append(LayerPoint(tokens=t, hidden=h, heads=h // HEAD_DIM, seconds=s))
             say(f"block: {t} tokens x {h} wide: {s * 1e3:.2f} ms")
     return points
@@ -110,7 +96,7 @@ def _gather_worker(rank: int, world: int, port: int, backend: str, queue) -> Non
             x = torch.zeros(n, dtype=torch.uint8, device=device)
             out = [torch.empty_like(x) for _ in range(world)]
             dist.barrier()
-            s = _timed(lambda: dist.all_gather(out, x), device, 7)
+            s = timer(device)(lambda: dist.all_gather(out, x), 7)
             rows.append((n, s))
         if rank == 0:
             queue.put(rows)
@@ -121,9 +107,7 @@ def _gather_worker(rank: int, world: int, port: int, backend: str, queue) -> Non
 def measure_collective(world: int, backend: str) -> list[tuple[int, float]]:
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_gather_worker, args=(r, world, port, backend, queue)) for r in range(world)]

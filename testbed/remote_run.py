@@ -23,18 +23,17 @@ from pathlib import Path
 
 import asyncssh
 import numpy as np
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ..netem.probe import PORT, WIRE_PER_PAYLOAD, LinkProbe
+from ..netem.probe import PORT, LinkProbe, bulk_bytes, measured
 from ..runtime.records import MethodResult, RunState
 from ..scenarios.schema import Scenario
 from . import remote as R
 from .hosts import machine_links, shaping_commands, torchrun_argv, write_jobs
 from .launch import RUN_LINE, STEP_LINE, RunFailed
 from .report import add_speedups, collect, print_table, write_plots, write_summary
-from .run import REFERENCE_THREADS, checked_model, environment, reference_images
+from .run import checked_model, new_results, recorded, references, row_recorder
 
 
 def _rate_only(commands: list[list[str]]) -> list[list[str]]:
@@ -67,9 +66,7 @@ async def _shape(scenario: Scenario, host: R.Host, pass_name: str) -> str:
 
 async def _probe(src: R.Host, dst: R.Host, spec, back) -> LinkProbe:
     """One directed path between hosts, probed as emulated links are (netem.probe's ping-pong and bulk transfer)."""
-    py, port = src.remote.python, PORT
-    rate_bps = (spec.rate_mbit or 10_000) * 1e6
-    nbytes = int(min(max(rate_bps / 8, 256_000), 256_000_000))
+    py, port, nbytes = src.remote.python, PORT, bulk_bytes(spec)
     server = await dst.conn.create_process(shlex.join([py, "-m", "compactbed.netem.probe", "serve", "--port",
                                                        str(port)]), stderr=asyncssh.STDOUT)
     try:
@@ -80,11 +77,7 @@ async def _probe(src: R.Host, dst: R.Host, spec, back) -> LinkProbe:
     finally:
         server.terminate()
         server.close()
-    good = m["goodput_bps"] / 1e6
-    return LinkProbe(src.index, dst.index, rtt_ms=m["rtt_s"] * 1e3, goodput_mbit=good,
-                     wire_mbit=good * WIRE_PER_PAYLOAD, bytes=nbytes, configured_rate_mbit=spec.rate_mbit,
-                     configured_rtt_ms=spec.delay_ms + back.delay_ms,
-                     configured_jitter_ms=spec.jitter_ms + back.jitter_ms, lossy=bool(spec.loss_pct or back.loss_pct))
+    return measured(src.index, dst.index, spec, back, nbytes, m)
 
 
 async def _probe_all(scenario: Scenario, hosts: list[R.Host], results: Path, console: Console,
@@ -180,7 +173,7 @@ class _Pass:
 
     async def run(self) -> None:
         endpoint = f"{self.s.nodes[0].host}:{await R.free_port(self.hosts[0])}"
-        procs, tasks, logs = [], [], []
+        tasks, logs = [], []
         try:
             for h in self.hosts:
                 files = [self.jobs[j][2][h.index] for j in range(len(self.jobs))]
@@ -190,7 +183,6 @@ class _Pass:
                 cmd = f"cd {shlex.quote(h.workdir)} && exec setsid -w sh -c {shlex.quote(inner)}"
                 proc = await h.conn.create_process(cmd, stderr=asyncssh.STDOUT)
                 logs.append(open(self.results / self.pass_name / f"host{h.index}.log", "w"))
-                procs.append(proc)
                 tasks.append(asyncio.create_task(self.follow(h, proc, logs[-1])))
             limit = self.s.timeout_s * 4 + 60
             while True:
@@ -235,13 +227,7 @@ class _Pass:
 async def _run(scenario: Scenario, results: Path, console: Console, backend: str, state: RunState, rows: list,
                meta: dict, save, accept_link_error: bool) -> None:
     model = checked_model(scenario)
-    refs = {}
-    for seed in scenario.seeds:
-        refs[seed] = reference_images(model, scenario, seed)
-        (results / "reference").mkdir(exist_ok=True)
-        np.save(results / "reference" / f"seed{seed}.npy", refs[seed][0])
-        console.print(f"single-process reference (seed {seed}): {refs[seed][1]:.2f} s")
-    meta["reference_latency_s"] = {s: r[1] for s, r in refs.items()}
+    refs = references(model, scenario, results, console, meta)
     run_id = uuid.uuid4().hex[:8]
     hosts = [R.Host(i, scenario.nodes[m[0]], m, scenario.remote) for i, m in enumerate(scenario.machines)]
     try:
@@ -292,13 +278,9 @@ async def _run_pass(scenario: Scenario, hosts: list[R.Host], results: Path, pass
             await R.put(h, tmp, paths[h.index])
             tmp.unlink()
 
-    def done(row: MethodResult) -> None:
-        rows.append(row)
-        state.methods_done.append(f"{pass_name}/{row.method}/seed{row.seed}")
-        save()
-
     try:
-        await _Pass(scenario, hosts, results, pass_name, jobs, refs, model, console, done).run()
+        await _Pass(scenario, hosts, results, pass_name, jobs, refs, model, console,
+                    row_recorder(rows, state, pass_name, save)).run()
     except RunFailed as e:
         got = {(r.links, r.method, r.seed) for r in rows}
         for _, per_host, _ in jobs:
@@ -321,35 +303,21 @@ def run_on_hosts(scenario: Scenario, output: Path, console: Console, backend: st
                  ) -> tuple[Path, list[MethodResult]]:
     """Run the scenario on its hosts; the results folder has the emulated layout: passes shaped, bound (the rate
     lifted, delays kept) and ideal (no shaping), or one ``unshaped`` pass with ``remote.shape: false``."""
-    import datetime
-
-    results = output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    results.mkdir(parents=True, exist_ok=False)
-    (results / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
-    (results / "environment.json").write_text(json.dumps(environment("hosts"), indent=1))
+    results = new_results(scenario, output, "hosts")
     passes = ["shaped", *(["bound"] if bound else []), *(["ideal"] if ideal else [])] if scenario.remote.shape \
         else ["unshaped"]
     console.print(f"[bold]{scenario.name}[/]: {scenario.world_size} ranks on {len(scenario.machines)} hosts, "
                   f"{len(scenario.methods)} methods, {scenario.steps} steps; passes: {', '.join(passes)} -> {results}")
     state, rows = RunState(), []
-    meta = dict(scenario=scenario.name, link_mode="hosts", passes=passes, reference_threads=REFERENCE_THREADS)
+    meta = dict(scenario=scenario.name, link_mode="hosts", passes=passes)
 
     def save() -> None:
         add_speedups(rows)
         write_summary(results, rows, meta, state)
 
     save()
-    try:
+    with recorded(state, save):
         asyncio.run(_run(scenario, results, console, backend, state, rows, meta, save, accept_link_error))
-        state.state = "complete"
-    except KeyboardInterrupt:
-        state.state, state.reason = "interrupted", "stopped by Ctrl-C or SIGTERM"
-        raise
-    except BaseException as e:
-        state.state, state.reason = "failed", f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        save()
     write_plots(results, rows)
     print_table(rows, console, f"{scenario.name}: hosts")
     console.print(f"results: {results} ({state.describe()})")

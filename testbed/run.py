@@ -96,6 +96,53 @@ def reference_images(model: DiTModel, scenario: Scenario, seed: int) -> tuple[np
         torch.set_num_threads(threads)
 
 
+def new_results(scenario: Scenario, output: Path, link_mode: str) -> Path:
+    """A fresh results folder holding the scenario as run and this machine's environment."""
+    results = output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    results.mkdir(parents=True, exist_ok=False)
+    (results / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
+    (results / "environment.json").write_text(json.dumps(environment(link_mode), indent=1))
+    return results
+
+
+def references(model: DiTModel, scenario: Scenario, results: Path, console: Console, meta: dict) -> dict:
+    """Every seed's single-process reference (``reference/seed<k>.npy``), its time recorded in ``meta``."""
+    refs = {}
+    for seed in scenario.seeds:
+        refs[seed] = reference_images(model, scenario, seed)
+        (results / "reference").mkdir(exist_ok=True)
+        np.save(results / "reference" / f"seed{seed}.npy", refs[seed][0])
+        console.print(f"single-process reference (seed {seed}): {refs[seed][1]:.2f} s")
+    meta |= dict(reference_latency_s={s: r[1] for s, r in refs.items()}, reference_threads=REFERENCE_THREADS)
+    return refs
+
+
+def row_recorder(rows: list, state: RunState, pass_name: str, save: Callable[[], None]
+                 ) -> Callable[[MethodResult], None]:
+    """What a pass calls with each job's row: kept, marked done, and the summary rewritten."""
+    def done(row: MethodResult) -> None:
+        rows.append(row)
+        state.methods_done.append(f"{pass_name}/{row.method}/seed{row.seed}")
+        save()
+    return done
+
+
+@contextlib.contextmanager
+def recorded(state: RunState, save: Callable[[], None]) -> Iterator[None]:
+    """The run's final state (complete, interrupted or failed, with why) written to its summary, whatever ends it."""
+    try:
+        yield
+        state.state = "complete"
+    except KeyboardInterrupt:
+        state.state, state.reason = "interrupted", "stopped by Ctrl-C or SIGTERM"
+        raise
+    except BaseException as e:
+        state.state, state.reason = "failed", f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        save()
+
+
 @contextlib.contextmanager
 def link_pass(scenario: Scenario, name: str, backend, console: Console, results: Path, state: RunState,
               accept_link_error: bool = False) -> Iterator:
@@ -156,10 +203,7 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
             removed = cleanup_stale()
             if removed:
                 console.print(f"removed what killed runs left: {', '.join(removed)}")
-        results = output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        results.mkdir(parents=True, exist_ok=False)
-        (results / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False))
-        (results / "environment.json").write_text(json.dumps(environment(link_mode), indent=1))
+        results = new_results(scenario, output, link_mode)
         console.print(f"[bold]{scenario.name}[/]: {scenario.world_size} ranks, {len(scenario.methods)} methods, "
                       f"{scenario.steps} steps; links: {link_mode}; passes: {', '.join(passes)} -> {results}")
         state, rows = RunState(), []
@@ -173,33 +217,14 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
             write_summary(results, rows, meta, state)
 
         save()
-        try:
+        with recorded(state, save):
             model = checked_model(scenario)
-            refs = {}
-            for seed in scenario.seeds:
-                refs[seed] = reference_images(model, scenario, seed)
-                (results / "reference").mkdir(exist_ok=True)
-                np.save(results / "reference" / f"seed{seed}.npy", refs[seed][0])
-                console.print(f"single-process reference (seed {seed}): {refs[seed][1]:.2f} s")
-            meta |= dict(reference_latency_s={s: r[1] for s, r in refs.items()}, reference_threads=REFERENCE_THREADS)
+            refs = references(model, scenario, results, console, meta)
             for pass_name in passes:
                 with link_pass(scenario, pass_name, check.backend if emulate else None, console, results, state,
                                accept_link_error) as commands:
-                    def done(row: MethodResult, pass_name=pass_name) -> None:
-                        rows.append(row)
-                        state.methods_done.append(f"{pass_name}/{row.method}/seed{row.seed}")
-                        save()
-
-                    _pass_runs(scenario, pass_name, commands, results, backend, refs, model, console, done)
-            state.state = "complete"
-        except KeyboardInterrupt:
-            state.state, state.reason = "interrupted", "stopped by Ctrl-C or SIGTERM"
-            raise
-        except BaseException as e:
-            state.state, state.reason = "failed", f"{type(e).__name__}: {e}"
-            raise
-        finally:
-            save()
+                    _pass_runs(scenario, pass_name, commands, results, backend, refs, model, console,
+                               row_recorder(rows, state, pass_name, save))
     write_plots(results, rows)
     print_table(rows, console, f"{scenario.name}: {link_mode}")
     if state.contaminated:
