@@ -61,14 +61,15 @@ class RankRun:
         self.backend_reason = select_fused(job.backend, self.device)[1] if compressed else "uncompressed"
         if self.codec is not None:
             self.codec.warm_up(self.dtype, self.device)     # JIT/cache loading is start-up, not step time
-        self.hooks = CommHooks(self.codec, self.rank, self.world, direct=job.method.exchange == "direct")
+        self.cfg = self.sc.cfg_degree(self.method)
         self.warmup_steps = self.sc.warmup.steps if self.method.warms_up else 0
         self.records: list[StepRecord] = []
 
     # --- setup --------------------------------------------------------------------------------------------
     def build(self) -> None:
         from xfuser.config import xFuserArgs
-        from xfuser.core.distributed import get_runtime_state, init_distributed_environment, initialize_runtime_state
+        from xfuser.core.distributed import (get_classifier_free_guidance_rank, get_runtime_state, get_sp_group,
+                                             init_distributed_environment, initialize_runtime_state)
         from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
 
         from .attention import ExchangeAttnProcessor
@@ -77,13 +78,19 @@ class RankRun:
         # the process group exists already (with the scenario's timeout); this builds xfuser's world group
         init_distributed_environment(rank=self.rank, world_size=self.world)
         args = xFuserArgs(model=str(self.sc.model.path or self.sc.model.name), ulysses_degree=ulysses,
-                          ring_degree=ring, attention_backend="SDPA_FLASH" if self.device.type == "cpu" else None)
+                          ring_degree=ring, use_cfg_parallel=self.cfg == 2,
+                          attention_backend="SDPA_FLASH" if self.device.type == "cpu" else None)
         engine_config, _ = args.create_config()
         self.dit = load_for(self.sc.model, transformer_cls=xFuserFlux1Transformer2DWrapper).to(self.device)
         self.model = self.dit.transformer
         height, vae_scale = self.dit.xfuser_geometry(self.sc.resolution)
         initialize_runtime_state(types.SimpleNamespace(transformer=self.model, vae_scale_factor=vae_scale),
                                  engine_config)
+        # compressed streams and K/V exchanges live in this rank's sequence-parallel group (its CFG half)
+        sp = get_sp_group()
+        self.sp_group, self.sp_rank, self.sp_world = sp.device_group, sp.rank_in_group, sp.world_size
+        self.cfg_rank = get_classifier_free_guidance_rank()
+        self.hooks = CommHooks(self.codec, self.sp_rank, self.sp_world, direct=self.method.exchange == "direct")
         self.cfg_scale = self.dit.cfg_scale(self.sc.guidance)
         get_runtime_state().set_input_parameters(
             height=height, width=height, batch_size=self.sc.images * (2 if self.cfg_scale != 1.0 else 1),
@@ -93,7 +100,7 @@ class RankRun:
         self.xdit_processors = [a.processor for a in self.attn_modules]
         self.exchange_processors = None
         if self.method.own_attention_exchange:
-            self.exchange_processors = [ExchangeAttnProcessor(self.method.comm, self.hooks, dist.group.WORLD)
+            self.exchange_processors = [ExchangeAttnProcessor(self.method.comm, self.hooks, self.sp_group)
                                         for _ in self.attn_modules]
             self._set_processors(self.exchange_processors)
         self.local_processors = [ExchangeAttnProcessor("local") for _ in self.attn_modules]
@@ -119,6 +126,8 @@ class RankRun:
     # --- sampling -------------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, kw: dict, local: bool) -> torch.Tensor:
         if not local:
+            if self.cfg > 1:    # xfuser's wrapper takes this CFG group's half of the rest itself
+                kw = kw | {"pooled_projections": kw["pooled_projections"].chunk(self.cfg)[self.cfg_rank]}
             with self.hooks.installed():
                 return guided_call(lambda xin, t: self.model(xin, timestep=t, **kw)[0], x, sigma,
                                    self.cfg_scale, self.dtype)
@@ -136,17 +145,18 @@ class RankRun:
 
     def _seed_bases(self, kw: dict) -> None:
         """Local warmup: split each layer's full-sequence K/V into every rank's shard, as the parallel
-        model lays it out ([text chunk r; image chunk r]), and seed that rank's bases on every rank."""
+        model lays it out (this CFG group's half of the batch; [text chunk r; image chunk r]), and seed that
+        rank's bases on every rank of the group."""
         if self.codec is None and not self.method.stale_kv:
             return
         txt = kw["encoder_hidden_states"].shape[1]
         for layer, proc in enumerate(self.local_processors):
-            k, v = proc.recorded
+            k, v = (t.chunk(self.cfg, 0)[self.cfg_rank] for t in proc.recorded)
             shards = []
-            for r in range(self.world):
+            for r in range(self.sp_world):
                 def shard(t):
                     tt, ii = t[:, :, :txt], t[:, :, txt:]
-                    return torch.cat([tt.chunk(self.world, 2)[r], ii.chunk(self.world, 2)[r]], 2)
+                    return torch.cat([tt.chunk(self.sp_world, 2)[r], ii.chunk(self.sp_world, 2)[r]], 2)
                 shards.append((shard(k), shard(v)))
             if self.codec is not None:
                 for r, (ks, vs) in enumerate(shards):
@@ -189,12 +199,13 @@ class RankRun:
 
     def check_bases(self) -> dict:
         """Cross-rank consistency: every stream's base digest must agree on all ranks (EF mode), once the
-        refreshes DistriFusion sent ahead are in (after the timed generation)."""
+        refreshes DistriFusion sent ahead are in (after the timed generation); each CFG group has its own."""
         for proc in self.exchange_processors or []:
             proc.drain()
         if self.codec is None or self.method.codec.residual != "ef":
             return {"checked": 0, "mismatched": 0}
-        mine = {f"{k.layer}/{k.src}/{k.name}": self.codec.digest(k) for k in sorted(self.codec.bases)}
+        mine = {f"cfg{self.cfg_rank}/{k.layer}/{k.src}/{k.name}": self.codec.digest(k)
+                for k in sorted(self.codec.bases)}
         everyone = [None] * self.world
         dist.all_gather_object(everyone, mine)
         keys = set().union(*everyone)
@@ -226,6 +237,7 @@ def run(job: Job, keep_groups: bool = False) -> None:
         np.save(out / "images.npy", images)
         write_run(out / "run.json", RunRecord(
             method=job.method.model_dump(), seed=job.seed, world=rr.world, degrees=job.scenario.degrees(job.method),
+            cfg_degree=rr.cfg,
             latency_s=rr.latency_s, warmup_steps=rr.warmup_steps, warmup_mode=job.scenario.warmup.mode,
             codec_backend=rr.backend_reason, base_consistency=consistency,
             torch=torch.__version__, device=str(rr.device)))
@@ -249,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     dist.init_process_group(backend, timeout=timeout)
     try:
-        degrees = [j.scenario.degrees(j.method) for j in jobs]
+        degrees = [(j.scenario.cfg_degree(j.method), *j.scenario.degrees(j.method)) for j in jobs]
         for i, job in enumerate(jobs):
             if dist.get_rank() == 0:
                 print(f"RUN {i + 1}/{len(jobs)}", flush=True)

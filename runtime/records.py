@@ -57,6 +57,7 @@ class RunRecord:
     base_consistency: dict
     torch: str
     device: str
+    cfg_degree: int = 1            # CFG parallel: groups the guidance batch was split over
 
 
 @dataclass

@@ -125,8 +125,11 @@ class ModelSpec(_Strict):
 
 
 class ParallelSpec(_Strict):
-    """Degrees of xDiT's unified sequence parallelism (``usp`` methods); their product is the node count."""
+    """Degrees of xDiT's hybrid parallelism for ``usp`` methods; their product is the node count. Other methods take
+    their sequence-parallel degrees from their pattern, and CFG parallel from their own ``cfg_parallel``."""
 
+    cfg_degree: int = Field(1, ge=1, le=2, description="2: the conditional and unconditional halves of the guidance "
+                                                        "batch run on two groups of ranks (xDiT's CFG parallel)")
     ulysses_degree: int = Field(1, ge=1, le=MAX_PREDICTED_NODES)
     ring_degree: int | None = Field(None, ge=1, le=MAX_PREDICTED_NODES)
 
@@ -151,8 +154,16 @@ class MethodSpec(_Strict):
                             "or direct (each rank sends its payload to every peer at once: one round; on the ring "
                             "pattern its own attention block computes while the payloads are in flight)")
 
+    cfg_parallel: bool = Field(
+        False, description="xDiT's CFG parallel: the guidance batch's two halves run on two groups of half the nodes "
+                           "each (the pattern's sequence parallelism inside a group); the two velocities are "
+                           "exchanged once per step (``usp`` takes it from parallel.cfg_degree)")
+
     @model_validator(mode="after")
     def _direct_gathers(self) -> "MethodSpec":
+        if self.cfg_parallel and self.hybrid_degrees:
+            raise ValueError("comm 'usp' takes its CFG degree from the scenario's parallel.cfg_degree, not from "
+                             "cfg_parallel")
         if self.exchange == "direct" and not self.synchronous_gather:
             raise ValueError(f"exchange 'direct' is for the synchronous K/V gathers (comm ring or patch), not "
                              f"comm {self.comm!r}")
@@ -233,6 +244,7 @@ METHOD_PRESETS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec(name="usp", comm="usp"),
     MethodSpec(name="patch", comm="patch"),
     MethodSpec(name="distrifusion", comm="distrifusion"),
+    MethodSpec(name="cfg", comm="ring", cfg_parallel=True),
     MethodSpec(name="compact-1bit", comm="ring", codec=_codec("1bit")),
     MethodSpec(name="compact-2bit", comm="ring", codec=_codec("2bit")),
     MethodSpec(name="compact-lowrank", comm="ring", codec=_codec("lowrank", rank=8)),
@@ -243,6 +255,7 @@ METHOD_PRESETS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec(name="compact-1bit-stale", comm="distrifusion", codec=_codec("1bit")),
     MethodSpec(name="compact-1bit-patch", comm="patch", codec=_codec("1bit")),
     MethodSpec(name="compact-1bit-ulysses", comm="ulysses", codec=_codec("1bit")),
+    MethodSpec(name="compact-1bit-cfg", comm="ring", codec=_codec("1bit"), cfg_parallel=True),
     MethodSpec(name="compact-1bit-noef", comm="ring", codec=_codec("1bit", "no_ef")),
     MethodSpec(name="compact-1bit-naive", comm="ring", codec=_codec("1bit", "naive")),
 ]}
@@ -372,8 +385,17 @@ class Scenario(_Strict):
                 if isinstance(end, int) and not 0 <= end < n or isinstance(end, str) and end not in node_names:
                     raise ValueError(f"links: node {end!r} is not one of the {n} nodes")
         u, ring = self.usp_degrees
-        if any(m.hybrid_degrees for m in self.methods) and u * ring != n:
-            raise ValueError(f"parallel: ulysses_degree x ring_degree = {u} x {ring} must equal the node count {n}")
+        cfg = self.parallel.cfg_degree
+        if any(m.hybrid_degrees for m in self.methods) and cfg * u * ring != n:
+            raise ValueError(f"parallel: cfg_degree x ulysses_degree x ring_degree = {cfg} x {u} x {ring} must equal "
+                             f"the node count {n}")
+        split = [m.name for m in self.methods if self.cfg_degree(m) > 1]
+        if split and n % 2:
+            raise ValueError(f"CFG parallel ({', '.join(split)}) splits the nodes into two groups: the node count "
+                             f"must be even, got {n}")
+        if split and self.guidance == 1.0:
+            raise ValueError(f"CFG parallel ({', '.join(split)}) runs the conditional and unconditional passes of "
+                             f"classifier-free guidance apart; with guidance 1 there is only one pass per step")
         a2a = [m.name for m in self.methods if m.compressed and m.all_to_all]
         if a2a and self.warmup.mode == "local":
             raise ValueError(f"warmup mode 'local' seeds ring/patch K/V bases only; compressed all-to-all methods "
@@ -396,8 +418,8 @@ class Scenario(_Strict):
                 u, r = self.degrees(m)
                 if image % (u * r) or text % (u * r):
                     raise ValueError(f"method {m.name}: {image} image and {text} label tokens must divide by the "
-                                     f"sequence-parallel degree {u * r} (choose 1, 2 or 4 nodes, or another "
-                                     f"resolution)")
+                                     f"sequence-parallel degree {u * r} (choose 1, 2 or 4 nodes, or CFG parallel "
+                                     f"for 8: methods cfg, compact-1bit-cfg or parallel.cfg_degree 2)")
                 if heads % u:
                     raise ValueError(f"method {m.name}: the tiny model's {heads} heads must divide by the "
                                      f"Ulysses degree {u}")
@@ -440,13 +462,19 @@ class Scenario(_Strict):
 
     @property
     def usp_degrees(self) -> tuple[int, int]:
-        """(ulysses, ring) degrees of ``usp`` methods; the ring degree defaults to nodes / ulysses."""
+        """(ulysses, ring) degrees of ``usp`` methods; the ring degree defaults to nodes / (cfg x ulysses)."""
         u = self.parallel.ulysses_degree
-        return u, self.parallel.ring_degree or self.world_size // u
+        return u, self.parallel.ring_degree or max(self.world_size // (u * self.parallel.cfg_degree), 1)
+
+    def cfg_degree(self, method: MethodSpec) -> int:
+        """Groups the guidance batch is split over (xDiT's CFG parallel): 1 or 2."""
+        if method.hybrid_degrees:
+            return self.parallel.cfg_degree
+        return 2 if method.cfg_parallel else 1
 
     def degrees(self, method: MethodSpec) -> tuple[int, int]:
-        """(ulysses_degree, ring_degree) that ``method`` runs with."""
-        return method.degrees(self.world_size, self.usp_degrees)
+        """(ulysses_degree, ring_degree) that ``method`` runs with inside its CFG group."""
+        return method.degrees(max(self.world_size // self.cfg_degree(method), 1), self.usp_degrees)
 
     @property
     def sets_links(self) -> bool:

@@ -72,6 +72,9 @@ def checked_model(scenario: Scenario) -> DiTModel:
         u, r = scenario.degrees(m)
         try:
             model.check_layout(scenario.resolution, u * r, u)
+            if scenario.cfg_degree(m) > 1 and model.cfg_scale(scenario.guidance) == 1.0:
+                raise ModelFolderError("CFG parallel needs a classifier-free-guidance batch, and this model runs one "
+                                       "pass per step (guidance-distilled)")
         except ModelFolderError as e:
             raise ModelFolderError(f"method {m.name}: {e}") from None
     return model
