@@ -16,7 +16,7 @@ asynchronous gather and the next exchange contend. Ranks run in lockstep, each p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import math
@@ -24,6 +24,7 @@ import math
 import simpy
 
 from ..scenarios.schema import HardwareSpec, Scenario, ScenarioError
+from . import cfg
 from .collectives import Fabric, allgather_seconds, alltoall_seconds, sendrecv_seconds
 from .hardware import Anchor, DeviceSpec, shipped
 from .model import Prediction
@@ -130,6 +131,15 @@ class GpuCluster:
     def scale(self, r: int) -> float:
         return self.compute_scale[r] if self.compute_scale else 1.0
 
+    def subset(self, ranks: list[int]) -> "GpuCluster":
+        """The cluster of ``ranks`` alone, renumbered from 0 (machines and NICs as they were)."""
+        f = self.fabric
+        paths = None if f.paths is None else {(i, j): f.paths[(a, b)] for i, a in enumerate(ranks)
+                                              for j, b in enumerate(ranks) if (a, b) in f.paths}
+        return GpuCluster(tuple(self.devices[r] for r in ranks),
+                          replace(f, machine=tuple(f.machine[r] for r in ranks), paths=paths),
+                          tuple(self.compute_scale[r] for r in ranks) if self.compute_scale else ())
+
 
 def gpu_cluster_of(scenario: Scenario, device: str | None = None, unlimited_rate: bool = False) -> GpuCluster:
     """The scenario's ``hardware`` (``device`` overrides its GPU; without the block: one ``device`` per machine
@@ -196,6 +206,8 @@ class GpuSimulator:
 
     # --- the event model --------------------------------------------------------------------------------------
     def run(self) -> Prediction:
+        if self.w.cfg > 1:
+            return self._cfg_run()
         env = simpy.Environment()
         w, f, p, L = self.w, self.c.fabric, self.w.world, self.w.shape.layers
         machines = sorted(set(f.machine))
@@ -328,6 +340,13 @@ class GpuSimulator:
         env.run()
         return Prediction(latency_s=env.now, compute_s=stats["compute"], comm_s=stats["comm"],
                           codec_s=stats["codec"], bytes_on_wire=int(stats["bytes"]))
+
+    def _cfg_run(self) -> Prediction:
+        """CFG parallel (:mod:`.cfg`): each group simulated on its own ranks, then the partner exchange per step."""
+        w, parts = self.w, cfg.groups(self.w)
+        per_group = [GpuSimulator(cfg.group_workload(w), self.c.subset(g)).run() for g in parts]
+        pairs = [pair for a, b in zip(*parts) for pair in ((a, b), (b, a))]
+        return cfg.combined(w, per_group, sendrecv_seconds(self.c.fabric, cfg.partner_bytes(w), pairs))
 
     def step_bytes(self, kind: str) -> int:
         w, p, L = self.w, self.w.world, self.w.shape.layers

@@ -25,13 +25,14 @@ layers), plus P^2 per distinct collective for the ring's operations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import simpy
 
 from ..netem.commands import needs_offloads_off
 from ..netem.profiles import LinkSpec
 from ..scenarios.schema import Scenario
+from . import cfg
 from .costs import Calibration, burst_of, hop_seconds
 from .workload import Workload
 
@@ -50,10 +51,18 @@ class Cluster:
     htb_shaped: bool = True       # links rate-limited by this project's htb shaper (emulated or hosts form), whose
                                   # burst allowance passes at line rate; False: links that are that rate end to end
     congestion_control: str = "host"   # TCP algorithm of the ranks (Calibration.rtt_factor)
+    host_ranks: int = 0           # ranks sharing the calibrated host's cores (0: this cluster's; a CFG group shares
+                                  # them with the other group)
 
     @property
     def world(self) -> int:
         return len(self.compute_scale)
+
+    def subset(self, ranks: list[int]) -> "Cluster":
+        """The cluster of ``ranks`` alone (renumbered from 0), still sharing the host with every rank of this one."""
+        return replace(self, compute_scale=tuple(self.compute_scale[r] for r in ranks),
+                       links={(i, j): self.links[(a, b)] for i, a in enumerate(ranks) for j, b in enumerate(ranks)
+                              if a != b}, host_ranks=self.host_ranks or self.world)
 
 
 def cluster_of(scenario: Scenario, device: str = "cpu", unlimited_rate: bool = False, ideal: bool = False
@@ -138,7 +147,8 @@ class Simulator:
         if cluster.world != workload.world:
             raise ValueError(f"cluster has {cluster.world} ranks, workload {workload.world}")
         self.w, self.c, self.calib = workload, cluster, calib
-        self.links = LinkModel(calib, cluster.device, cluster.world, cluster.htb_shaped, cluster.congestion_control)
+        self.host_ranks = cluster.host_ranks or cluster.world
+        self.links = LinkModel(calib, cluster.device, self.host_ranks, cluster.htb_shaped, cluster.congestion_control)
         self.keep_timeline = timeline
         self._exchange: dict[bool, float] = {}
         self._layers: dict[tuple, tuple] = {}
@@ -150,7 +160,7 @@ class Simulator:
         slowest-rank factor (calibration.DeviceProfile.local_step_factor)."""
         w = self.w
         tokens = w.batch * w.tokens if local else w.local_tokens
-        share = self.calib.share(w.world, self.c.device)
+        share = self.calib.share(self.host_ranks, self.c.device)
         f0, f1 = self.calib.devices[self.c.device].local_step_factor if local and w.world > 1 else (1.0, 0.0)
         return self.calib.layer_seconds(tokens, w.batch * w.tokens, w.shape.hidden, share, self.c.device) \
             * self.c.compute_scale[rank] * (f0 + f1 * (share - 1))
@@ -225,7 +235,7 @@ class Simulator:
         if w.method.exchange != "direct" or w.method.own_attention_exchange:
             return 0.0
         d = self.calib.devices[self.c.device]
-        share = self.calib.share(w.world, self.c.device)
+        share = self.calib.share(self.host_ranks, self.c.device)
         own = share * d.c * w.local_tokens * (w.batch * w.tokens / w.world) * w.shape.hidden
         return own * self.c.compute_scale[rank]
 
@@ -270,7 +280,7 @@ class Simulator:
         own gather entry and exit) instead of in lockstep, because ranks that leave a gather early compute with
         fewer others (on a link mix, 4 ranks on 2 cores compute at ~1.6x one core's time, not 2x)."""
         return self.w.method.synchronous_gather and self.w.method.exchange == "ring" and \
-            self.calib.share(self.w.world, self.c.device) > 1
+            self.calib.share(self.host_ranks, self.c.device) > 1
 
     def layer_per_rank(self, ready: tuple[float, ...], warm: bool) -> tuple[tuple[float, ...], ...]:
         """One synchronous layer with each rank ready to compute at ``ready``: compute (processor sharing of the
@@ -315,7 +325,7 @@ class Simulator:
             shift = min(nxt)
             base, ready = base + shift, tuple(x - shift for x in nxt)
         out = self.allgather_exits(w.output_bytes(), list(ready))
-        overhead = self.calib.devices[self.c.device].step_overhead_s * self.calib.share(w.world, self.c.device)
+        overhead = self.calib.devices[self.c.device].step_overhead_s * self.calib.share(self.host_ranks, self.c.device)
         end = base + max(out) + overhead
         if self.keep_timeline:
             spans += [(r, "comm", base + ready[r], base + out[r]) for r in range(w.world)]
@@ -323,6 +333,8 @@ class Simulator:
 
     # --- the event model --------------------------------------------------------------------------------------
     def run(self) -> Prediction:
+        if self.w.cfg > 1:
+            return self._cfg_run()
         env = simpy.Environment()
         w, p, L = self.w, self.w.world, self.w.shape.layers
         link_res = {k: simpy.Resource(env, capacity=1) for k in self.c.links}
@@ -386,7 +398,7 @@ class Simulator:
             out = output_gather
             if out:
                 yield env.process(collective(out, ring_links))
-            overhead = self.calib.devices[self.c.device].step_overhead_s * self.calib.share(p, self.c.device)
+            overhead = self.calib.devices[self.c.device].step_overhead_s * self.calib.share(self.host_ranks, self.c.device)
             yield env.timeout(overhead)
             stats["compute"] += L * max(comp)
             stats["codec"] += L * codec
@@ -408,3 +420,10 @@ class Simulator:
         env.run()
         return Prediction(latency_s=env.now, compute_s=stats["compute"], comm_s=stats["comm"],
                           codec_s=stats["codec"], bytes_on_wire=stats["bytes"], timeline=timeline)
+
+    def _cfg_run(self) -> Prediction:
+        """CFG parallel (:mod:`.cfg`): each group simulated on its own ranks, then the partner exchange per step."""
+        w, parts = self.w, cfg.groups(self.w)
+        per_group = [Simulator(cfg.group_workload(w), self.c.subset(g), self.calib).run() for g in parts]
+        pair = max(self.allgather_seconds(cfg.partner_bytes(w), [a, b]) for a, b in zip(*parts))
+        return cfg.combined(w, per_group, pair)

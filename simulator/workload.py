@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..kernels.compressors import make_compressor
-from ..scenarios.schema import MethodSpec, Scenario
+from ..scenarios.schema import MethodSpec, Scenario, ScenarioError
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,13 @@ class Workload:
     warmup_steps: int
     warmup_mode: str
     ulysses_degree: int = 1
+    cfg: int = 1                  # CFG parallel: groups the guidance batch is split over (simulator.cfg)
 
     @property
     def degrees(self) -> tuple[int, int]:
-        """(ulysses, ring) degrees the method runs with (``ulysses_degree`` is the scenario's, for USP)."""
-        return self.method.degrees(self.world, (self.ulysses_degree, self.world // self.ulysses_degree))
+        """(ulysses, ring) degrees the method runs with in its CFG group (``ulysses_degree``: the scenario's, USP)."""
+        sp = self.world // self.cfg
+        return self.method.degrees(sp, (self.ulysses_degree, sp // self.ulysses_degree))
 
     @property
     def tokens(self) -> int:
@@ -124,8 +126,11 @@ def image_tokens(shape: ModelShape, resolution: int, frames: int = 1, height: in
 def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape | None = None) -> Workload:
     shape = shape or shape_of(scenario)
     guided = scenario.guidance != 1.0 and not shape.guidance_embeds
+    if scenario.cfg_degree(method) > 1 and not guided:
+        raise ScenarioError(f"method {method.name}: CFG parallel needs a classifier-free-guidance batch; {shape.name} "
+                            f"is guidance-distilled and runs one pass per step")
     return Workload(shape=shape, image_tokens=image_tokens(shape, scenario.resolution, scenario.frames, scenario.height),
-                    ulysses_degree=scenario.degrees(method)[0],
+                    ulysses_degree=scenario.degrees(method)[0], cfg=scenario.cfg_degree(method) if guided else 1,
                     batch=scenario.images * (2 if guided else 1), steps=scenario.steps,
                     world=scenario.world_size, method=method,
                     warmup_steps=scenario.warmup.steps if method.warms_up else 0, warmup_mode=scenario.warmup.mode)

@@ -150,3 +150,24 @@ def test_published_sets_are_predicted_from_their_single_device_time_only():
     l20 = replace(P.devices["l20"], anchors=(a,))
     assert efficiency(replace(l20, anchors=(replace(a, seconds=46.32),)), "flux.1-dev")[0] == pytest.approx(
         efficiency(l20, "flux.1-dev")[0] / 2, rel=1e-3)
+
+
+def test_cfg_parallel_keeps_each_group_on_its_machine_and_counts_the_runtime_bytes():
+    """CogVideoX (a CFG model) on 2 machines x 8 H100 over 25 GbE: with CFG parallel each half of the guidance batch
+    runs inside one machine and only the velocities cross the NIC, so it beats a ring over both machines; the
+    emulated model's bytes are what the runtime counts (tests/integration/test_cfg_parallel.py)."""
+    video = dict(name="v", nodes=16, model={"name": "cogvideox-5b"}, resolution=720, height=480, frames=49, steps=50,
+                 guidance=6.0, labels=1, methods=["ring", "cfg"], warmup={"mode": "sync", "steps": 1},
+                 hardware={"device": "h100-sxm", "gpus_per_node": 8, "intra_node": "nvlink4",
+                           "inter_node": "ethernet_25g"})
+    rows, _ = predict(parse_scenario(video), CALIB)
+    ring, cfg = rows
+    assert cfg.latency_s < ring.latency_s / 5 and cfg.bytes_on_wire < ring.bytes_on_wire
+    with pytest.raises(ScenarioError, match="guidance-distilled"):
+        predict(flux(2, ["cfg"]), CALIB)
+    tiny = parse_scenario(dict(name="t", nodes=4, labels=8, steps=3, methods=["cfg"], warmup={"mode": "local",
+                                                                                               "steps": 1}))
+    (row,), _ = predict(tiny, CALIB)
+    half = 8
+    kv, sp_gather, cfg_gather = 2 * half * (64 + 4) // 2 * 128 * 4, half * 32 * 4 * 4, half * 64 * 4 * 4
+    assert row.bytes_on_wire == 3 * 4 * (4 * kv + sp_gather + cfg_gather)
