@@ -6,6 +6,11 @@ Used with xfuser's Flux wrapper (which splits the sequence over ranks and gather
                     current step computes (DistriFusion, Li et al. CVPR 2024); fresh K/V for the own patch
   ``local``         the full sequence on one rank, no communication; records K/V (local warmup)
 Projections, norms and RoPE follow xfuser's own Flux processor (non-fused path) exactly.
+
+When the text tokens do not divide by the sequence-parallel degree, xfuser's wrapper leaves them unsplit: every rank
+holds all of them. Their keys and values then join each rank's attention locally and never cross the network; only
+image K/V are exchanged (``text_tokens`` of these processors, and :class:`UnsplitTextAttnProcessor` in place of
+xfuser's own processor, which would count the text once per rank).
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ class ExchangeAttnProcessor:
     """One layer's attention with K/V exchanged by ``mode``; ``hooks`` does the (compressed) gathers and knows
     the current layer (the engine sets it as each block starts)."""
 
-    def __init__(self, mode: Mode, hooks: CommHooks | None = None, group=None):
+    def __init__(self, mode: Mode, hooks: CommHooks | None = None, group=None, text_tokens: int = 0):
         self.mode, self.hooks, self.group = mode, hooks, group
+        self.text_tokens = text_tokens    # unsplit text: held by every rank, never exchanged
         self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None   # local mode: full-sequence K/V
         self.stale: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # distrifusion: last step's K/V
         self._pending = None
@@ -53,6 +59,9 @@ class ExchangeAttnProcessor:
                  image_rotary_emb=None):
         q, k, v = qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [B,H,S,D]
+        t = self.text_tokens if self.mode != "local" else 0
+        text_kv = (k[:, :, :t], v[:, :, :t])
+        k, v = k[:, :, t:].contiguous(), v[:, :, t:].contiguous()
         if self.mode == "local":
             self.recorded = (k, v)
             keys, values = k, v
@@ -68,6 +77,8 @@ class ExchangeAttnProcessor:
             keys, values = torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2)
             self.stale = None
             self._pending = self._launch(k, v)     # refresh for the next step, overlapping this step
+        if t:
+            keys, values = torch.cat([text_kv[0], keys], 2), torch.cat([text_kv[1], values], 2)
         out = F.scaled_dot_product_attention(q, keys, values).transpose(1, 2).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is not None:
             txt = encoder_hidden_states.shape[1]
@@ -97,3 +108,25 @@ class ExchangeAttnProcessor:
         if self._pending is not None:
             self._pending()
             self._pending = None
+
+
+class UnsplitTextAttnProcessor:
+    """xfuser's Flux attention with unsplit text: the image part goes through xDiT's USP (ring rotation, Ulysses
+    all-to-all, both) and the ``text_tokens`` every rank holds join it as joint tensors (strategy "front")."""
+
+    def __init__(self, text_tokens: int):
+        self.text_tokens = text_tokens
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        from xfuser.model_executor.layers.usp import USP
+
+        q, k, v = (x.transpose(1, 2) for x in qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb))
+        t = self.text_tokens
+        out = USP(q[:, :, t:], k[:, :, t:].contiguous(), v[:, :, t:].contiguous(), joint_query=q[:, :, :t],
+                  joint_key=k[:, :, :t], joint_value=v[:, :, :t], joint_strategy="front")
+        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is not None:
+            enc, img = out[:, :t], out[:, t:]
+            return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(enc)
+        return out

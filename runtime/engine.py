@@ -72,7 +72,7 @@ class RankRun:
                                              init_distributed_environment, initialize_runtime_state)
         from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
 
-        from .attention import ExchangeAttnProcessor
+        from .attention import ExchangeAttnProcessor, UnsplitTextAttnProcessor
 
         ulysses, ring = self.sc.degrees(self.method)
         # the process group exists already (with the scenario's timeout); this builds xfuser's world group
@@ -97,11 +97,15 @@ class RankRun:
             num_inference_steps=self.sc.steps, max_condition_sequence_length=self.dit.text_tokens,
             split_text_embed_in_sp=True)
         self.attn_modules = [blk.attn for blk in (*self.model.transformer_blocks, *self.model.single_transformer_blocks)]
+        # text tokens that do not divide by the group stay whole on every rank (xfuser's wrapper decides the same)
+        self.unsplit_text = self.dit.text_tokens if self.dit.text_tokens % self.sp_world else 0
+        if self.unsplit_text:
+            self._set_processors([UnsplitTextAttnProcessor(self.unsplit_text) for _ in self.attn_modules])
         self.xdit_processors = [a.processor for a in self.attn_modules]
         self.exchange_processors = None
         if self.method.own_attention_exchange:
-            self.exchange_processors = [ExchangeAttnProcessor(self.method.comm, self.hooks, self.sp_group)
-                                        for _ in self.attn_modules]
+            self.exchange_processors = [ExchangeAttnProcessor(self.method.comm, self.hooks, self.sp_group,
+                                                              self.unsplit_text) for _ in self.attn_modules]
             self._set_processors(self.exchange_processors)
         self.local_processors = [ExchangeAttnProcessor("local") for _ in self.attn_modules]
         self._layer_t0: dict[int, float] = {}
@@ -145,8 +149,8 @@ class RankRun:
 
     def _seed_bases(self, kw: dict) -> None:
         """Local warmup: split each layer's full-sequence K/V into every rank's shard, as the parallel
-        model lays it out (this CFG group's half of the batch; [text chunk r; image chunk r]), and seed that
-        rank's bases on every rank of the group."""
+        model lays it out (this CFG group's half of the batch; [text chunk r; image chunk r], or image chunk r
+        where the text is unsplit), and seed that rank's bases on every rank of the group."""
         if self.codec is None and not self.method.stale_kv:
             return
         txt = kw["encoder_hidden_states"].shape[1]
@@ -156,6 +160,8 @@ class RankRun:
             for r in range(self.sp_world):
                 def shard(t):
                     tt, ii = t[:, :, :txt], t[:, :, txt:]
+                    if self.unsplit_text:
+                        return ii.chunk(self.sp_world, 2)[r].contiguous()
                     return torch.cat([tt.chunk(self.sp_world, 2)[r], ii.chunk(self.sp_world, 2)[r]], 2)
                 shards.append((shard(k), shard(v)))
             if self.codec is not None:

@@ -75,11 +75,11 @@ class DiTModel(ABC):
         return self
 
     def check_layout(self, resolution: int, world: int, ulysses: int = 1) -> None:
-        """Raise :class:`ModelFolderError` unless tokens and heads split evenly over the parallel degrees."""
+        """Raise :class:`ModelFolderError` unless image tokens and heads split evenly over the parallel degrees (text
+        tokens that do not divide stay whole on every rank)."""
         tokens, heads = self.image_tokens(resolution), self.transformer.config.num_attention_heads
-        if tokens % world or self.text_tokens % world:
-            raise ModelFolderError(f"{tokens} image and {self.text_tokens} text tokens must divide by the "
-                                   f"sequence-parallel degree {world}")
+        if tokens % world:
+            raise ModelFolderError(f"{tokens} image tokens must divide by the sequence-parallel degree {world}")
         if heads % ulysses:
             raise ModelFolderError(f"the model's {heads} heads must divide by the Ulysses degree {ulysses}")
 

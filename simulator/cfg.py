@@ -32,8 +32,10 @@ def partner_bytes(w: Workload) -> int:
 
 
 def combined(w: Workload, per_group: list, exchange_s: float):
-    """The run (a :class:`.model.Prediction`): the slower group's, plus the partner exchange after every step."""
+    """The run (a :class:`.model.Prediction`): the slower group's, plus the partner exchange after every step but
+    the local warmup steps (each rank computes both halves there)."""
     slow = max(per_group, key=lambda p: p.latency_s)
-    extra = w.steps * exchange_s
+    steps = w.steps - (w.warmup_steps if w.warmup_mode == "local" else 0)
+    extra = steps * exchange_s
     return replace(slow, latency_s=slow.latency_s + extra, comm_s=slow.comm_s + extra, timeline=[],
-                   bytes_on_wire=sum(p.bytes_on_wire for p in per_group) + w.steps * w.world * partner_bytes(w))
+                   bytes_on_wire=sum(p.bytes_on_wire for p in per_group) + steps * w.world * partner_bytes(w))

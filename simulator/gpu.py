@@ -321,7 +321,8 @@ class GpuSimulator:
                 yield env.timeout((L - 1) * (env.now - t0))
                 for k in stats:
                     stats[k] += (L - 1) * (stats[k] - before[k])
-            yield from exposed(transfer(output_gather), 0.0)
+            if kind != "local":                                 # a local step has the whole output already
+                yield from exposed(transfer(output_gather), 0.0)
             if kind != "stale":                                 # stale steps depend on the gathers still in flight
                 per_step[kind] = env.now - t0, {k: stats[k] - before[k] for k in stats}
 
@@ -350,8 +351,9 @@ class GpuSimulator:
 
     def step_bytes(self, kind: str) -> int:
         w, p, L = self.w, self.w.world, self.w.shape.layers
-        kv = 0 if kind == "local" else w.kv_wire_bytes(kind == "sync")
-        return p * (p - 1) * (L * kv + w.output_bytes())
+        if kind == "local":
+            return 0
+        return p * (p - 1) * (L * w.kv_wire_bytes(kind == "sync") + w.output_bytes())
 
 
 def _ulysses_groups(w: Workload, p: int) -> list[list[int]]:

@@ -358,8 +358,8 @@ class Simulator:
             w.output_bytes(), list(range(p)))
         async_refresh = self.async_gathers_seconds() if w.method.stale_kv else 0.0
         compute = {local: [self.layer_compute(r, local) for r in range(p)] for local in (False, True)}
-        step_bytes = {kind: p * (p - 1) * (L * (0 if kind == "local" else w.kv_wire_bytes(kind == "sync"))
-                                           + w.output_bytes()) for kind in ("local", "sync", "steady")}
+        step_bytes = {kind: 0 if kind == "local" else p * (p - 1) * (L * w.kv_wire_bytes(kind == "sync") + w.output_bytes())
+                      for kind in ("local", "sync", "steady")}
         pending_async = None
         hidden = min(self.hidden_seconds(r) for r in range(p))
         per_rank = self.ranks_share_cores()
@@ -395,10 +395,11 @@ class Simulator:
                 yield env.timeout(L * (max(comp) + codec))
                 if exch:                                # a direct exchange runs behind the own block
                     yield env.process(collective(L * max(0.0, exch - hidden), ring_links))
-            out = output_gather
+            out = 0.0 if local else output_gather         # a local warmup step has the whole output already
             if out:
                 yield env.process(collective(out, ring_links))
-            overhead = self.calib.devices[self.c.device].step_overhead_s * self.calib.share(self.host_ranks, self.c.device)
+            overhead = self.calib.devices[self.c.device].step_overhead_s * \
+                self.calib.share(self.host_ranks, self.c.device)
             yield env.timeout(overhead)
             stats["compute"] += L * max(comp)
             stats["codec"] += L * codec

@@ -54,8 +54,7 @@ def _scenario(name: str, common: dict, row: dict) -> Scenario:
     data = dict(common, name=name)
     data["nodes"] = row.get("nodes", common.get("nodes"))
     data["methods"] = [row["method"]]
-    if "ulysses_degree" in row:
-        data["parallel"] = {"ulysses_degree": row["ulysses_degree"]}
+    data["parallel"] = {k: row[k] for k in ("cfg_degree", "ulysses_degree") if k in row}
     return parse_scenario(data, f"{PUBLISHED_FILE.name}: {name}")
 
 
@@ -71,7 +70,8 @@ def predict_set(name: str, entry: dict) -> PublishedSet:
         cluster = gpu_cluster_of(sc)
         cluster = replace(cluster, devices=tuple(replace(d, anchors=(anchor,)) for d in cluster.devices))
         pred = GpuSimulator(workload_of(sc, sc.methods[0]), cluster).run().latency_s
-        label = r["method"] + (f" u{r['ulysses_degree']}" if "ulysses_degree" in r else "")
+        label = r["method"] + (f" cfg{r['cfg_degree']}" if "cfg_degree" in r else "") + \
+            (f" u{r['ulysses_degree']}" if "ulysses_degree" in r else "")
         rows.append(Row(name, label, sc.world_size, float(r["seconds"]), pred))
     base = entry.get("baseline", "single")
     for row in rows:

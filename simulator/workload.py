@@ -66,20 +66,33 @@ class Workload:
         return self.image_tokens + self.shape.text_tokens
 
     @property
+    def text_split(self) -> bool:
+        """Text tokens split over the sequence-parallel group like the image; otherwise every rank holds them all
+        and only image K/V are exchanged (the runtime's unsplit text, xDiT's joint attention)."""
+        return self.shape.text_tokens % (self.world // self.cfg) == 0
+
+    @property
     def local_tokens(self) -> int:
-        """Tokens per rank (sequence parallel split), batch folded in."""
-        return self.batch * self.tokens // self.world
+        """Tokens a rank computes (its sequence shard, batch folded in)."""
+        if self.text_split:
+            return self.batch * self.tokens // self.world
+        return self.batch // self.cfg * (self.image_tokens * self.cfg // self.world + self.shape.text_tokens)
+
+    @property
+    def exchanged_tokens(self) -> int:
+        """Tokens whose K/V a rank exchanges per layer (its shard, less unsplit text)."""
+        return self.local_tokens if self.text_split else self.batch * self.image_tokens // self.world
 
     def kv_bytes(self) -> int:
-        """Uncompressed K+V of one rank's shard for one layer."""
-        return 2 * self.local_tokens * self.shape.hidden * self.shape.act_bytes
+        """Uncompressed K+V of one rank's exchanged shard for one layer."""
+        return 2 * self.exchanged_tokens * self.shape.hidden * self.shape.act_bytes
 
     def kv_wire_bytes(self, warm: bool) -> int:
         """What one rank's K+V payload puts on the wire for one layer (compressed unless warm)."""
         if warm or not self.method.compressed:
             return self.kv_bytes()
         comp = make_compressor(self.method.codec.compressor)
-        return 2 * comp.wire_nbytes(self.local_tokens, self.shape.hidden)
+        return 2 * comp.wire_nbytes(self.exchanged_tokens, self.shape.hidden)
 
     def output_bytes(self) -> int:
         """The output all-gather of one step: this rank's image tokens x output channels."""

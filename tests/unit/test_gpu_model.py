@@ -171,3 +171,23 @@ def test_cfg_parallel_keeps_each_group_on_its_machine_and_counts_the_runtime_byt
     half = 8
     kv, sp_gather, cfg_gather = 2 * half * (64 + 4) // 2 * 128 * 4, half * 32 * 4 * 4, half * 64 * 4 * 4
     assert row.bytes_on_wire == 3 * 4 * (4 * kv + sp_gather + cfg_gather)
+
+
+@pytest.mark.parametrize("nodes, method", [(8, "ring"), (16, "compact-1bit"), (16, "compact-1bit-cfg")])
+def test_unsplit_text_is_held_by_every_rank_and_never_sent(nodes, method):
+    """4 label tokens on 8 or 16 ranks stay whole on every rank: the model's bytes are the image K/V the runtime
+    sends (tests/integration/test_cfg_parallel.py measures the same runs)."""
+    from compactbed.kernels.compressors import make_compressor
+    from compactbed.kernels.spec import CompressorSpec
+
+    sc = parse_scenario(dict(name="t", nodes=nodes, labels=8, steps=3, methods=[method],
+                             warmup={"mode": "local", "steps": 1}))
+    (row,), _ = predict(sc, CALIB)
+    cfg = 2 if method.endswith("cfg") else 1
+    p, half = nodes // cfg, 2 * 8 // cfg                   # group size, images of a group (guidance doubles)
+    image = half * 64 // p                                 # exchanged: image tokens only
+    kv = 2 * make_compressor(CompressorSpec(kind="1bit")).wire_nbytes(image, 128) if "compact" in method else \
+        2 * image * 128 * 4
+    per_step = (p - 1) * 4 * kv + (p - 1) * image * 4 * 4 + (cfg - 1) * half * 64 * 4 * 4
+    steps = 2 if "compact" in method else 3                # the local warmup step sends nothing
+    assert row.bytes_on_wire == nodes * steps * per_step

@@ -84,8 +84,8 @@ def test_cfg_parallel_halves_the_sequence_parallel_group():
     s = parse(nodes=8, methods=["cfg", "compact-1bit-cfg", "usp"],
               parallel={"cfg_degree": 2, "ulysses_degree": 2})
     assert [(s.cfg_degree(m), s.degrees(m)) for m in s.methods] == [(2, (1, 4)), (2, (1, 4)), (2, (2, 2))]
-    assert "must divide by the sequence-parallel degree 8 (choose 1, 2 or 4 nodes, or CFG parallel" in \
-        error_of(nodes=8, methods=["ring"])
+    assert parse(nodes=16, methods=["ring"]).degrees(METHOD_PRESETS["ring"]) == (1, 16)   # 4 label tokens unsplit
+    assert "36 image tokens must divide by the sequence-parallel degree 8" in error_of(nodes=8, resolution=12)
     assert "node count must be even" in error_of(nodes=3, methods=["cfg"])
     assert "only one pass per step" in error_of(nodes=2, methods=["cfg"], guidance=1.0)
     assert "2 x 2 x 2 must equal the node count 4" in \

@@ -1,5 +1,6 @@
-"""xDiT's CFG parallel over gloo: the guidance batch's halves on two groups of ranks, each group running its
-sequence parallelism; uncompressed equals single-process diffusers, compressed sends exactly its wire format."""
+"""xDiT's CFG parallel over gloo (the guidance batch's halves on two groups of ranks, each group running its
+sequence parallelism) and wide clusters (8 and 16 ranks, label tokens kept whole): uncompressed equals single-process
+diffusers, compressed sends exactly its wire format."""
 
 import numpy as np
 import pytest
@@ -48,3 +49,28 @@ def test_compressed_cfg_parallel(launch, reference):
     steady = 4 * payload + HALF * 64 // 2 * 4 * 4 + HALF * 64 * 4 * 4
     assert {r["bytes_sent"] for r in out.records if r["step"] > 0} == {steady}
     assert psnr(out.images, reference(sc)) > 28
+
+
+def test_eight_ranks_keep_the_label_tokens_whole(launch_pass, reference):
+    """4 label tokens do not divide by 8: every rank holds them all, they never cross the network, and ring, patch
+    and USP (Ulysses 2 x ring 4) still equal single-process diffusers; ring sends image K/V only."""
+    methods = ["ring", "patch", "usp"]
+    sc = scenario(nodes=8, steps=3, methods=methods, parallel={"ulysses_degree": 2})
+    outs, _ = launch_pass(sc, methods)
+    for method, out in zip(methods, outs):
+        assert np.abs(out.images - reference(sc)).max() < 1e-4, method
+    b = 2 * len(LABELS)
+    kv = 2 * b * 64 // 8 * 128 * 4                 # image tokens only
+    gather = b * 64 // 8 * 4 * 4
+    assert {r["bytes_sent"] for r in outs[0].records} == {7 * (4 * kv + gather)}
+
+
+def test_sixteen_ranks_run_compressed(launch_pass, reference):
+    """16 ranks on the 2-core host: ring exact, compact-1bit with identical bases and its exact wire format."""
+    sc = scenario(nodes=16, steps=3, methods=["ring", "compact-1bit"])
+    ring, compact = launch_pass(sc, ["ring", "compact-1bit"], timeout_s=400)[0]
+    assert np.abs(ring.images - reference(sc)).max() < 1e-4
+    assert compact.run["base_consistency"] == {"checked": 4 * 16 * 2, "mismatched": 0, "examples": []}
+    b = 2 * len(LABELS)
+    payload = 2 * make_compressor(CompressorSpec(kind="1bit")).wire_nbytes(b * 64 // 16, 128)
+    assert {r["bytes_sent"] for r in compact.records if r["step"] > 0} == {15 * (4 * payload + b * 4 * 4 * 4)}
