@@ -44,6 +44,7 @@ def whatif_tab(calib: Calibration) -> html.Div:
             _field("resolution px", _num("resolution", d.resolution, min=4, step=2)),
             _field("images", _num("images", d.images, min=1, max=1024, step=1)),
             _field("steps", _num("steps", d.steps, min=1, max=1000, step=1)),
+            _field("guidance (CFG)", _num("guidance", d.guidance, min=0, max=50, step=0.5)),
             _field("method", dcc.Dropdown(id="method", options=list(METHOD_PRESETS), value=d.method, clearable=False,
                                           style={"width": "190px"})),
             _field("ulysses degree (usp)", _num("ulysses", d.ulysses_degree, min=1, max=64, step=1)),
@@ -98,17 +99,18 @@ def create_app(result_roots: list[Path], calib: Calibration) -> Dash:
         [Output(i, "children") for i in ("message", "note", "latency", "vs-ring", "vs-df", "bytes", "breakdown")]
         + [Output("timeline", "figure"), Output("curves", "figure")],
         [Input(i, "value") for i in ("nodes", "profile", "rate", "delay", "jitter", "loss", "model", "resolution",
-                                     "images", "steps", "method", "ulysses", "warmup", "device", "gpus", "intra",
+                                     "images", "steps", "guidance", "method", "ulysses", "warmup", "device", "gpus", "intra",
                                      "inter")])
-    def update_whatif(nodes, profile, rate, delay, jitter, loss, model, resolution, images, steps, method, ulysses,
-                      warmup, device, gpus, intra, inter):
+    def update_whatif(nodes, profile, rate, delay, jitter, loss, model, resolution, images, steps, guidance, method,
+                      ulysses, warmup, device, gpus, intra, inter):
         empty = go.Figure()
         try:
             if None in (nodes, resolution, images, steps):
                 raise ScenarioError("fill in nodes, resolution, images and steps")
             w = W.WhatIf.of(dict(nodes=nodes, profile=profile, rate_mbit=rate or None, delay_ms=delay or 0,
                                  jitter_ms=jitter or 0, loss_pct=loss or 0, model=model, resolution=resolution,
-                                 images=images, steps=steps, method=method, ulysses_degree=ulysses or 1,
+                                 images=images, steps=steps, guidance=1.0 if guidance is None else guidance,
+                                 method=method, ulysses_degree=ulysses or 1,
                                  warmup=warmup, device=device, gpus_per_node=gpus or 1, intra_node=intra,
                                  inter_node=inter))
             rows, detail = W.answer(w, calib)

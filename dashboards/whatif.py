@@ -50,6 +50,7 @@ class WhatIf:
     resolution: Annotated[int, Field(ge=4, le=8192)] = 16
     images: Annotated[int, Field(ge=1, le=1024)] = 128
     steps: Annotated[int, Field(ge=1, le=1000)] = 20
+    guidance: Annotated[float, Field(ge=0, le=50, allow_inf_nan=False)] = 1.0   # CFG scale (1: one pass per step)
     method: str = "compact-1bit"
     ulysses_degree: Annotated[int, Field(ge=1, le=MAX_NODES)] = 1    # for `usp` methods (ulysses x ring = nodes)
     warmup: str = "local"
@@ -95,7 +96,7 @@ def scenario_of(w: WhatIf, methods: list[str] | None = None, link=None) -> Scena
     if w.method not in METHOD_PRESETS:
         raise ScenarioError(f"method: choose one of {', '.join(METHOD_PRESETS)}")
     data = dict(name="whatif", nodes=w.nodes, link=link if link is not None else w.link(),
-                model={"name": w.model}, resolution=w.resolution, labels=w.images, steps=w.steps, guidance=1.0,
+                model={"name": w.model}, resolution=w.resolution, labels=w.images, steps=w.steps, guidance=w.guidance,
                 methods=methods, warmup={"mode": w.warmup, "steps": 1},
                 parallel={"ulysses_degree": w.ulysses_degree})
     if w.device in shipped().devices:

@@ -31,7 +31,7 @@ import torch
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..netem.cluster import EmulatedCluster, check_backend, cleanup_stale
@@ -164,7 +164,13 @@ def link_pass(scenario: Scenario, name: str, backend, console: Console, results:
         env_file.write_text(json.dumps(json.loads(env_file.read_text()) | {
             "topology": scenario.topology, "congestion_control": cluster.congestion}, indent=1))
         if name == "shaped":
-            probes = [probe_link(cluster, s, d, spec) for (s, d), spec in sorted(links.items())]
+            probes = []
+            with Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console, transient=True) as bar:
+                task = bar.add_task("probing links (rate and RTT)", total=len(links))
+                for (s, d), spec in sorted(links.items()):
+                    probes.append(probe_link(cluster, s, d, spec))
+                    bar.advance(task)
             (results / "links.json").write_text(json.dumps(
                 [asdict(p) | {"rate_error": p.rate_error, "misses": p.misses} for p in probes], indent=1))
             t = Table(title="link probes (measured before the run)")

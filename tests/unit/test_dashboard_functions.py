@@ -51,6 +51,8 @@ def test_usp_degrees_come_from_the_controls():
     assert "usp" in {r.method for r in rows}
     with pytest.raises(ScenarioError, match="ulysses_degree"):
         W.answer(W.WhatIf(method="usp", ulysses_degree=3), CALIB)
+    rows, _ = W.answer(W.WhatIf(method="cfg", guidance=1.5), CALIB)     # CFG parallel needs a guidance batch
+    assert [r.method for r in rows] == ["cfg", "ring", "distrifusion"] and rows[0].latency_s < rows[1].latency_s
 
 
 def test_flux_what_if_runs_on_a_gpu_profile():
@@ -128,14 +130,15 @@ def test_rgb_samples_show_as_colour_images(folder):
     assert z.shape == (16, 64, 3) and (z[..., 0] == 255).all() and (z[..., 1:] == 0).all()
 
 
-CONTROLS = ["nodes", "profile", "rate", "delay", "jitter", "loss", "model", "resolution", "images", "steps", "method",
-            "ulysses", "warmup", "device", "gpus", "intra", "inter"]
+CONTROLS = ["nodes", "profile", "rate", "delay", "jitter", "loss", "model", "resolution", "images", "steps",
+            "guidance", "method", "ulysses", "warmup", "device", "gpus", "intra", "inter"]
 
 
 @pytest.mark.parametrize("control, value, says", [
     ("nodes", [1, 2], "nodes: Input should be a valid integer"), ("delay", "abc", "delay_ms: Input should be"),
     ("rate", 1e308, "rate_mbit: Input should be less than or equal to 400000"),
     ("images", {"a": 1}, "images: Input should be a valid integer"),
+    ("method", "cfg", "only one pass per step"),
 ])
 def test_a_malformed_control_posted_to_the_app_is_a_message_not_a_server_error(control, value, says):
     from compactbed.dashboards.app import create_app
@@ -144,7 +147,7 @@ def test_a_malformed_control_posted_to_the_app_is_a_message_not_a_server_error(c
     client = app.server.test_client()
     key = next(k for k in app.callback_map if "message.children" in k)
     values = dict(nodes=4, profile="edge_100m_10ms", rate=100, delay=10, jitter=0, loss=0, model="tiny_flux_mnist",
-                  resolution=16, images=8, steps=4, method="compact-1bit", ulysses=1, warmup="local", device="cpu", gpus=1, intra="pcie4",
+                  resolution=16, images=8, steps=4, guidance=1.0, method="compact-1bit", ulysses=1, warmup="local", device="cpu", gpus=1, intra="pcie4",
                   inter="ethernet_shaped")
     values[control] = value
     payload = {"output": key, "outputs": [{"id": s.split(".")[0], "property": s.split(".")[1]}
