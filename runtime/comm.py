@@ -4,6 +4,8 @@ xfuser's sequence parallelism exchanges activations at three points (measured on
   ring K/V rotation   torch ``_templated_ring_attention`` -> ``_create_rotater`` (P2P permute or all-gather)
   Ulysses all-to-all  ``xfuser.model_executor.layers.usp._sdpa_all_to_all_single``
   output gather       ``GroupCoordinator.all_gather`` (the wrapper reassembles the sequence)
+and PipeFusion's stage-to-stage activations at ``PipelineGroupCoordinator`` (its sends and shape messages are
+counted, waits on its receives and synchronous sends timed).
 :class:`CommHooks` patches them while installed (a context manager restores them) and routes ring K/V through a
 :class:`~compactbed.kernels.codec.ResidualCodec`: each rank compresses its own K/V once per layer, the
 *compressed* payload travels the ring (P-1 hops), and every receiver decompresses it against the origin
@@ -197,11 +199,25 @@ class CommHooks:
         """Patch xfuser's / torch's communication points for the duration of the block."""
         import torch.distributed.tensor.experimental._context_parallel._attention as cp
         import xfuser.model_executor.layers.usp as usp
-        from xfuser.core.distributed.group_coordinator import GroupCoordinator
+        from xfuser.core.distributed.group_coordinator import GroupCoordinator, PipelineGroupCoordinator as Pipe
 
         hooks = self
         orig_ring, orig_create = usp._templated_ring_attention, cp._create_rotater
         orig_a2a, orig_gather = usp._sdpa_all_to_all_single, GroupCoordinator.all_gather
+        pipe_orig = {k: getattr(Pipe, k) for k in ("_pipeline_isend", "_communicate_shapes", "pipeline_send",
+                                                   "pipeline_recv", "get_pipeline_recv_data")}
+
+        def pipe_isend(coordinator, tensor):
+            hooks.count_send(tensor)
+            return pipe_orig["_pipeline_isend"](coordinator, tensor)
+
+        def pipe_shapes(coordinator, tensor_send_to_next=None, recv_prev=False):
+            if tensor_send_to_next is not None:     # the tensor's rank, then its sizes (int64)
+                hooks.count_send(torch.empty(1 + tensor_send_to_next.dim(), dtype=torch.int64))
+            return pipe_orig["_communicate_shapes"](coordinator, tensor_send_to_next, recv_prev)
+
+        def timed(name):
+            return lambda coordinator, *a, **k: hooks.wait(lambda: pipe_orig[name](coordinator, *a, **k))
 
         def ring_attention(group, seq_dim, op, query, key, value, *args, **kwargs):
             hooks._kv_shapes = (key.shape, value.shape)
@@ -224,11 +240,16 @@ class CommHooks:
 
         usp._templated_ring_attention, cp._create_rotater = ring_attention, create_rotater
         usp._sdpa_all_to_all_single, GroupCoordinator.all_gather = all_to_all, all_gather
+        Pipe._pipeline_isend, Pipe._communicate_shapes = pipe_isend, pipe_shapes
+        for name in ("pipeline_send", "pipeline_recv", "get_pipeline_recv_data"):
+            setattr(Pipe, name, timed(name))
         try:
             yield self
         finally:
             usp._templated_ring_attention, cp._create_rotater = orig_ring, orig_create
             usp._sdpa_all_to_all_single, GroupCoordinator.all_gather = orig_a2a, orig_gather
+            for name, fn in pipe_orig.items():
+                setattr(Pipe, name, fn)
 
 
 class DirectExchange:

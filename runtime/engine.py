@@ -67,12 +67,14 @@ class RankRun:
 
     # --- setup --------------------------------------------------------------------------------------------
     def build(self) -> None:
+        if self.method.pipelined:
+            return self._build_pipefusion()
         from xfuser.config import xFuserArgs
         from xfuser.core.distributed import (get_classifier_free_guidance_rank, get_runtime_state, get_sp_group,
                                              init_distributed_environment, initialize_runtime_state)
         from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
 
-        from .attention import ExchangeAttnProcessor, UnsplitTextAttnProcessor
+        from . import video
 
         ulysses, ring = self.sc.degrees(self.method)
         # the process group exists already (with the scenario's timeout); this builds xfuser's world group
@@ -81,7 +83,9 @@ class RankRun:
                           ring_degree=ring, use_cfg_parallel=self.cfg == 2,
                           attention_backend="SDPA_FLASH" if self.device.type == "cpu" else None)
         engine_config, _ = args.create_config()
-        self.dit = load_for(self.sc.model, transformer_cls=xFuserFlux1Transformer2DWrapper).to(self.device)
+        is_video = self.sc.model.path is None and self.sc.model.name == video.VIDEO_MODEL
+        self.dit = load_for(self.sc.model, transformer_cls=None if is_video else xFuserFlux1Transformer2DWrapper,
+                            frames=self.sc.frames).to(self.device)
         self.model = self.dit.transformer
         height, vae_scale = self.dit.xfuser_geometry(self.sc.resolution)
         initialize_runtime_state(types.SimpleNamespace(transformer=self.model, vae_scale_factor=vae_scale),
@@ -96,7 +100,33 @@ class RankRun:
             height=height, width=height, batch_size=self.sc.images * (2 if self.cfg_scale != 1.0 else 1),
             num_inference_steps=self.sc.steps, max_condition_sequence_length=self.dit.text_tokens,
             split_text_embed_in_sp=True)
-        self.attn_modules = [blk.attn for blk in (*self.model.transformer_blocks, *self.model.single_transformer_blocks)]
+        self._layer_t0: dict[int, float] = {}
+        if is_video:
+            self._build_video()
+        else:
+            self._build_flux()
+        for i, blk in enumerate(self.blocks):
+            blk.register_forward_pre_hook(lambda m, a, i=i: self._enter_layer(i))
+            blk.register_forward_hook(lambda m, a, o, i=i: self._leave_layer(i))
+
+    def _build_video(self) -> None:
+        """The video DiT: its blocks with xDiT's CogVideoX attention processor, run by :func:`.video.sp_forward`."""
+        from xfuser.model_executor.layers.attention_processor import xFuserCogVideoXAttnProcessor2_0
+
+        from .video import sp_forward
+
+        self.blocks = list(self.model.transformer_blocks)
+        for blk in self.blocks:
+            blk.attn1.set_processor(xFuserCogVideoXAttnProcessor2_0())
+        self.call = lambda x, t, **kw: sp_forward(self.model, x, timestep=t, **kw)
+        self.exchange_processors, self.local_processors = None, None
+
+    def _build_flux(self) -> None:
+        from .attention import ExchangeAttnProcessor, UnsplitTextAttnProcessor
+
+        self.blocks = [*self.model.transformer_blocks, *self.model.single_transformer_blocks]
+        self.call = lambda x, t, **kw: self.model(x, timestep=t, **kw)
+        self.attn_modules = [blk.attn for blk in self.blocks]
         # text tokens that do not divide by the group stay whole on every rank (xfuser's wrapper decides the same)
         self.unsplit_text = self.dit.text_tokens if self.dit.text_tokens % self.sp_world else 0
         if self.unsplit_text:
@@ -108,10 +138,49 @@ class RankRun:
                                                               self.unsplit_text) for _ in self.attn_modules]
             self._set_processors(self.exchange_processors)
         self.local_processors = [ExchangeAttnProcessor("local") for _ in self.attn_modules]
-        self._layer_t0: dict[int, float] = {}
-        for i, blk in enumerate((*self.model.transformer_blocks, *self.model.single_transformer_blocks)):
-            blk.register_forward_pre_hook(lambda m, a, i=i: self._enter_layer(i))
-            blk.register_forward_hook(lambda m, a, o, i=i: self._leave_layer(i))
+
+    def _build_pipefusion(self) -> None:
+        """PipeFusion (:mod:`.pipefusion`): xDiT's own pipeline, one stage per rank; no codec, no K/V exchange."""
+        from xfuser.core.distributed import init_distributed_environment
+
+        from . import pipefusion
+
+        init_distributed_environment(rank=self.rank, world_size=self.world)
+        self.dit = load_for(self.sc.model).to(self.device)
+        self.patches = self.method.patches or self.world
+        self.pipe = pipefusion.pipeline(self.dit, self.world, self.patches, self.warmup_steps, self.dtype)
+        self.hooks = CommHooks(None, self.rank, self.world)
+        self.cfg_rank, self.exchange_processors = 0, None
+
+    def _sample_pipefusion(self) -> np.ndarray | None:
+        from . import pipefusion
+
+        res, last = self.sc.resolution, self.world - 1
+        x = self.dit.initial_tokens(self.sc.images, res, self.job.seed).to(self.device)
+
+        def on_step(k: int, wall_s: float) -> None:
+            c = self.hooks.counters
+            self.records.append(StepRecord(
+                rank=self.rank, step=k, warmup="sync" if k < self.warmup_steps else None, wall_s=wall_s,
+                comm_wait_s=c.comm_wait_s, codec_s=0.0, compute_s=max(wall_s - c.comm_wait_s, 0.0),
+                bytes_sent=c.bytes_sent, bytes_uncompressed=c.bytes_uncompressed, exchanges=c.exchanges,
+                layer_compute_s={}))
+            if self.rank == 0:
+                print(f"STEP {k + 1}/{self.sc.steps}", flush=True)
+
+        dist.barrier()
+        t_start = time.perf_counter()
+        out = pipefusion.sample(self.pipe, self.dit, self.sc.conditions, res, self.sc.steps, self.warmup_steps,
+                                self.patches, x, self.hooks, on_step)
+        dist.barrier()
+        self.latency_s = time.perf_counter() - t_start
+        if last > 0:        # the result is on the last stage; rank 0 decodes it (after the timed generation)
+            if self.rank == last:
+                dist.send(out.contiguous(), 0)
+            elif self.rank == 0:
+                out = torch.empty_like(x)
+                dist.recv(out, last)
+        return self.dit.decode(out.float(), res).numpy() if self.rank == 0 else None
 
     def _set_processors(self, procs) -> None:
         for a, p in zip(self.attn_modules, procs):
@@ -130,11 +199,10 @@ class RankRun:
     # --- sampling -------------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, kw: dict, local: bool) -> torch.Tensor:
         if not local:
-            if self.cfg > 1:    # xfuser's wrapper takes this CFG group's half of the rest itself
+            if self.cfg > 1 and "pooled_projections" in kw:    # xfuser's wrapper halves the rest itself
                 kw = kw | {"pooled_projections": kw["pooled_projections"].chunk(self.cfg)[self.cfg_rank]}
             with self.hooks.installed():
-                return guided_call(lambda xin, t: self.model(xin, timestep=t, **kw)[0], x, sigma,
-                                   self.cfg_scale, self.dtype)
+                return guided_call(lambda xin, t: self.call(xin, t, **kw)[0], x, sigma, self.cfg_scale, self.dtype)
         # local warmup: the whole sequence on this rank, plain diffusers forward, no communication
         from diffusers import FluxTransformer2DModel
 
@@ -174,6 +242,8 @@ class RankRun:
 
     def sample(self) -> np.ndarray | None:
         """Sample every image; rank 0 returns them decoded ([B, C, H, W] in [-1, 1]), other ranks None."""
+        if self.method.pipelined:
+            return self._sample_pipefusion()
         res = self.sc.resolution
         kw = self.dit.transformer_inputs(self.sc.conditions, res, self.sc.guidance, self.dtype, self.device)
         x = self.dit.initial_tokens(self.sc.images, res, self.job.seed).to(self.device)
@@ -267,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     dist.init_process_group(backend, timeout=timeout)
     try:
-        degrees = [(j.scenario.cfg_degree(j.method), *j.scenario.degrees(j.method)) for j in jobs]
+        degrees = [(j.scenario.cfg_degree(j.method), *j.scenario.degrees(j.method), j.method.pipelined,
+                    j.method.patches) for j in jobs]
         for i, job in enumerate(jobs):
             if dist.get_rank() == 0:
                 print(f"RUN {i + 1}/{len(jobs)}", flush=True)

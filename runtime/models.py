@@ -16,72 +16,14 @@ Every rank builds the same adapter, so conditioning is computed locally and neve
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..scenarios.schema import ScenarioError
+from .adapter import DiTModel, ModelFolderError
 from .tiny_model import NULL_LABEL, TINY_MODEL_DIR, TinyModel, image_ids, load_tiny_model, pack, text_ids, unpack
-
-
-class ModelFolderError(ScenarioError):
-    """A model folder (or a scenario's use of it) that cannot work; the message says what is missing."""
-
-
-class DiTModel(ABC):
-    """A loaded diffusion transformer with everything around it that sampling needs."""
-
-    transformer: torch.nn.Module
-    classifier: torch.nn.Module | None = None
-    text_tokens: int           # conditioning tokens per image
-    condition_kind: str        # "labels" or "prompts": what a scenario's conditions are
-
-    @abstractmethod
-    def image_tokens(self, resolution: int) -> int:
-        """Image tokens of one square image of side ``resolution`` pixels."""
-
-    @abstractmethod
-    def cfg_scale(self, guidance: float) -> float:
-        """Classifier-free guidance scale for the scenario's ``guidance`` (1.0: a single forward pass)."""
-
-    @abstractmethod
-    def transformer_inputs(self, conditions: Sequence, resolution: int, guidance: float,
-                           dtype: torch.dtype, device: torch.device | str = "cpu") -> dict:
-        """Keyword inputs of the transformer besides latents and timestep; with CFG the batch is
-        [cond; uncond]."""
-
-    @abstractmethod
-    def initial_tokens(self, count: int, resolution: int, seed: int) -> torch.Tensor:
-        """Packed starting noise [count, image tokens, channels] for ``seed`` (float32, CPU)."""
-
-    @abstractmethod
-    def sigmas(self, steps: int, resolution: int) -> torch.Tensor:
-        """Noise levels from 1 towards 0, ``steps + 1`` values; sigma is also the transformer's timestep."""
-
-    @abstractmethod
-    def decode(self, tokens: torch.Tensor, resolution: int) -> torch.Tensor:
-        """Final tokens -> images [B, C, H, W] in [-1, 1] (float32, CPU)."""
-
-    @abstractmethod
-    def xfuser_geometry(self, resolution: int) -> tuple[int, int]:
-        """(height, vae_scale_factor) that xfuser's runtime state takes for this resolution."""
-
-    def to(self, device: torch.device | str) -> "DiTModel":
-        """Move what runs per step (and what encodes and decodes) to ``device``."""
-        self.transformer.to(device)
-        return self
-
-    def check_layout(self, resolution: int, world: int, ulysses: int = 1) -> None:
-        """Raise :class:`ModelFolderError` unless image tokens and heads split evenly over the parallel degrees (text
-        tokens that do not divide stay whole on every rank)."""
-        tokens, heads = self.image_tokens(resolution), self.transformer.config.num_attention_heads
-        if tokens % world:
-            raise ModelFolderError(f"{tokens} image tokens must divide by the sequence-parallel degree {world}")
-        if heads % ulysses:
-            raise ModelFolderError(f"the model's {heads} heads must divide by the Ulysses degree {ulysses}")
 
 
 class TinyDigits(DiTModel):
@@ -256,11 +198,15 @@ def load_model(path: Path | str | None = None, dtype: torch.dtype = torch.float3
     return FluxPipelineModel(path, dtype, transformer_cls, max_sequence_length)
 
 
-def load_for(spec, transformer_cls=None) -> DiTModel:
-    """Load a scenario's ``model:`` (a :class:`~compactbed.scenarios.schema.ModelSpec`)."""
+def load_for(spec, transformer_cls=None, frames: int = 1) -> DiTModel:
+    """Load a scenario's ``model:`` (a :class:`~compactbed.scenarios.schema.ModelSpec`); ``frames``: video models."""
+    from .video import VIDEO_MODEL, TinyVideo
+
+    if spec.path is None and spec.name == VIDEO_MODEL:
+        return TinyVideo(frames, getattr(torch, spec.dtype), transformer_cls)
     if spec.path is None and spec.name != "tiny_flux_mnist":
-        raise ModelFolderError(f"unknown shipped model {spec.name!r} (only tiny_flux_mnist ships; "
-                               f"use model.path for a local diffusers folder)")
+        raise ModelFolderError(f"unknown shipped model {spec.name!r} (tiny_flux_mnist ships, {VIDEO_MODEL} is built "
+                               f"from its config; use model.path for a local diffusers folder)")
     return load_model(spec.path, getattr(torch, spec.dtype), transformer_cls, spec.max_sequence_length)
 
 

@@ -1,12 +1,15 @@
 """Importing and initializing xfuser (xDiT) 0.7.x, on GPUs as is and on CPU over gloo.
 
-xfuser 0.7.0 assumes CUDA at import time. :func:`import_xfuser` applies five narrow patches when torch has no
+xfuser 0.7.0 assumes CUDA at import time. :func:`import_xfuser` applies six narrow patches when torch has no
 accelerator (each a no-op on CUDA hosts), measured in the project's feasibility work:
   P0  envs.get_device_version / get_torch_distributed_backend raise on CPU -> None / "gloo"
   P1  has_long_ctx_attn is False without CUDA, so yunchang's SP groups are never made -> True
   P2  usp.PROCESS_GROUP is None without CUDA -> yunchang's process groups
   P3  ring attention needs an LSE-returning attention op; on CPU use aten's CPU flash kernel
   P4  PipeFusion's shape exchange calls torch.cuda.synchronize -> no-op
+  P5  PipeFusion deadlocks on gloo, whose sends complete only once the peer posted its receive: its shape exchange
+      waits on its sends over one group for both directions -> shapes go over the per-direction groups, sends are
+      not waited on (their requests and tensors are kept alive until complete), and so are the data sends
 and, only when the triton wheel is absent, an import-only stand-in while xfuser imports
 (its sparge_attention module decorates kernels with @triton.jit at import time).
 """
@@ -93,4 +96,40 @@ def import_xfuser() -> types.ModuleType:
 
         ab.ATTENTION_FUNCTION_REGISTRY[ab.AttentionBackendType.SDPA_FLASH] = sdpa_flash_cpu
         gc.synchronize = lambda *a, **k: None
+        _gloo_pipeline(gc.PipelineGroupCoordinator)
     return xfuser
+
+
+def _gloo_pipeline(coordinator) -> None:
+    """P5: PipeFusion's point-to-point exchange without waiting on sends (gloo completes a send only once its peer
+    posted the receive; two stages sending shapes at once would wait on each other)."""
+    import torch.distributed as dist
+
+    def send_group(self):
+        return self.device_groups[self.rank_in_group % 2] if self.world_size == 2 else self.device_group
+
+    def recv_group(self):
+        return self.device_groups[(self.rank_in_group + 1) % 2] if self.world_size == 2 else self.device_group
+
+    def keep(self, work, tensor):
+        pending = [(w, t) for w, t in getattr(self, "_gloo_pending_sends", []) if not w.is_completed()]
+        self._gloo_pending_sends = pending + [(work, tensor)]
+        return work
+
+    def communicate_shapes(self, tensor_send_to_next=None, recv_prev=False):
+        if tensor_send_to_next is not None:
+            dims = torch.tensor([tensor_send_to_next.dim()], dtype=torch.int64)
+            shape = torch.tensor(list(tensor_send_to_next.size()), dtype=torch.int64)
+            keep(self, dist.isend(dims, self.next_rank, group=send_group(self)), dims)
+            keep(self, dist.isend(shape, self.next_rank, group=send_group(self)), shape)
+        if recv_prev:
+            dims = torch.empty(1, dtype=torch.int64)
+            dist.irecv(dims, self.prev_rank, group=recv_group(self)).wait()
+            shape = torch.empty(int(dims.item()), dtype=torch.int64)
+            dist.irecv(shape, self.prev_rank, group=recv_group(self)).wait()
+            return torch.Size(shape.tolist())
+        return torch.Size([0, 0, 0])
+
+    isend = coordinator._pipeline_isend
+    coordinator._communicate_shapes = communicate_shapes
+    coordinator._pipeline_isend = lambda self, tensor: keep(self, isend(self, tensor), tensor)

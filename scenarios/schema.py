@@ -20,9 +20,10 @@ from ..netem.profiles import LinkSpec, named_profiles, resolve_link
 
 MAX_SCENARIO_BYTES = 1_000_000
 MAX_EMULATED_NODES = 64
+TINY_VIDEO = "tiny_cogvideox"     # the video DiT built from its config (runtime/video.py)
 MAX_PREDICTED_NODES = 4096
 
-Comm = Literal["ring", "ulysses", "usp", "patch", "distrifusion"]
+Comm = Literal["ring", "ulysses", "usp", "patch", "distrifusion", "pipefusion"]
 WarmupMode = Literal["sync", "local"]
 
 
@@ -154,6 +155,8 @@ class MethodSpec(_Strict):
                             "or direct (each rank sends its payload to every peer at once: one round; on the ring "
                             "pattern its own attention block computes while the payloads are in flight)")
 
+    patches: int | None = Field(None, ge=1, le=1024, description="pipefusion: patches the image is cut into (default: "
+                                                                  "one per stage)")
     cfg_parallel: bool = Field(
         False, description="xDiT's CFG parallel: the guidance batch's two halves run on two groups of half the nodes "
                            "each (the pattern's sequence parallelism inside a group); the two velocities are "
@@ -161,6 +164,8 @@ class MethodSpec(_Strict):
 
     @model_validator(mode="after")
     def _direct_gathers(self) -> "MethodSpec":
+        if self.patches is not None and not self.pipelined:
+            raise ValueError(f"patches is for comm 'pipefusion', not {self.comm!r}")
         if self.cfg_parallel and self.hybrid_degrees:
             raise ValueError("comm 'usp' takes its CFG degree from the scenario's parallel.cfg_degree, not from "
                              "cfg_parallel")
@@ -194,15 +199,21 @@ class MethodSpec(_Strict):
         return _PATTERNS[self.comm].all_to_all
 
     @property
+    def pipelined(self) -> bool:
+        """xDiT's PipeFusion: layers split into one stage per rank, the image into patches that stream through them,
+        attention over the other patches' stale K/V (never exchanged); activations go stage to stage."""
+        return _PATTERNS[self.comm].pipelined
+
+    @property
     def own_attention_exchange(self) -> bool:
         """The exchange runs in this project's attention processor, not xfuser's (patch parallel, DistriFusion)."""
         return _PATTERNS[self.comm].own_attention_exchange
 
     @property
     def warms_up(self) -> bool:
-        """The first steps are a warmup (full precision or local): compressed methods seed their bases there and
-        DistriFusion its stale K/V."""
-        return self.compressed or self.stale_kv
+        """The first steps are a warmup (full precision or local): compressed methods seed their bases there,
+        DistriFusion its stale K/V and PipeFusion its K/V cache (the whole image through the pipeline)."""
+        return self.compressed or self.stale_kv or self.pipelined
 
     @property
     def hybrid_degrees(self) -> bool:
@@ -219,10 +230,11 @@ class _Pattern(NamedTuple):
     stale_kv: bool = False
     all_to_all: bool = False
     own_attention_exchange: bool = False
-    split: Literal["ring", "ulysses", "usp"] = "ring"
+    pipelined: bool = False
+    split: Literal["ring", "ulysses", "usp", "none"] = "ring"
 
     def degrees(self, world: int, usp: tuple[int, int]) -> tuple[int, int]:
-        return {"ring": (1, world), "ulysses": (world, 1), "usp": usp}[self.split]
+        return {"ring": (1, world), "ulysses": (world, 1), "usp": usp, "none": (1, 1)}[self.split]
 
 
 _PATTERNS: dict[str, _Pattern] = {
@@ -231,6 +243,7 @@ _PATTERNS: dict[str, _Pattern] = {
     "distrifusion": _Pattern(gathers_kv=True, stale_kv=True, own_attention_exchange=True),
     "ulysses": _Pattern(all_to_all=True, split="ulysses"),
     "usp": _Pattern(all_to_all=True, split="usp"),
+    "pipefusion": _Pattern(pipelined=True, split="none"),
 }
 
 
@@ -245,6 +258,7 @@ METHOD_PRESETS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec(name="patch", comm="patch"),
     MethodSpec(name="distrifusion", comm="distrifusion"),
     MethodSpec(name="cfg", comm="ring", cfg_parallel=True),
+    MethodSpec(name="pipefusion", comm="pipefusion"),
     MethodSpec(name="compact-1bit", comm="ring", codec=_codec("1bit")),
     MethodSpec(name="compact-2bit", comm="ring", codec=_codec("2bit")),
     MethodSpec(name="compact-lowrank", comm="ring", codec=_codec("lowrank", rank=8)),
@@ -389,6 +403,8 @@ class Scenario(_Strict):
         if any(m.hybrid_degrees for m in self.methods) and cfg * u * ring != n:
             raise ValueError(f"parallel: cfg_degree x ulysses_degree x ring_degree = {cfg} x {u} x {ring} must equal "
                              f"the node count {n}")
+        if any(m.pipelined for m in self.methods) and self.warmup.steps < 1:
+            raise ValueError("PipeFusion fills its K/V cache in warmup steps: warmup.steps must be at least 1")
         split = [m.name for m in self.methods if self.cfg_degree(m) > 1]
         if split and n % 2:
             raise ValueError(f"CFG parallel ({', '.join(split)}) splits the nodes into two groups: the node count "
@@ -405,23 +421,7 @@ class Scenario(_Strict):
         if self.prompts is not None and self.model.path is None:
             raise ValueError("prompts condition a pipeline folder given as model.path; the shipped tiny model is "
                              "conditioned on digit labels (use `labels:`)")
-        if self.model.path is None and self.model.name == "tiny_flux_mnist":
-            if self.frames != 1 or self.height is not None:
-                raise ValueError("the tiny model makes square images: frames and height are for predictions of "
-                                 "published models (model: {name: cogvideox-5b})")
-            image, heads = (self.resolution // 2) ** 2, 4
-            if n > MAX_EMULATED_NODES:
-                raise ValueError(f"the tiny model runs on at most {MAX_EMULATED_NODES} emulated nodes, got {n} "
-                                 f"(`scenario predict` models up to {MAX_PREDICTED_NODES} nodes of a published model, "
-                                 f"e.g. model: {{name: flux.1-dev}})")
-            for m in self.methods:
-                u, r = self.degrees(m)
-                if image % (u * r):       # label tokens that do not divide stay whole on every rank
-                    raise ValueError(f"method {m.name}: {image} image tokens must divide by the sequence-parallel "
-                                     f"degree {u * r} (choose another resolution)")
-                if heads % u:
-                    raise ValueError(f"method {m.name}: the tiny model's {heads} heads must divide by the "
-                                     f"Ulysses degree {u}")
+        self._check_shipped_model()
         hosts = [x.host for x in self.nodes if x.host]
         if hosts and len(hosts) != n:
             raise ValueError("either every node has a `host` (real machines) or none does (emulation)")
@@ -431,6 +431,41 @@ class Scenario(_Strict):
                 raise ValueError("nodes on one host (its GPUs or processes) must be consecutive, and every host must "
                                  "carry as many")
         return self
+
+    def _check_shipped_model(self) -> None:
+        """The shipped tiny models (the digit model, the video model): node count, token and head splits, and what
+        each runs."""
+        if self.model.path is not None or self.model.name not in ("tiny_flux_mnist", TINY_VIDEO):
+            return
+        n, video = len(self.nodes), self.model.name == TINY_VIDEO
+        if not video and (self.frames != 1 or self.height is not None):
+            raise ValueError("the tiny model makes square images: frames and height are for predictions of "
+                             "published models (model: {name: cogvideox-5b}) and the video model (tiny_cogvideox)")
+        if video and self.height is not None:
+            raise ValueError(f"{TINY_VIDEO} makes square frames: no height")
+        image, heads, layers = (self.resolution // 2) ** 2 * self.frames, 4, 2 if video else 4
+        if n > MAX_EMULATED_NODES:
+            raise ValueError(f"the tiny model runs on at most {MAX_EMULATED_NODES} emulated nodes, got {n} "
+                             f"(`scenario predict` models up to {MAX_PREDICTED_NODES} nodes of a published model, "
+                             f"e.g. model: {{name: flux.1-dev}})")
+        for m in self.methods:
+            u, r = self.degrees(m)
+            if video and (m.own_attention_exchange or m.pipelined):
+                raise ValueError(f"method {m.name}: {TINY_VIDEO} runs xDiT's sequence parallelism (ring, Ulysses, "
+                                 f"USP, CFG parallel) with or without the codec, not patch, DistriFusion or PipeFusion")
+            if video and m.warms_up and self.warmup.mode == "local":
+                raise ValueError(f"method {m.name}: {TINY_VIDEO} warms up in warmup mode 'sync'")
+            stages = n // self.cfg_degree(m)
+            if m.pipelined and stages > layers:
+                raise ValueError(f"method {m.name}: PipeFusion gives each of the {stages} ranks at least one of the "
+                                 f"tiny model's {layers} layers (use at most {layers} nodes, {2 * layers} with CFG "
+                                 f"parallel)")
+            if image % (u * r):       # label tokens that do not divide stay whole on every rank
+                raise ValueError(f"method {m.name}: {image} image tokens must divide by the sequence-parallel "
+                                 f"degree {u * r} (choose another resolution)")
+            if heads % u:
+                raise ValueError(f"method {m.name}: the tiny model's {heads} heads must divide by the "
+                                 f"Ulysses degree {u}")
 
     # --- derived values -------------------------------------------------------------------------------
     @property

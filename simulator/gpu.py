@@ -24,7 +24,7 @@ import math
 import simpy
 
 from ..scenarios.schema import HardwareSpec, Scenario, ScenarioError
-from . import cfg
+from . import cfg, pipefusion
 from .collectives import Fabric, allgather_seconds, alltoall_seconds, sendrecv_seconds
 from .hardware import Anchor, DeviceSpec, shipped
 from .model import Prediction
@@ -208,6 +208,8 @@ class GpuSimulator:
     def run(self) -> Prediction:
         if self.w.cfg > 1:
             return self._cfg_run()
+        if self.w.method.pipelined:
+            return self._pipefusion_run()
         env = simpy.Environment()
         w, f, p, L = self.w, self.c.fabric, self.w.world, self.w.shape.layers
         machines = sorted(set(f.machine))
@@ -341,6 +343,20 @@ class GpuSimulator:
         env.run()
         return Prediction(latency_s=env.now, compute_s=stats["compute"], comm_s=stats["comm"],
                           codec_s=stats["codec"], bytes_on_wire=int(stats["bytes"]))
+
+    def _pipefusion_run(self) -> Prediction:
+        """PipeFusion (:mod:`.pipefusion`): a stage's layers on its GPU, activations over the fabric."""
+        w, f = self.w, self.c.fabric
+        layers = pipefusion.stage_layers(w.shape.layers, w.world)
+
+        def stage_seconds(s: int, tokens: float) -> float:
+            d, e = self.c.devices[s], self.eff[s]
+            return layers[s] * self.c.scale(s) * layer_seconds(d, e, tokens, w.tokens, w.shape.hidden, w.shape.heads,
+                                                               w.shape.act_bytes)
+
+        costs = pipefusion.Costs(stage_seconds, lambda a, b, n: sendrecv_seconds(f, n, [(a, b)]))
+        latency, compute, wait, nbytes = pipefusion.simulate(w, costs, w.method.patches or w.world)
+        return Prediction(latency_s=latency, compute_s=compute, comm_s=wait, codec_s=0.0, bytes_on_wire=nbytes)
 
     def _cfg_run(self) -> Prediction:
         """CFG parallel (:mod:`.cfg`): each group simulated on its own ranks, then the partner exchange per step."""

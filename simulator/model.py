@@ -32,7 +32,7 @@ import simpy
 from ..netem.commands import needs_offloads_off
 from ..netem.profiles import LinkSpec
 from ..scenarios.schema import Scenario
-from . import cfg
+from . import cfg, pipefusion
 from .costs import Calibration, burst_of, hop_seconds
 from .workload import Workload
 
@@ -335,6 +335,8 @@ class Simulator:
     def run(self) -> Prediction:
         if self.w.cfg > 1:
             return self._cfg_run()
+        if self.w.method.pipelined:
+            return self._pipefusion_run()
         env = simpy.Environment()
         w, p, L = self.w, self.w.world, self.w.shape.layers
         link_res = {k: simpy.Resource(env, capacity=1) for k in self.c.links}
@@ -421,6 +423,20 @@ class Simulator:
         env.run()
         return Prediction(latency_s=env.now, compute_s=stats["compute"], comm_s=stats["comm"],
                           codec_s=stats["codec"], bytes_on_wire=stats["bytes"], timeline=timeline)
+
+    def _pipefusion_run(self) -> Prediction:
+        """PipeFusion (:mod:`.pipefusion`): a stage's layers on the host's shared cores, activations over the links."""
+        w = self.w
+        layers = pipefusion.stage_layers(w.shape.layers, w.world)
+        share = self.calib.share(self.host_ranks, self.c.device)
+
+        def stage_seconds(s: int, tokens: float) -> float:
+            return layers[s] * self.c.compute_scale[s] * self.calib.layer_seconds(
+                tokens, w.batch * w.tokens, w.shape.hidden, share, self.c.device)
+
+        costs = pipefusion.Costs(stage_seconds, lambda a, b, n: self.links.seconds(self.c.links[(a, b)], n))
+        latency, compute, wait, nbytes = pipefusion.simulate(w, costs, w.method.patches or w.world)
+        return Prediction(latency_s=latency, compute_s=compute, comm_s=wait, codec_s=0.0, bytes_on_wire=nbytes)
 
     def _cfg_run(self) -> Prediction:
         """CFG parallel (:mod:`.cfg`): each group simulated on its own ranks, then the partner exchange per step."""

@@ -34,10 +34,18 @@ def method_runs(results: list[Path]) -> Iterator[tuple[Path, Scenario, MethodSpe
                    read_run(d), read_steps(d))
 
 
+def fits(scenario: Scenario, method: MethodSpec) -> bool:
+    """A run the fitters take: one sequence-parallel group over every rank (not CFG parallel, not PipeFusion, whose
+    layers and exchanges the fitted terms do not describe)."""
+    return scenario.cfg_degree(method) == 1 and not method.pipelined
+
+
 def compute_points(results: list[Path], cores: int) -> list[dict]:
     """One row per (run, rank, step, layer): the layer's shape and its measured compute, with the step's times."""
     rows = []
     for d, scenario, method, run, recs in method_runs(results):
+        if not fits(scenario, method):
+            continue
         w = workload_of(scenario, method)
         world, full = run.world, w.batch * w.tokens
         codec = method.codec.compressor.kind if method.compressed else ""
@@ -136,7 +144,7 @@ def hop_points(results: list[Path], calib: Calibration, judged_on: Scenario | No
     rows = []
     for d, sc, method, run, recs in method_runs(results):
         link_pass = d.parent.parent.name          # results/<stamp>/<pass>/<method>/seed<k>
-        if not method.synchronous_gather or link_pass not in ("shaped", "bound"):
+        if not method.synchronous_gather or link_pass not in ("shaped", "bound") or not fits(sc, method):
             continue
         w = workload_of(sc, method)
         p = sc.world_size

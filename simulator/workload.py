@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..kernels.compressors import make_compressor
-from ..scenarios.schema import MethodSpec, Scenario, ScenarioError
+from ..scenarios.schema import TINY_VIDEO as TINY_VIDEO_NAME, MethodSpec, Scenario, ScenarioError
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,11 @@ FLUX_DEV = ModelShape("flux.1-dev", layers=57, hidden=3072, heads=24, text_token
 COGVIDEOX_5B = ModelShape("cogvideox-5b", layers=42, hidden=3072, heads=48, text_tokens=226, frames_per_latent=4)
 TINY = ModelShape("tiny_flux_mnist", layers=4, hidden=128, heads=4, text_tokens=4, act_bytes=4, pixels_per_token=2,
                   out_channels=4)
-SHAPES = {s.name: s for s in (FLUX_DEV, COGVIDEOX_5B, TINY)}
+# The video DiT built from its config (runtime/video.py): 2 blocks, 4 heads x 16; no VAE, every frame a latent frame;
+# an output token is a 2x2 patch of 4 channels.
+TINY_VIDEO = ModelShape(TINY_VIDEO_NAME, layers=2, hidden=64, heads=4, text_tokens=4, act_bytes=4, pixels_per_token=2,
+                        out_channels=16, frames_per_latent=1)
+SHAPES = {s.name: s for s in (FLUX_DEV, COGVIDEOX_5B, TINY, TINY_VIDEO)}
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from ..netem.probe import probe_link
 from ..runtime.engine import Job
 from ..runtime.models import DiTModel, ModelFolderError, check_conditions, check_folder, load_for
 from ..runtime.records import MethodResult, RunState
-from ..scenarios.schema import Scenario
+from ..scenarios.schema import Scenario, ScenarioError
 from .launch import RunFailed, local_torchrun, node_torchrun, run_ranks
 from .report import add_speedups, collect, print_table, write_plots, write_summary
 
@@ -66,9 +66,13 @@ def environment(link_mode: str) -> dict:
 
 def checked_model(scenario: Scenario) -> DiTModel:
     """Load the scenario's model and check that its conditions and every method's split fit it."""
-    model = load_for(scenario.model)
+    model = load_for(scenario.model, frames=scenario.frames)
     check_conditions(model, scenario.conditions)
     for m in scenario.methods:
+        if m.pipelined and (scenario.guidance != 1.0 or scenario.model.path is not None):
+            raise ScenarioError(f"method {m.name}: PipeFusion runs through xDiT's Flux pipeline, which has no "
+                                f"classifier-free guidance batch, on the shipped tiny model: use guidance 1.0 and "
+                                f"no model.path (`scenario predict` models the rest)")
         u, r = scenario.degrees(m)
         try:
             model.check_layout(scenario.resolution, u * r, u)

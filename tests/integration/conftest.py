@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compactbed.runtime.engine import Job
-from compactbed.runtime.models import load_model
+from compactbed.runtime.models import load_for, load_model
 from compactbed.runtime.sampling import sample_reference
 from compactbed.testbed.launch import local_torchrun, run_ranks
 from compactbed.scenarios.schema import METHOD_PRESETS, parse_scenario
@@ -41,10 +41,11 @@ def reference(tiny):
     cache = {}
 
     def get(sc, seed=0):
-        key = (sc.model.path, sc.resolution, sc.steps, seed, sc.guidance, tuple(sc.conditions))
+        key = (sc.model.path, sc.model.name, sc.frames, sc.resolution, sc.steps, seed, sc.guidance,
+               tuple(sc.conditions))
         if key not in cache:
-            model = tiny if sc.model.path is None else load_model(sc.model.path,
-                                                                  max_sequence_length=sc.model.max_sequence_length)
+            model = tiny if sc.model.path is None and sc.model.name == "tiny_flux_mnist" else \
+                load_for(sc.model, frames=sc.frames)
             cache[key] = sample_reference(model, sc.conditions, sc.resolution, sc.steps, seed, sc.guidance).numpy()
         return cache[key]
 

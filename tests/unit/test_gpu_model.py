@@ -191,3 +191,35 @@ def test_unsplit_text_is_held_by_every_rank_and_never_sent(nodes, method):
     per_step = (p - 1) * 4 * kv + (p - 1) * image * 4 * 4 + (cfg - 1) * half * 64 * 4 * 4
     steps = 2 if "compact" in method else 3                # the local warmup step sends nothing
     assert row.bytes_on_wire == nodes * steps * per_step
+
+
+def test_pipefusion_streams_patches_through_its_stages():
+    """P stages, M patches: a synchronous warmup passes the whole image stage by stage; then a step costs M patch
+    passes of a stage once the pipeline is full (it fills once); activations go stage to stage, latents back, and a
+    slow hop gates every patch."""
+    from compactbed.simulator import pipefusion
+
+    sc = parse_scenario(dict(name="p", nodes=4, labels=2, steps=6, guidance=1.0, methods=["pipefusion"],
+                             warmup={"mode": "sync", "steps": 1}))
+    w = workload_of(sc, sc.methods[0])
+    image, text = w.batch * w.image_tokens, w.batch * w.shape.text_tokens
+    full, patch = 2.0, 0.1                                      # a stage's pass over the image, over one patch
+    free = pipefusion.Costs(lambda s, tokens: full if tokens > image / 2 else patch, lambda a, b, n: 0.0)
+    latency, compute, _, nbytes = pipefusion.simulate(w, free, patches=4)
+    assert latency == pytest.approx(4 * full + 5 * 4 * patch + 3 * patch)
+    assert compute == pytest.approx(full + 5 * 4 * patch)
+    act, lat = w.shape.hidden * w.shape.act_bytes, w.shape.out_channels * w.shape.act_bytes
+    assert nbytes == 6 * 3 * (image + text) * act + 5 * image * lat
+    slow = pipefusion.Costs(free.stage_seconds, lambda a, b, n: 1.0 if (a, b) == (1, 2) else 0.0)
+    assert pipefusion.simulate(w, slow, patches=4)[0] > 4 * full + 6 * 4 * 1.0 - 3
+
+
+def test_the_video_models_shape_gives_the_bytes_the_runtime_sends():
+    """tiny_cogvideox on 4 ranks (tests/integration/test_video.py measures the same): ring K/V of 2 blocks, 3 hops,
+    and the output gather of 2x2 x 4-channel tokens."""
+    sc = parse_scenario(dict(name="v", nodes=4, model={"name": "tiny_cogvideox"}, frames=4, labels=8, steps=3,
+                             methods=["ring"], warmup={"mode": "sync", "steps": 1}))
+    (row,), _ = predict(sc, CALIB)
+    b, image = 16, 4 * 64
+    per_step = 3 * (2 * 2 * b * (image + 4) // 4 * 64 * 4 + b * image // 4 * 16 * 4)
+    assert row.bytes_on_wire == 3 * 4 * per_step

@@ -93,6 +93,29 @@ def test_cfg_parallel_halves_the_sequence_parallel_group():
     assert "parallel.cfg_degree" in error_of(methods=[{"name": "u", "comm": "usp", "cfg_parallel": True}])
 
 
+def test_the_video_model_takes_frames_and_runs_xdits_sequence_parallelism():
+    video = {"name": "tiny_cogvideox"}
+    s = parse(nodes=8, model=video, frames=4, methods=["ring", "compact-1bit"], warmup={"mode": "sync"})
+    assert s.degrees(s.methods[0]) == (1, 8)
+    assert "not patch, DistriFusion or PipeFusion" in error_of(model=video, methods=["patch"])
+    assert "warms up in warmup mode 'sync'" in error_of(model=video, methods=["compact-1bit"], warmup={"mode": "local"})
+    assert "no height" in error_of(model=video, height=8)
+    assert "frames and height are for predictions" in error_of(frames=4)
+
+
+def test_pipefusion_is_checked_against_the_tiny_models_layers_and_the_runtimes_pipeline(tmp_path):
+    from compactbed.testbed.run import checked_model
+
+    s = parse(nodes=4, methods=["pipefusion", {"name": "pf2", "comm": "pipefusion", "patches": 2}])
+    assert [m.pipelined for m in s.methods] == [True, True] and s.degrees(s.methods[0]) == (1, 1)
+    assert "at least one of the tiny model's 4 layers" in error_of(nodes=8, methods=["pipefusion"])
+    assert "patches is for comm 'pipefusion'" in error_of(methods=[{"name": "x", "comm": "ring", "patches": 2}])
+    assert "warmup.steps must be at least 1" in error_of(methods=["pipefusion"], warmup={"steps": 0})
+    with pytest.raises(ScenarioError, match="no classifier-free guidance batch"):
+        checked_model(s)                                    # guidance 1.5: xDiT's Flux pipeline has no CFG batch
+    checked_model(s.model_copy(update={"guidance": 1.0}))
+
+
 @pytest.mark.parametrize("overrides, field, hint", [
     (dict(methods=["tribit"]), "methods", "presets: ring"),
     (dict(methods=[{"name": "x", "comm": "carrier-pigeon"}]), "methods.0.comm", "'ring'"),
@@ -158,7 +181,7 @@ def test_presets_cover_the_methods_the_issues_name():
     assert kinds == {"1bit", "2bit", "lowrank", "sparse"}
     residuals = {m.codec.residual for m in METHOD_PRESETS.values() if m.codec}
     assert residuals == {"ef", "no_ef", "naive"}
-    assert {m.comm for m in METHOD_PRESETS.values()} == {"ring", "ulysses", "usp", "patch", "distrifusion"}
+    assert {m.comm for m in METHOD_PRESETS.values()} == {"ring", "ulysses", "usp", "patch", "distrifusion", "pipefusion"}
 
 
 def test_hostile_files_end_with_a_clear_error(tmp_path, report):

@@ -1,0 +1,84 @@
+"""xDiT's PipeFusion as SimPy processes: the layers split into P stages (one per rank), the image into M patches.
+
+Warmup steps run synchronously: the whole sequence passes stage by stage, each stage sending every token's hidden
+state on, and the last stage's new latents go back to the first. After warmup the patches stream: a stage takes
+patch m of step k as soon as it holds it (from the stage before, or for the first stage the last stage's updated
+patch of the previous step) and attends over that fresh patch and every other patch's keys and values as its
+previous pass left them (stale, never exchanged). Sends are asynchronous and queue on their link, so a step costs
+about M patch passes of the slowest stage, and the pipeline fills once. The text rides with the first patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import simpy
+
+from .workload import Workload
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the PipeFusion model asks of a cluster model: one stage's compute over ``tokens`` queries (all its
+    layers; keys: the whole sequence) on ``rank``, and one send of ``nbytes`` from rank a to rank b."""
+
+    stage_seconds: Callable[[int, float], float]
+    send_seconds: Callable[[int, int, float], float]
+
+
+def stage_layers(layers: int, stages: int) -> list[int]:
+    """Layers per stage, as even as they split (the first stages take the remainder)."""
+    return [layers // stages + (s < layers % stages) for s in range(stages)]
+
+
+def activation_bytes(w: Workload, tokens: float) -> float:
+    return tokens * w.shape.hidden * w.shape.act_bytes
+
+
+def latent_bytes(w: Workload, tokens: float) -> float:
+    return tokens * w.shape.out_channels * w.shape.act_bytes
+
+
+def simulate(w: Workload, costs: Costs, patches: int) -> tuple[float, float, float, int]:
+    """(latency, compute of the slowest stage, exposed waits of the first stage, bytes on the wire)."""
+    p, m = w.world, patches
+    env = simpy.Environment()
+    image, text = w.batch * w.image_tokens, w.batch * w.shape.text_tokens
+    arrived: dict[tuple[int, int, int], simpy.Event] = {}     # (stage, step, patch) -> its input is in
+    links = {(s, (s + 1) % p): simpy.Resource(env, 1) for s in range(p)}
+    stats = dict(compute=[0.0] * p, wait=0.0, bytes=0.0)
+
+    def event(key) -> simpy.Event:
+        return arrived.setdefault(key, env.event())
+
+    def send(a: int, b: int, nbytes: float, key):
+        with links[(a, b)].request() as req:
+            yield req
+            yield env.timeout(costs.send_seconds(a, b, nbytes))
+        stats["bytes"] += nbytes
+        event(key).succeed()
+
+    def stage(s: int):
+        for k in range(w.steps):
+            sync = k < w.warmup_steps
+            for j in range(1 if sync else m):
+                if s > 0:
+                    yield event((s, k, j))
+                elif k > 0:                 # the previous step's patch (after a synchronous step: the whole image)
+                    t0 = env.now
+                    yield event((0, k - 1, 0 if k - 1 < w.warmup_steps else j))
+                    stats["wait"] += env.now - t0
+                tokens = image + text if sync else image / m + (text if j == 0 else 0)
+                secs = costs.stage_seconds(s, tokens)
+                yield env.timeout(secs)
+                stats["compute"][s] += secs
+                if s < p - 1:
+                    env.process(send(s, s + 1, activation_bytes(w, tokens), (s + 1, k, j)))
+                elif k < w.steps - 1:
+                    env.process(send(s, 0, latent_bytes(w, image if sync else image / m), (0, k, j)))
+
+    for s in range(p):
+        env.process(stage(s))
+    env.run()
+    return env.now, max(stats["compute"]), stats["wait"], int(stats["bytes"])
