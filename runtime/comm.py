@@ -5,7 +5,9 @@ xfuser's sequence parallelism exchanges activations at three points (measured on
   Ulysses all-to-all  ``xfuser.model_executor.layers.usp._sdpa_all_to_all_single``
   output gather       ``GroupCoordinator.all_gather`` (the wrapper reassembles the sequence)
 and PipeFusion's stage-to-stage activations at ``PipelineGroupCoordinator`` (its sends and shape messages are
-counted, waits on its receives and synchronous sends timed).
+counted, waits on its receives and synchronous sends timed). With a codec, each activation a stage sends on is a
+residual stream of its own (:class:`PipelineStreams`): the first message of a stream goes in full precision and
+seeds both ends' base, later ones are compressed; the last stage's latents back to the first are not compressed.
 :class:`CommHooks` patches them while installed (a context manager restores them) and routes ring K/V through a
 :class:`~compactbed.kernels.codec.ResidualCodec`: each rank compresses its own K/V once per layer, the
 *compressed* payload travels the ring (P-1 hops), and every receiver decompresses it against the origin
@@ -81,6 +83,7 @@ class CommHooks:
         self.layer = 0
         self.full_precision = False      # sync warmup steps: send uncompressed to seed the bases
         self.counters = StepCounters()
+        self.pipeline_patches: int | None = None     # PipeFusion: patches per step (names its residual streams)
         self._kv_shapes: tuple[torch.Size, torch.Size] | None = None
         self._a2a_index = 0
 
@@ -204,12 +207,22 @@ class CommHooks:
         hooks = self
         orig_ring, orig_create = usp._templated_ring_attention, cp._create_rotater
         orig_a2a, orig_gather = usp._sdpa_all_to_all_single, GroupCoordinator.all_gather
-        pipe_orig = {k: getattr(Pipe, k) for k in ("_pipeline_isend", "_communicate_shapes", "pipeline_send",
-                                                   "pipeline_recv", "get_pipeline_recv_data")}
+        pipe_orig = {k: getattr(Pipe, k) for k in ("_pipeline_isend", "_pipeline_irecv", "_communicate_shapes",
+                                                   "pipeline_send", "pipeline_recv", "get_pipeline_recv_data")}
+
+        streams = PipelineStreams(hooks, hooks.pipeline_patches)
 
         def pipe_isend(coordinator, tensor):
-            hooks.count_send(tensor)
-            return pipe_orig["_pipeline_isend"](coordinator, tensor)
+            if hooks.codec is None or not tensor.is_floating_point() or coordinator.next_rank == 0:
+                hooks.count_send(tensor)
+                return pipe_orig["_pipeline_isend"](coordinator, tensor)
+            return pipe_orig["_pipeline_isend"](coordinator, streams.encode(coordinator.rank, tensor))
+
+        def pipe_irecv(coordinator, tensor):
+            if hooks.codec is None or not tensor.is_floating_point() or coordinator.rank_in_group == 0:
+                return pipe_orig["_pipeline_irecv"](coordinator, tensor)
+            payload, finish = streams.receive(coordinator.prev_rank, tensor)
+            return _Finishing(pipe_orig["_pipeline_irecv"](coordinator, payload), finish)
 
         def pipe_shapes(coordinator, tensor_send_to_next=None, recv_prev=False):
             if tensor_send_to_next is not None:     # the tensor's rank, then its sizes (int64)
@@ -240,7 +253,7 @@ class CommHooks:
 
         usp._templated_ring_attention, cp._create_rotater = ring_attention, create_rotater
         usp._sdpa_all_to_all_single, GroupCoordinator.all_gather = all_to_all, all_gather
-        Pipe._pipeline_isend, Pipe._communicate_shapes = pipe_isend, pipe_shapes
+        Pipe._pipeline_isend, Pipe._pipeline_irecv, Pipe._communicate_shapes = pipe_isend, pipe_irecv, pipe_shapes
         for name in ("pipeline_send", "pipeline_recv", "get_pipeline_recv_data"):
             setattr(Pipe, name, timed(name))
         try:
@@ -250,6 +263,60 @@ class CommHooks:
             usp._sdpa_all_to_all_single, GroupCoordinator.all_gather = orig_a2a, orig_gather
             for name, fn in pipe_orig.items():
                 setattr(Pipe, name, fn)
+
+
+class PipelineStreams:
+    """Residual streams of PipeFusion's stage-to-stage activations. Both ends name a message alike without telling
+    each other: its sender, its shape, and its place among the messages of that shape on the link so far, modulo the
+    patches of a step (one stream per patch and per kind of tensor)."""
+
+    def __init__(self, hooks: CommHooks, patches: int | None = None):
+        self.hooks, self.patches = hooks, patches
+        self.count: dict[tuple, int] = {}
+
+    def _key(self, src: int, shape: torch.Size) -> tuple[StreamKey, bool]:
+        at = self.count.get((src, tuple(shape)), 0)
+        self.count[(src, tuple(shape))] = at + 1
+        key = StreamKey(at % (self.patches or 1), src, "pp" + "x".join(map(str, shape)))
+        return key, key not in self.hooks.codec.bases           # a new stream starts in full precision
+
+    def encode(self, src: int, tensor: torch.Tensor) -> torch.Tensor:
+        key, first = self._key(src, tensor.shape)
+        t0 = time.perf_counter()
+        payload = self.hooks.codec.encode(key, tensor.reshape(-1, tensor.shape[-1]).contiguous(), warmup=first)
+        self.hooks.counters.codec_s += time.perf_counter() - t0
+        self.hooks.count_send(payload, raw_nbytes=_nbytes(tensor))
+        return payload
+
+    def receive(self, src: int, tensor: torch.Tensor):
+        """A buffer for the payload, and the call that decodes it into ``tensor`` once it is in."""
+        key, first = self._key(src, tensor.shape)
+        nc = (tensor.numel() // tensor.shape[-1], tensor.shape[-1])
+        payload = torch.empty(self.hooks.codec.wire_nbytes(nc, tensor.dtype, first), dtype=torch.uint8)
+
+        def finish():
+            t0 = time.perf_counter()
+            tensor.copy_(self.hooks.codec.decode(key, payload, nc, tensor.dtype, warmup=first).view(tensor.shape))
+            self.hooks.counters.codec_s += time.perf_counter() - t0
+
+        return payload, finish
+
+
+class _Finishing:
+    """A receive whose ``wait`` also runs ``finish`` (decoding into the caller's buffer)."""
+
+    def __init__(self, work, finish):
+        self.work, self.finish = work, finish
+
+    def wait(self, *args):
+        self.work.wait(*args)
+        if self.finish is not None:
+            self.finish()
+            self.finish = None
+        return True
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
 
 
 class DirectExchange:

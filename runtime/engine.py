@@ -140,7 +140,8 @@ class RankRun:
         self.local_processors = [ExchangeAttnProcessor("local") for _ in self.attn_modules]
 
     def _build_pipefusion(self) -> None:
-        """PipeFusion (:mod:`.pipefusion`): xDiT's own pipeline, one stage per rank; no codec, no K/V exchange."""
+        """PipeFusion (:mod:`.pipefusion`): xDiT's own pipeline, one stage per rank; no K/V exchange, the codec (if
+        any) on the activations stage to stage."""
         from xfuser.core.distributed import init_distributed_environment
 
         from . import pipefusion
@@ -149,7 +150,8 @@ class RankRun:
         self.dit = load_for(self.sc.model).to(self.device)
         self.patches = self.method.patches or self.world
         self.pipe = pipefusion.pipeline(self.dit, self.world, self.patches, self.warmup_steps, self.dtype)
-        self.hooks = CommHooks(None, self.rank, self.world)
+        self.hooks = CommHooks(self.codec, self.rank, self.world)
+        self.hooks.pipeline_patches = self.patches
         self.cfg_rank, self.exchange_processors = 0, None
 
     def _sample_pipefusion(self) -> np.ndarray | None:

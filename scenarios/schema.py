@@ -259,6 +259,7 @@ METHOD_PRESETS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec(name="distrifusion", comm="distrifusion"),
     MethodSpec(name="cfg", comm="ring", cfg_parallel=True),
     MethodSpec(name="pipefusion", comm="pipefusion"),
+    MethodSpec(name="compact-1bit-pipefusion", comm="pipefusion", codec=_codec("1bit")),
     MethodSpec(name="compact-1bit", comm="ring", codec=_codec("1bit")),
     MethodSpec(name="compact-2bit", comm="ring", codec=_codec("2bit")),
     MethodSpec(name="compact-lowrank", comm="ring", codec=_codec("lowrank", rank=8)),

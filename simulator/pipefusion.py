@@ -5,7 +5,8 @@ state on, and the last stage's new latents go back to the first. After warmup th
 patch m of step k as soon as it holds it (from the stage before, or for the first stage the last stage's updated
 patch of the previous step) and attends over that fresh patch and every other patch's keys and values as its
 previous pass left them (stale, never exchanged). Sends are asynchronous and queue on their link, so a step costs
-about M patch passes of the slowest stage, and the pipeline fills once. The text rides with the first patch.
+about M patch passes of the slowest stage, and the pipeline fills once. The text rides with the first patch. With a
+codec, activations after warmup travel compressed (the runtime's residual streams); latents back do not.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable
 
 import simpy
 
+from ..kernels.compressors import make_compressor
 from .workload import Workload
 
 
@@ -32,7 +34,11 @@ def stage_layers(layers: int, stages: int) -> list[int]:
     return [layers // stages + (s < layers % stages) for s in range(stages)]
 
 
-def activation_bytes(w: Workload, tokens: float) -> float:
+def activation_bytes(w: Workload, tokens: float, warm: bool) -> float:
+    """One send of ``tokens`` activations stage to stage: compressed (the method's codec) after warmup. The
+    codec's time is not modelled here."""
+    if w.method.compressed and not warm:
+        return make_compressor(w.method.codec.compressor).wire_nbytes(round(tokens), w.shape.hidden)
     return tokens * w.shape.hidden * w.shape.act_bytes
 
 
@@ -74,7 +80,7 @@ def simulate(w: Workload, costs: Costs, patches: int) -> tuple[float, float, flo
                 yield env.timeout(secs)
                 stats["compute"][s] += secs
                 if s < p - 1:
-                    env.process(send(s, s + 1, activation_bytes(w, tokens), (s + 1, k, j)))
+                    env.process(send(s, s + 1, activation_bytes(w, tokens, sync), (s + 1, k, j)))
                 elif k < w.steps - 1:
                     env.process(send(s, 0, latent_bytes(w, image if sync else image / m), (0, k, j)))
 

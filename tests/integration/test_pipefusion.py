@@ -36,3 +36,19 @@ def test_pipefusion_streams_stale_patches_after_warmup(launch_pass, reference):
                       (3, B * 64 * 4 * 4)}
     assert psnr(pf.images, ref) > 20 and abs(psnr(pf.images, ref) - psnr(df.images, ref)) < 10
     assert pf.run["degrees"] == [1, 1] and len(pf.records) == 4 * sc.steps
+
+
+def test_compressed_pipefusion_sends_1bit_residuals_of_the_activations(launch, reference):
+    """compact-1bit-pipefusion: each activation a stage sends on is a residual stream (one per patch and kind,
+    the first message in full precision); both ends keep identical bases; the latents back are not compressed."""
+    from compactbed.kernels.compressors import make_compressor
+    from compactbed.kernels.spec import CompressorSpec
+
+    sc = scenario(nodes=4, steps=8, guidance=1.0, methods=["compact-1bit-pipefusion"], warmup=("sync", 1))
+    out = launch(sc, "compact-1bit-pipefusion")
+    assert out.run["base_consistency"]["checked"] > 0 and out.run["base_consistency"]["mismatched"] == 0
+    one = make_compressor(CompressorSpec(kind="1bit"))
+    stage = 4 * one.wire_nbytes(B * 64 // 4, 128) + one.wire_nbytes(B * 4, 128)   # 4 patches, the text once
+    seeded = {(r["rank"], r["bytes_sent"]) for r in out.records if 4 < r["step"] < sc.steps - 1}
+    assert seeded == {(0, stage), (1, stage), (2, stage), (3, B * 64 * 4 * 4)}
+    assert psnr(out.images, reference(sc)) > 20
