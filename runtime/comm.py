@@ -84,6 +84,7 @@ class CommHooks:
         self.full_precision = False      # sync warmup steps: send uncompressed to seed the bases
         self.counters = StepCounters()
         self.pipeline_patches: int | None = None     # PipeFusion: patches per step (names its residual streams)
+        self.pipeline_codec: ResidualCodec | None = None     # PipeFusion: compresses the activations stage to stage
         self._kv_shapes: tuple[torch.Size, torch.Size] | None = None
         self._a2a_index = 0
 
@@ -213,13 +214,14 @@ class CommHooks:
         streams = PipelineStreams(hooks, hooks.pipeline_patches)
 
         def pipe_isend(coordinator, tensor):
-            if hooks.codec is None or not tensor.is_floating_point() or coordinator.next_rank == 0:
+            if hooks.pipeline_codec is None or not tensor.is_floating_point() or \
+                    coordinator.rank_in_group == coordinator.world_size - 1:    # the last stage's latents
                 hooks.count_send(tensor)
                 return pipe_orig["_pipeline_isend"](coordinator, tensor)
             return pipe_orig["_pipeline_isend"](coordinator, streams.encode(coordinator.rank, tensor))
 
         def pipe_irecv(coordinator, tensor):
-            if hooks.codec is None or not tensor.is_floating_point() or coordinator.rank_in_group == 0:
+            if hooks.pipeline_codec is None or not tensor.is_floating_point() or coordinator.rank_in_group == 0:
                 return pipe_orig["_pipeline_irecv"](coordinator, tensor)
             payload, finish = streams.receive(coordinator.prev_rank, tensor)
             return _Finishing(pipe_orig["_pipeline_irecv"](coordinator, payload), finish)
@@ -278,12 +280,12 @@ class PipelineStreams:
         at = self.count.get((src, tuple(shape)), 0)
         self.count[(src, tuple(shape))] = at + 1
         key = StreamKey(at % (self.patches or 1), src, "pp" + "x".join(map(str, shape)))
-        return key, key not in self.hooks.codec.bases           # a new stream starts in full precision
+        return key, key not in self.hooks.pipeline_codec.bases          # a new stream starts in full precision
 
     def encode(self, src: int, tensor: torch.Tensor) -> torch.Tensor:
         key, first = self._key(src, tensor.shape)
         t0 = time.perf_counter()
-        payload = self.hooks.codec.encode(key, tensor.reshape(-1, tensor.shape[-1]).contiguous(), warmup=first)
+        payload = self.hooks.pipeline_codec.encode(key, tensor.reshape(-1, tensor.shape[-1]).contiguous(), warmup=first)
         self.hooks.counters.codec_s += time.perf_counter() - t0
         self.hooks.count_send(payload, raw_nbytes=_nbytes(tensor))
         return payload
@@ -292,11 +294,12 @@ class PipelineStreams:
         """A buffer for the payload, and the call that decodes it into ``tensor`` once it is in."""
         key, first = self._key(src, tensor.shape)
         nc = (tensor.numel() // tensor.shape[-1], tensor.shape[-1])
-        payload = torch.empty(self.hooks.codec.wire_nbytes(nc, tensor.dtype, first), dtype=torch.uint8)
+        payload = torch.empty(self.hooks.pipeline_codec.wire_nbytes(nc, tensor.dtype, first), dtype=torch.uint8)
 
         def finish():
             t0 = time.perf_counter()
-            tensor.copy_(self.hooks.codec.decode(key, payload, nc, tensor.dtype, warmup=first).view(tensor.shape))
+            decoded = self.hooks.pipeline_codec.decode(key, payload, nc, tensor.dtype, warmup=first)
+            tensor.copy_(decoded.view(tensor.shape))
             self.hooks.counters.codec_s += time.perf_counter() - t0
 
         return payload, finish

@@ -148,10 +148,11 @@ class RankRun:
 
         init_distributed_environment(rank=self.rank, world_size=self.world)
         self.dit = load_for(self.sc.model).to(self.device)
-        self.patches = self.method.patches or self.world
-        self.pipe = pipefusion.pipeline(self.dit, self.world, self.patches, self.warmup_steps, self.dtype)
-        self.hooks = CommHooks(self.codec, self.rank, self.world)
-        self.hooks.pipeline_patches = self.patches
+        stages, (ulysses, ring) = self.sc.stages(self.method), self.sc.degrees(self.method)
+        self.patches = self.method.patches or stages
+        self.pipe = pipefusion.pipeline(self.dit, stages, self.patches, self.warmup_steps, self.dtype, ulysses, ring)
+        self.hooks = CommHooks(None, self.rank, self.world)     # a stage's own sequence parallelism: uncompressed
+        self.hooks.pipeline_patches, self.hooks.pipeline_codec = self.patches, self.codec
         self.cfg_rank, self.exchange_processors = 0, None
 
     def _sample_pipefusion(self) -> np.ndarray | None:
@@ -176,7 +177,7 @@ class RankRun:
                                 self.patches, x, self.hooks, on_step)
         dist.barrier()
         self.latency_s = time.perf_counter() - t_start
-        if last > 0:        # the result is on the last stage; rank 0 decodes it (after the timed generation)
+        if last > 0:        # the result is on the last stage (its last rank); rank 0 decodes it after the timing
             if self.rank == last:
                 dist.send(out.contiguous(), 0)
             elif self.rank == 0:

@@ -19,8 +19,10 @@ from .comm import CommHooks
 from .models import DiTModel, TinyDigits
 
 
-def pipeline(dit: DiTModel, stages: int, patches: int, warmup_steps: int, dtype: torch.dtype):
-    """xDiT's PipeFusion pipeline around ``dit``'s transformer (xfuser's parallel groups are made here)."""
+def pipeline(dit: DiTModel, stages: int, patches: int, warmup_steps: int, dtype: torch.dtype, ulysses: int = 1,
+             ring: int = 1):
+    """xDiT's PipeFusion pipeline around ``dit``'s transformer (xfuser's parallel groups are made here); a stage's
+    ranks split its tokens by ``ulysses`` x ``ring``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from xfuser import xFuserFluxPipeline
     from xfuser.config import xFuserArgs
@@ -29,6 +31,7 @@ def pipeline(dit: DiTModel, stages: int, patches: int, warmup_steps: int, dtype:
         raise ValueError("PipeFusion runs the shipped tiny model here (a pipeline folder's scheduler shift is not "
                          "wired through yet)")
     args = xFuserArgs(model="tiny_flux_mnist", pipefusion_parallel_degree=stages, num_pipeline_patch=patches,
+                      ulysses_degree=ulysses, ring_degree=ring,
                       warmup_steps=warmup_steps,
                       attention_backend="SDPA_FLASH" if not torch.cuda.is_available() else None)
     engine_config, _ = args.create_config()

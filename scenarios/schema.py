@@ -131,6 +131,9 @@ class ParallelSpec(_Strict):
 
     cfg_degree: int = Field(1, ge=1, le=2, description="2: the conditional and unconditional halves of the guidance "
                                                         "batch run on two groups of ranks (xDiT's CFG parallel)")
+    pipefusion_degree: int | None = Field(None, ge=1, le=MAX_PREDICTED_NODES,
+                                          description="stages of `pipefusion` methods, the nodes of each splitting its "
+                                                      "tokens by ulysses_degree x ring_degree (default: a node a stage)")
     ulysses_degree: int = Field(1, ge=1, le=MAX_PREDICTED_NODES)
     ring_degree: int | None = Field(None, ge=1, le=MAX_PREDICTED_NODES)
 
@@ -404,6 +407,12 @@ class Scenario(_Strict):
         if any(m.hybrid_degrees for m in self.methods) and cfg * u * ring != n:
             raise ValueError(f"parallel: cfg_degree x ulysses_degree x ring_degree = {cfg} x {u} x {ring} must equal "
                              f"the node count {n}")
+        for m in self.methods:
+            u, r = self.degrees(m)
+            if m.pipelined and self.stages(m) * u * r * self.cfg_degree(m) != n:
+                raise ValueError(f"method {m.name}: pipefusion_degree x ulysses_degree x ring_degree = "
+                                 f"{self.stages(m)} x {u} x {r} must equal the node count {n}"
+                                 + (" / 2 (CFG)" if self.cfg_degree(m) > 1 else ""))
         if any(m.pipelined for m in self.methods) and self.warmup.steps < 1:
             raise ValueError("PipeFusion fills its K/V cache in warmup steps: warmup.steps must be at least 1")
         split = [m.name for m in self.methods if self.cfg_degree(m) > 1]
@@ -456,7 +465,7 @@ class Scenario(_Strict):
                                  f"USP, CFG parallel) with or without the codec, not patch, DistriFusion or PipeFusion")
             if video and m.warms_up and self.warmup.mode == "local":
                 raise ValueError(f"method {m.name}: {TINY_VIDEO} warms up in warmup mode 'sync'")
-            stages = n // self.cfg_degree(m)
+            stages = self.stages(m)
             if m.pipelined and stages > layers:
                 raise ValueError(f"method {m.name}: PipeFusion gives each of the {stages} ranks at least one of the "
                                  f"tiny model's {layers} layers (use at most {layers} nodes, {2 * layers} with CFG "
@@ -508,8 +517,18 @@ class Scenario(_Strict):
         return 2 if method.cfg_parallel else 1
 
     def degrees(self, method: MethodSpec) -> tuple[int, int]:
-        """(ulysses_degree, ring_degree) that ``method`` runs with inside its CFG group."""
-        return method.degrees(max(self.world_size // self.cfg_degree(method), 1), self.usp_degrees)
+        """(ulysses_degree, ring_degree) that ``method`` runs with inside its CFG group (PipeFusion: in a stage)."""
+        group = max(self.world_size // self.cfg_degree(method), 1)
+        if method.pipelined:
+            u = self.parallel.ulysses_degree if self.parallel.pipefusion_degree else 1
+            return u, max(group // (self.stages(method) * u), 1)
+        return method.degrees(group, self.usp_degrees)
+
+    def stages(self, method: MethodSpec) -> int:
+        """PipeFusion's stages (1 for other methods)."""
+        if not method.pipelined:
+            return 1
+        return self.parallel.pipefusion_degree or max(self.world_size // self.cfg_degree(method), 1)
 
     @property
     def sets_links(self) -> bool:

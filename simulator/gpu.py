@@ -345,17 +345,36 @@ class GpuSimulator:
                           codec_s=stats["codec"], bytes_on_wire=int(stats["bytes"]))
 
     def _pipefusion_run(self) -> Prediction:
-        """PipeFusion (:mod:`.pipefusion`): a stage's layers on its GPU, activations over the fabric."""
+        """PipeFusion (:mod:`.pipefusion`): a stage's layers on its GPUs (their sequence parallelism's exchanges
+        added to each layer, not overlapped), activations over the fabric shard by shard."""
         w, f = self.w, self.c.fabric
-        layers = pipefusion.stage_layers(w.shape.layers, w.world)
+        groups, layers = pipefusion.stage_groups(w), pipefusion.stage_layers(w.shape.layers, w.stages)
+        u, r = w.degrees
+        sp = u * r
+
+        def kv(tokens: float) -> float:
+            return 2 * tokens / sp * w.shape.hidden * w.shape.act_bytes
+
+        def exchange(g: list[int], tokens: float) -> float:
+            t = max((alltoall_seconds(f, kv(tokens) * 3 / 2, g[i:i + u]) + alltoall_seconds(f, kv(tokens) / 2,
+                                                                                          g[i:i + u])
+                     for i in range(0, sp, u)), default=0.0) if u > 1 else 0.0
+            if r > 1:
+                t += (r - 1) * sendrecv_seconds(f, kv(tokens) / u, [(g[i], g[(i + u) % sp]) for i in range(sp)])
+            return t
 
         def stage_seconds(s: int, tokens: float) -> float:
-            d, e = self.c.devices[s], self.eff[s]
-            return layers[s] * self.c.scale(s) * layer_seconds(d, e, tokens, w.tokens, w.shape.hidden, w.shape.heads,
-                                                               w.shape.act_bytes)
+            compute = max(layer_seconds(self.c.devices[x], self.eff[x], tokens / sp, w.tokens, w.shape.hidden,
+                                        w.shape.heads, w.shape.act_bytes) * self.c.scale(x) for x in groups[s])
+            return layers[s] * (compute + exchange(groups[s], tokens))
 
-        costs = pipefusion.Costs(stage_seconds, lambda a, b, n: sendrecv_seconds(f, n, [(a, b)]))
-        latency, compute, wait, nbytes = pipefusion.simulate(w, costs, w.method.patches or w.world)
+        def stage_bytes(s: int, tokens: float) -> float:
+            return layers[s] * sp * ((u - 1) / u * 2 * kv(tokens) + (r - 1) * kv(tokens) / u)
+
+        costs = pipefusion.Costs(stage_seconds, lambda a, b, n: sendrecv_seconds(f, n / sp, list(zip(groups[a],
+                                                                                                    groups[b]))),
+                                 stage_bytes)
+        latency, compute, wait, nbytes = pipefusion.simulate(w, costs, w.method.patches or w.stages)
         return Prediction(latency_s=latency, compute_s=compute, comm_s=wait, codec_s=0.0, bytes_on_wire=nbytes)
 
     def _cfg_run(self) -> Prediction:

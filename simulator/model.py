@@ -425,17 +425,35 @@ class Simulator:
                           codec_s=stats["codec"], bytes_on_wire=stats["bytes"], timeline=timeline)
 
     def _pipefusion_run(self) -> Prediction:
-        """PipeFusion (:mod:`.pipefusion`): a stage's layers on the host's shared cores, activations over the links."""
+        """PipeFusion (:mod:`.pipefusion`): a stage's layers on the host's shared cores (its ranks' sequence
+        parallelism's exchanges added to each layer), activations over the links shard by shard."""
         w = self.w
-        layers = pipefusion.stage_layers(w.shape.layers, w.world)
+        groups, layers = pipefusion.stage_groups(w), pipefusion.stage_layers(w.shape.layers, w.stages)
+        u, r = w.degrees
+        sp = u * r
         share = self.calib.share(self.host_ranks, self.c.device)
 
-        def stage_seconds(s: int, tokens: float) -> float:
-            return layers[s] * self.c.compute_scale[s] * self.calib.layer_seconds(
-                tokens, w.batch * w.tokens, w.shape.hidden, share, self.c.device)
+        def kv(tokens: float) -> float:
+            return 2 * tokens / sp * w.shape.hidden * w.shape.act_bytes
 
-        costs = pipefusion.Costs(stage_seconds, lambda a, b, n: self.links.seconds(self.c.links[(a, b)], n))
-        latency, compute, wait, nbytes = pipefusion.simulate(w, costs, w.method.patches or w.world)
+        def exchange(g: list[int], tokens: float) -> float:
+            t = max((self.alltoall_seconds(kv(tokens) * 2, g[i:i + u]) for i in range(0, sp, u)), default=0.0) \
+                if u > 1 else 0.0
+            return t + (max(self.allgather_seconds(kv(tokens) / u, g[i::u]) for i in range(u)) if r > 1 else 0.0)
+
+        def stage_seconds(s: int, tokens: float) -> float:
+            compute = max(self.c.compute_scale[x] for x in groups[s]) * self.calib.layer_seconds(
+                tokens / sp, w.batch * w.tokens, w.shape.hidden, share, self.c.device)
+            return layers[s] * (compute + exchange(groups[s], tokens))
+
+        def stage_bytes(s: int, tokens: float) -> float:
+            return layers[s] * sp * ((u - 1) / u * 2 * kv(tokens) + (r - 1) * kv(tokens) / u)
+
+        def send_seconds(a: int, b: int, nbytes: float) -> float:
+            return max(self.links.seconds(self.c.links[(x, y)], nbytes / sp) for x, y in zip(groups[a], groups[b]))
+
+        costs = pipefusion.Costs(stage_seconds, send_seconds, stage_bytes)
+        latency, compute, wait, nbytes = pipefusion.simulate(w, costs, w.method.patches or w.stages)
         return Prediction(latency_s=latency, compute_s=compute, comm_s=wait, codec_s=0.0, bytes_on_wire=nbytes)
 
     def _cfg_run(self) -> Prediction:

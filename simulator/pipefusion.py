@@ -22,11 +22,19 @@ from .workload import Workload
 
 @dataclass(frozen=True)
 class Costs:
-    """What the PipeFusion model asks of a cluster model: one stage's compute over ``tokens`` queries (all its
-    layers; keys: the whole sequence) on ``rank``, and one send of ``nbytes`` from rank a to rank b."""
+    """What the PipeFusion model asks of a cluster model, per stage: one pass of stage s over ``tokens`` queries (all
+    its layers, keys the whole sequence, its ranks' own sequence parallelism included), the bytes that pass puts on
+    the wire inside the stage, and one send of ``nbytes`` from stage a to stage b (its ranks' shards in parallel)."""
 
     stage_seconds: Callable[[int, float], float]
     send_seconds: Callable[[int, int, float], float]
+    stage_bytes: Callable[[int, float], float] = lambda s, tokens: 0.0
+
+
+def stage_groups(w: Workload) -> list[list[int]]:
+    """Each stage's ranks (xDiT: sequence parallelism inner, so a stage is consecutive ranks)."""
+    sp = w.world // w.stages
+    return [list(range(s * sp, (s + 1) * sp)) for s in range(w.stages)]
 
 
 def stage_layers(layers: int, stages: int) -> list[int]:
@@ -48,7 +56,7 @@ def latent_bytes(w: Workload, tokens: float) -> float:
 
 def simulate(w: Workload, costs: Costs, patches: int) -> tuple[float, float, float, int]:
     """(latency, compute of the slowest stage, exposed waits of the first stage, bytes on the wire)."""
-    p, m = w.world, patches
+    p, m = w.stages, patches
     env = simpy.Environment()
     image, text = w.batch * w.image_tokens, w.batch * w.shape.text_tokens
     arrived: dict[tuple[int, int, int], simpy.Event] = {}     # (stage, step, patch) -> its input is in
@@ -79,10 +87,13 @@ def simulate(w: Workload, costs: Costs, patches: int) -> tuple[float, float, flo
                 secs = costs.stage_seconds(s, tokens)
                 yield env.timeout(secs)
                 stats["compute"][s] += secs
+                stats["bytes"] += costs.stage_bytes(s, tokens)
                 if s < p - 1:
                     env.process(send(s, s + 1, activation_bytes(w, tokens, sync), (s + 1, k, j)))
-                elif k < w.steps - 1:
+                elif k < w.steps - 1 and p > 1:
                     env.process(send(s, 0, latent_bytes(w, image if sync else image / m), (0, k, j)))
+                elif k < w.steps - 1:                       # one stage: its own latents, nothing sent
+                    event((0, k, j)).succeed()
 
     for s in range(p):
         env.process(stage(s))

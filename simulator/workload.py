@@ -58,11 +58,15 @@ class Workload:
     warmup_mode: str
     ulysses_degree: int = 1
     cfg: int = 1                  # CFG parallel: groups the guidance batch is split over (simulator.cfg)
+    stages: int = 1               # PipeFusion: stages, each ulysses x ring ranks (simulator.pipefusion)
 
     @property
     def degrees(self) -> tuple[int, int]:
-        """(ulysses, ring) degrees the method runs with in its CFG group (``ulysses_degree``: the scenario's, USP)."""
-        sp = self.world // self.cfg
+        """(ulysses, ring) degrees the method runs with in its CFG group, or in a PipeFusion stage
+        (``ulysses_degree``: the scenario's, for USP and PipeFusion)."""
+        sp = self.world // self.cfg // self.stages
+        if self.method.pipelined:
+            return self.ulysses_degree, sp // self.ulysses_degree
         return self.method.degrees(sp, (self.ulysses_degree, sp // self.ulysses_degree))
 
     @property
@@ -148,6 +152,7 @@ def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape | None
                             f"is guidance-distilled and runs one pass per step")
     return Workload(shape=shape, image_tokens=image_tokens(shape, scenario.resolution, scenario.frames, scenario.height),
                     ulysses_degree=scenario.degrees(method)[0], cfg=scenario.cfg_degree(method) if guided else 1,
+                    stages=scenario.stages(method),
                     batch=scenario.images * (2 if guided else 1), steps=scenario.steps,
                     world=scenario.world_size, method=method,
                     warmup_steps=scenario.warmup.steps if method.warms_up else 0, warmup_mode=scenario.warmup.mode)

@@ -25,6 +25,16 @@ def test_pipefusion_with_every_step_warm_equals_single_process(launch, reference
         assert r["bytes_sent"] - expect in (0, 32, 64), r    # + shape messages (rank, 3 sizes) when a shape is new
 
 
+@pytest.mark.parametrize("ulysses", [1, 2])
+def test_hybrid_pipefusion_with_sequence_parallel_stages_equals_single_process(launch, reference, ulysses):
+    """pipefusion_degree 2 on 4 nodes: each stage's 2 ranks split its tokens by Ulysses or ring."""
+    sc = scenario(nodes=4, steps=3, guidance=1.0, methods=["pipefusion"], warmup=("sync", 3),
+                  parallel={"pipefusion_degree": 2, "ulysses_degree": ulysses})
+    out = launch(sc, "pipefusion")
+    assert np.abs(out.images - reference(sc)).max() < 1e-4
+    assert out.run["degrees"] == [ulysses, 2 // ulysses]
+
+
 def test_pipefusion_streams_stale_patches_after_warmup(launch_pass, reference):
     """4 stages, 4 patches, one warmup step: the stages send every patch's activations on (text with the first),
     the last stage the new latents back; quality of a stale method, beside DistriFusion's on the same run."""

@@ -110,6 +110,10 @@ def test_pipefusion_is_checked_against_the_tiny_models_layers_and_the_runtimes_p
     assert [m.pipelined for m in s.methods] == [True, True] and s.degrees(s.methods[0]) == (1, 1)
     assert "at least one of the tiny model's 4 layers" in error_of(nodes=8, methods=["pipefusion"])
     assert "patches is for comm 'pipefusion'" in error_of(methods=[{"name": "x", "comm": "ring", "patches": 2}])
+    hybrid = parse(nodes=8, methods=["pipefusion"], parallel={"pipefusion_degree": 2, "ulysses_degree": 2})
+    assert (hybrid.stages(hybrid.methods[0]), hybrid.degrees(hybrid.methods[0])) == (2, (2, 2))
+    assert "3 x 1 x 1 must equal the node count 4" in error_of(methods=["pipefusion"],
+                                                               parallel={"pipefusion_degree": 3})
     assert "warmup.steps must be at least 1" in error_of(methods=["pipefusion"], warmup={"steps": 0})
     with pytest.raises(ScenarioError, match="no classifier-free guidance batch"):
         checked_model(s)                                    # guidance 1.5: xDiT's Flux pipeline has no CFG batch
