@@ -89,7 +89,8 @@ def simulate(w: Workload, costs: Costs, patches: int) -> tuple[float, float, flo
                 stats["compute"][s] += secs
                 stats["bytes"] += costs.stage_bytes(s, tokens)
                 if s < p - 1:
-                    env.process(send(s, s + 1, activation_bytes(w, tokens, sync), (s + 1, k, j)))
+                    first = sync or k == w.warmup_steps         # a patch stream's first message: full precision
+                    env.process(send(s, s + 1, activation_bytes(w, tokens, first), (s + 1, k, j)))
                 elif k < w.steps - 1 and p > 1:
                     env.process(send(s, 0, latent_bytes(w, image if sync else image / m), (0, k, j)))
                 elif k < w.steps - 1:                       # one stage: its own latents, nothing sent
