@@ -66,3 +66,11 @@ class DiTModel(ABC):
             raise ModelFolderError(f"{tokens} image tokens must divide by the sequence-parallel degree {world}")
         if heads % ulysses:
             raise ModelFolderError(f"the model's {heads} heads must divide by the Ulysses degree {ulysses}")
+
+
+def guided_labels(conditions: Sequence, guidance: float) -> torch.Tensor:
+    """Digit labels of a label-conditioned model's batch: [conditions; unconditional] with guidance, else as given."""
+    from .tiny_model import NULL_LABEL
+
+    labels = torch.as_tensor(list(conditions))
+    return torch.cat([labels, torch.full_like(labels, NULL_LABEL)]) if guidance != 1.0 else labels

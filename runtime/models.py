@@ -22,8 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .adapter import DiTModel, ModelFolderError
-from .tiny_model import NULL_LABEL, TINY_MODEL_DIR, TinyModel, image_ids, load_tiny_model, pack, text_ids, unpack
+from .adapter import DiTModel, ModelFolderError, guided_labels
+from .tiny_model import TINY_MODEL_DIR, TinyModel, image_ids, load_tiny_model, pack, text_ids, unpack
 
 
 class TinyDigits(DiTModel):
@@ -43,9 +43,7 @@ class TinyDigits(DiTModel):
         return guidance
 
     def transformer_inputs(self, conditions, resolution, guidance, dtype, device="cpu") -> dict:
-        labels = torch.as_tensor(list(conditions))
-        if guidance != 1.0:
-            labels = torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
+        labels = guided_labels(conditions, guidance)
         with torch.no_grad():
             enc, pooled = self.tiny.label_encoder(labels)
         return dict(encoder_hidden_states=enc.to(device, dtype), pooled_projections=pooled.to(device, dtype),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..scenarios.schema import TINY_VIDEO
-from .adapter import DiTModel
+from .adapter import DiTModel, guided_labels
 from .tiny_model import NULL_LABEL
 
 VIDEO_MODEL = TINY_VIDEO
@@ -45,9 +45,7 @@ class TinyVideo(DiTModel):
         return guidance
 
     def transformer_inputs(self, conditions, resolution, guidance, dtype, device="cpu") -> dict:
-        labels = torch.as_tensor(list(conditions))
-        if guidance != 1.0:
-            labels = torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
+        labels = guided_labels(conditions, guidance)
         with torch.no_grad():
             text = self.labels(labels).view(len(labels), TEXT_TOKENS, CONFIG["text_embed_dim"])
         return dict(encoder_hidden_states=text.to(device, dtype), return_dict=False)
