@@ -99,8 +99,8 @@ def create_app(result_roots: list[Path], calib: Calibration) -> Dash:
         [Output(i, "children") for i in ("message", "note", "latency", "vs-ring", "vs-df", "bytes", "breakdown")]
         + [Output("timeline", "figure"), Output("curves", "figure")],
         [Input(i, "value") for i in ("nodes", "profile", "rate", "delay", "jitter", "loss", "model", "resolution",
-                                     "images", "steps", "guidance", "method", "ulysses", "warmup", "device", "gpus", "intra",
-                                     "inter")])
+                                     "images", "steps", "guidance", "method", "ulysses", "warmup", "device", "gpus",
+                                     "intra", "inter")])
     def update_whatif(nodes, profile, rate, delay, jitter, loss, model, resolution, images, steps, guidance, method,
                       ulysses, warmup, device, gpus, intra, inter):
         empty = go.Figure()

@@ -148,6 +148,7 @@ class RankRun:
 
         init_distributed_environment(rank=self.rank, world_size=self.world)
         self.dit = load_for(self.sc.model).to(self.device)
+        pipefusion.check(self.dit, self.sc.guidance)
         stages, (ulysses, ring) = self.sc.stages(self.method), self.sc.degrees(self.method)
         self.patches = self.method.patches or stages
         self.pipe = pipefusion.pipeline(self.dit, stages, self.patches, self.warmup_steps, self.dtype, ulysses, ring)
@@ -202,8 +203,7 @@ class RankRun:
     # --- sampling -------------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, sigma: torch.Tensor, kw: dict, local: bool) -> torch.Tensor:
         if not local:
-            if self.cfg > 1 and "pooled_projections" in kw:    # xfuser's wrapper halves the rest itself
-                kw = kw | {"pooled_projections": kw["pooled_projections"].chunk(self.cfg)[self.cfg_rank]}
+            kw = self.group_kw
             with self.hooks.installed():
                 return guided_call(lambda xin, t: self.call(xin, t, **kw)[0], x, sigma, self.cfg_scale, self.dtype)
         # local warmup: the whole sequence on this rank, plain diffusers forward, no communication
@@ -249,6 +249,9 @@ class RankRun:
             return self._sample_pipefusion()
         res = self.sc.resolution
         kw = self.dit.transformer_inputs(self.sc.conditions, res, self.sc.guidance, self.dtype, self.device)
+        self.group_kw = kw              # the parallel forward's inputs: xfuser's wrapper halves a CFG batch itself,
+        if self.cfg > 1 and "pooled_projections" in kw:         # but for the pooled projections
+            self.group_kw = kw | {"pooled_projections": kw["pooled_projections"].chunk(self.cfg)[self.cfg_rank]}
         x = self.dit.initial_tokens(self.sc.images, res, self.job.seed).to(self.device)
         sig = self.dit.sigmas(self.sc.steps, res)
         dist.barrier()

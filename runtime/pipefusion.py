@@ -16,7 +16,17 @@ from typing import Callable
 import torch
 
 from .comm import CommHooks
-from .models import DiTModel, TinyDigits
+from .models import DiTModel, ModelFolderError, TinyDigits
+
+
+def check(dit: DiTModel, guidance: float) -> None:
+    """Raise :class:`ModelFolderError` unless PipeFusion can run ``dit`` here: through xDiT's Flux pipeline, which has
+    no classifier-free guidance batch, on the shipped tiny model (a pipeline folder's scheduler shift is not wired
+    through yet)."""
+    if not isinstance(dit, TinyDigits) or dit.cfg_scale(guidance) != 1.0:
+        raise ModelFolderError("PipeFusion runs through xDiT's Flux pipeline, which has no classifier-free guidance "
+                               "batch, on the shipped tiny model: use guidance 1.0 and no model.path (`scenario "
+                               "predict` models the rest)")
 
 
 def pipeline(dit: DiTModel, stages: int, patches: int, warmup_steps: int, dtype: torch.dtype, ulysses: int = 1,
@@ -27,9 +37,6 @@ def pipeline(dit: DiTModel, stages: int, patches: int, warmup_steps: int, dtype:
     from xfuser import xFuserFluxPipeline
     from xfuser.config import xFuserArgs
 
-    if not isinstance(dit, TinyDigits):
-        raise ValueError("PipeFusion runs the shipped tiny model here (a pipeline folder's scheduler shift is not "
-                         "wired through yet)")
     args = xFuserArgs(model="tiny_flux_mnist", pipefusion_parallel_degree=stages, num_pipeline_patch=patches,
                       ulysses_degree=ulysses, ring_degree=ring,
                       warmup_steps=warmup_steps,

@@ -352,28 +352,24 @@ class GpuSimulator:
         u, r = w.degrees
         sp = u * r
 
-        def kv(tokens: float) -> float:
-            return 2 * tokens / sp * w.shape.hidden * w.shape.act_bytes
-
         def exchange(g: list[int], tokens: float) -> float:
-            t = max((alltoall_seconds(f, kv(tokens) * 3 / 2, g[i:i + u]) + alltoall_seconds(f, kv(tokens) / 2,
-                                                                                          g[i:i + u])
-                     for i in range(0, sp, u)), default=0.0) if u > 1 else 0.0
+            kv, t = pipefusion.shard_kv_bytes(w, tokens), 0.0
+            if u > 1:
+                t += max(alltoall_seconds(f, kv * 3 / 2, g[i:i + u]) + alltoall_seconds(f, kv / 2, g[i:i + u])
+                         for i in range(0, sp, u))
             if r > 1:
-                t += (r - 1) * sendrecv_seconds(f, kv(tokens) / u, [(g[i], g[(i + u) % sp]) for i in range(sp)])
+                t += (r - 1) * sendrecv_seconds(f, kv / u, [(g[i], g[(i + u) % sp]) for i in range(sp)])
             return t
 
+        @cache                                          # a stage sees a few token counts, many times
         def stage_seconds(s: int, tokens: float) -> float:
             compute = max(layer_seconds(self.c.devices[x], self.eff[x], tokens / sp, w.tokens, w.shape.hidden,
                                         w.shape.heads, w.shape.act_bytes) * self.c.scale(x) for x in groups[s])
             return layers[s] * (compute + exchange(groups[s], tokens))
 
-        def stage_bytes(s: int, tokens: float) -> float:
-            return layers[s] * sp * ((u - 1) / u * 2 * kv(tokens) + (r - 1) * kv(tokens) / u)
-
         costs = pipefusion.Costs(stage_seconds, lambda a, b, n: sendrecv_seconds(f, n / sp, list(zip(groups[a],
                                                                                                     groups[b]))),
-                                 stage_bytes)
+                                 lambda s, tokens: pipefusion.stage_exchange_bytes(w, layers[s], tokens))
         latency, compute, wait, nbytes = pipefusion.simulate(w, costs, w.method.patches or w.stages)
         return Prediction(latency_s=latency, compute_s=compute, comm_s=wait, codec_s=0.0, bytes_on_wire=nbytes)
 

@@ -26,6 +26,7 @@ layers), plus P^2 per distinct collective for the ring's operations.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 import simpy
 
@@ -360,7 +361,8 @@ class Simulator:
             w.output_bytes(), list(range(p)))
         async_refresh = self.async_gathers_seconds() if w.method.stale_kv else 0.0
         compute = {local: [self.layer_compute(r, local) for r in range(p)] for local in (False, True)}
-        step_bytes = {kind: 0 if kind == "local" else p * (p - 1) * (L * w.kv_wire_bytes(kind == "sync") + w.output_bytes())
+        step_bytes = {kind: 0 if kind == "local" else
+                      p * (p - 1) * (L * w.kv_wire_bytes(kind == "sync") + w.output_bytes())
                       for kind in ("local", "sync", "steady")}
         pending_async = None
         hidden = min(self.hidden_seconds(r) for r in range(p))
@@ -433,26 +435,25 @@ class Simulator:
         sp = u * r
         share = self.calib.share(self.host_ranks, self.c.device)
 
-        def kv(tokens: float) -> float:
-            return 2 * tokens / sp * w.shape.hidden * w.shape.act_bytes
-
         def exchange(g: list[int], tokens: float) -> float:
-            t = max((self.alltoall_seconds(kv(tokens) * 2, g[i:i + u]) for i in range(0, sp, u)), default=0.0) \
-                if u > 1 else 0.0
-            return t + (max(self.allgather_seconds(kv(tokens) / u, g[i::u]) for i in range(u)) if r > 1 else 0.0)
+            kv, t = pipefusion.shard_kv_bytes(w, tokens), 0.0
+            if u > 1:
+                t += max(self.alltoall_seconds(kv * 2, g[i:i + u]) for i in range(0, sp, u))
+            if r > 1:
+                t += max(self.allgather_seconds(kv / u, g[i::u]) for i in range(u))
+            return t
 
+        @cache                                          # a stage sees a few token counts, many times
         def stage_seconds(s: int, tokens: float) -> float:
             compute = max(self.c.compute_scale[x] for x in groups[s]) * self.calib.layer_seconds(
                 tokens / sp, w.batch * w.tokens, w.shape.hidden, share, self.c.device)
             return layers[s] * (compute + exchange(groups[s], tokens))
 
-        def stage_bytes(s: int, tokens: float) -> float:
-            return layers[s] * sp * ((u - 1) / u * 2 * kv(tokens) + (r - 1) * kv(tokens) / u)
-
         def send_seconds(a: int, b: int, nbytes: float) -> float:
             return max(self.links.seconds(self.c.links[(x, y)], nbytes / sp) for x, y in zip(groups[a], groups[b]))
 
-        costs = pipefusion.Costs(stage_seconds, send_seconds, stage_bytes)
+        costs = pipefusion.Costs(stage_seconds, send_seconds,
+                                 lambda s, tokens: pipefusion.stage_exchange_bytes(w, layers[s], tokens))
         latency, compute, wait, nbytes = pipefusion.simulate(w, costs, w.method.patches or w.stages)
         return Prediction(latency_s=latency, compute_s=compute, comm_s=wait, codec_s=0.0, bytes_on_wire=nbytes)
 

@@ -50,6 +50,20 @@ def activation_bytes(w: Workload, tokens: float, warm: bool) -> float:
     return tokens * w.shape.hidden * w.shape.act_bytes
 
 
+def shard_kv_bytes(w: Workload, tokens: float) -> float:
+    """K+V of one rank's shard when a stage's ``tokens`` split over its ulysses x ring ranks."""
+    u, r = w.degrees
+    return 2 * tokens / (u * r) * w.shape.hidden * w.shape.act_bytes
+
+
+def stage_exchange_bytes(w: Workload, layers: int, tokens: float) -> float:
+    """What one pass of a stage's ``layers`` puts on the wire inside the stage: Ulysses' all-to-alls (Q, K, V in,
+    the output back) and the ring's K/V hops, on every rank."""
+    u, r = w.degrees
+    kv = shard_kv_bytes(w, tokens)
+    return layers * u * r * ((u - 1) / u * 2 * kv + (r - 1) * kv / u)
+
+
 def latent_bytes(w: Workload, tokens: float) -> float:
     return tokens * w.shape.out_channels * w.shape.act_bytes
 

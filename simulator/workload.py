@@ -151,7 +151,7 @@ def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape | None
         raise ScenarioError(f"method {method.name}: CFG parallel needs a classifier-free-guidance batch; {shape.name} "
                             f"is guidance-distilled and runs one pass per step")
     return Workload(shape=shape, image_tokens=image_tokens(shape, scenario.resolution, scenario.frames, scenario.height),
-                    ulysses_degree=scenario.degrees(method)[0], cfg=scenario.cfg_degree(method) if guided else 1,
+                    ulysses_degree=scenario.degrees(method)[0], cfg=scenario.cfg_degree(method),
                     stages=scenario.stages(method),
                     batch=scenario.images * (2 if guided else 1), steps=scenario.steps,
                     world=scenario.world_size, method=method,

@@ -38,10 +38,11 @@ from ..netem.cluster import EmulatedCluster, check_backend, cleanup_stale
 from ..netem.commands import NODE_IF
 from ..netem.lock import EmulationLock
 from ..netem.probe import probe_link
+from ..runtime import pipefusion
 from ..runtime.engine import Job
 from ..runtime.models import DiTModel, ModelFolderError, check_conditions, check_folder, load_for
 from ..runtime.records import MethodResult, RunState
-from ..scenarios.schema import Scenario, ScenarioError
+from ..scenarios.schema import Scenario
 from .launch import RunFailed, local_torchrun, node_torchrun, run_ranks
 from .report import add_speedups, collect, print_table, write_plots, write_summary
 
@@ -69,13 +70,11 @@ def checked_model(scenario: Scenario) -> DiTModel:
     model = load_for(scenario.model, frames=scenario.frames)
     check_conditions(model, scenario.conditions)
     for m in scenario.methods:
-        if m.pipelined and (scenario.guidance != 1.0 or scenario.model.path is not None):
-            raise ScenarioError(f"method {m.name}: PipeFusion runs through xDiT's Flux pipeline, which has no "
-                                f"classifier-free guidance batch, on the shipped tiny model: use guidance 1.0 and "
-                                f"no model.path (`scenario predict` models the rest)")
         u, r = scenario.degrees(m)
         try:
             model.check_layout(scenario.resolution, u * r, u)
+            if m.pipelined:
+                pipefusion.check(model, scenario.guidance)
             if scenario.cfg_degree(m) > 1 and model.cfg_scale(scenario.guidance) == 1.0:
                 raise ModelFolderError("CFG parallel needs a classifier-free-guidance batch, and this model runs one "
                                        "pass per step (guidance-distilled)")

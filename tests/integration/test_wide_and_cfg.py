@@ -19,7 +19,7 @@ HALF = len(LABELS)                  # one CFG half: the conditional (or uncondit
 @pytest.mark.parametrize("nodes, methods", [(2, ["cfg"]), (4, ["cfg", "usp"])])
 def test_cfg_parallel_equals_single_process(launch_pass, reference, nodes, methods):
     """cfg alone (2 ranks), cfg x ring 2 and cfg x Ulysses 2 (4 ranks; cfg x ring 4 on 8 ranks below)."""
-    sc = scenario(nodes=nodes, steps=4 if nodes < 8 else 3, methods=methods, parallel={"cfg_degree": 2, "ulysses_degree": 2}
+    sc = scenario(nodes=nodes, steps=4, methods=methods, parallel={"cfg_degree": 2, "ulysses_degree": 2}
                   if "usp" in methods else {})
     outs, _ = launch_pass(sc, methods)
     for method, out in zip(methods, outs):

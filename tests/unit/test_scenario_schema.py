@@ -115,7 +115,7 @@ def test_pipefusion_is_checked_against_the_tiny_models_layers_and_the_runtimes_p
     assert "3 x 1 x 1 must equal the node count 4" in error_of(methods=["pipefusion"],
                                                                parallel={"pipefusion_degree": 3})
     assert "warmup.steps must be at least 1" in error_of(methods=["pipefusion"], warmup={"steps": 0})
-    with pytest.raises(ScenarioError, match="no classifier-free guidance batch"):
+    with pytest.raises(ScenarioError, match="method pipefusion: PipeFusion .* no classifier-free guidance batch"):
         checked_model(s)                                    # guidance 1.5: xDiT's Flux pipeline has no CFG batch
     checked_model(s.model_copy(update={"guidance": 1.0}))
 
