@@ -574,6 +574,29 @@ class Scenario(_Strict):
         n = self.world_size
         return [(i, j) for i in range(n) for j in range(n) if i != j and self.overridden(i, j) is not None]
 
+    def probe_paths(self) -> list[tuple[int, int]]:
+        """The directed paths whose probes check every shaped link once: in a mesh each path; in a star each
+        node's uplink (to the node with the fastest downlink, the next one among equals) and downlink (from the
+        fastest uplink, the previous one among equals), over paths not shaped on their own, so each access link sets
+        its path's rate where it can and a uniform star takes n probes instead of n(n-1); plus the paths shaped on
+        their own."""
+        n = self.world_size
+        if self.topology != "star":
+            return [(i, j) for i in range(n) for j in range(n) if i != j]
+
+        def speed(k: int) -> float:
+            rate = self.access_link(k).rate_mbit
+            return float("inf") if rate is None else rate
+
+        own = set(self.own_paths())
+        paths = set(own)
+        for k in range(n):
+            ups = [j for d in range(1, n) if (k, j := (k + d) % n) not in own]            # k's uplink
+            downs = [i for d in range(1, n) if (i := (k - d) % n, k) not in own]         # k's downlink
+            paths |= {(k, max(ups, key=speed))} if ups else set()
+            paths |= {(max(downs, key=speed), k)} if downs else set()
+        return sorted(paths)
+
     def directed_links(self, unlimited_rate: bool = False, ideal: bool = False) -> dict[tuple[int, int], LinkSpec]:
         """Every directed link (src, dst) -> its impairments (:meth:`link_between`): what netem shapes and the
         simulator models. ``unlimited_rate``: the same links with the rate limit lifted (the bound pass);

@@ -153,8 +153,8 @@ def recorded(state: RunState, save: Callable[[], None]) -> Iterator[None]:
 def link_pass(scenario: Scenario, name: str, backend, console: Console, results: Path, state: RunState,
               accept_link_error: bool = False) -> Iterator:
     """Yield a function job files -> rank commands for this pass, with its cluster up (if any). The shaped pass
-    probes every link first (``links.json``); links that miss their profile stop the run unless accepted, and
-    are then recorded in ``state.link_errors``."""
+    first probes the paths that check every shaped link (``Scenario.probe_paths``; ``links.json``); links that
+    miss their profile stop the run unless accepted, and are then recorded in ``state.link_errors``."""
     world = scenario.world_size
     if name == "loopback":
         yield lambda jobs: local_torchrun(jobs, world)
@@ -167,20 +167,20 @@ def link_pass(scenario: Scenario, name: str, backend, console: Console, results:
         env_file.write_text(json.dumps(json.loads(env_file.read_text()) | {
             "topology": scenario.topology, "congestion_control": cluster.congestion}, indent=1))
         if name == "shaped":
-            probes = []
+            probes, paths = [], scenario.probe_paths()
             with Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console, transient=True) as bar:
-                task = bar.add_task("probing links (rate and RTT)", total=len(links))
-                for (s, d), spec in sorted(links.items()):
-                    probes.append(probe_link(cluster, s, d, spec))
+                task = bar.add_task("probing links (rate and RTT)", total=len(paths))
+                for s, d in paths:
+                    probes.append(probe_link(cluster, s, d, links[(s, d)]))
                     bar.advance(task)
             (results / "links.json").write_text(json.dumps(
                 [asdict(p) | {"rate_error": p.rate_error, "misses": p.misses} for p in probes], indent=1))
             t = Table(title="link probes (measured before the run)")
             for col in ("link", "configured", "wire Mbit/s", "rate error", "RTT ms", "configured RTT ms", "check"):
                 t.add_column(col, justify="left" if col == "check" else "right")
-            for p, ((s, d), spec) in zip(probes, sorted(links.items())):
-                t.add_row(f"{s}->{d}", spec.describe(), f"{p.wire_mbit:.1f}",
+            for p in probes:
+                t.add_row(f"{p.src}->{p.dst}", links[(p.src, p.dst)].describe(), f"{p.wire_mbit:.1f}",
                           "-" if p.rate_error is None else f"{p.rate_error:+.1%}", f"{p.rtt_ms:.2f}",
                           f"{p.configured_rtt_ms:.2f}", "[red]" + escape("; ".join(p.misses)) if p.misses else "ok")
             console.print(t)

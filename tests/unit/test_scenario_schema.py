@@ -64,11 +64,16 @@ def test_link_resolution_profile_override_and_per_link():
         assert path.rate_mbit == min(sat.rate_mbit, wifi.rate_mbit)
         assert path.loss_pct == pytest.approx(100 * (1 - (1 - sat.loss_pct / 100) * (1 - wifi.loss_pct / 100)))
     assert s.link_between(2, 3).delay_ms == 14 and s.access_links()[1] == sat
+    # probes: each uplink and downlink on a path another access link does not slow (b's satellite link is the
+    # slowest, so a's uplink is probed to d, not b; a -> c is shaped on its own, probed as such, so c's downlink
+    # from d)
+    assert s.probe_paths() == [(0, 1), (0, 2), (0, 3), (1, 2), (2, 3), (3, 0), (3, 2)]
+    assert parse(nodes=8).probe_paths() == [(k, (k + 1) % 8) for k in range(8)]       # a uniform star: a cycle
     assert [x.rate_mbit for x in s.access_links(unlimited_rate=True)] == [None] * 4
     # a mesh (and every results folder recorded before access links): the sender's link, else the receiver's
     m = s.model_copy(update={"topology": "mesh"})
     assert m.link_between(1, 0) == sat and m.link_between(0, 1) == sat and m.link_between(2, 0) == s.link
-    assert m.access_links() is None
+    assert m.access_links() is None and len(m.probe_paths()) == 12
     assert parse_recorded(s.model_dump(mode="json")).topology == "star"
     old = {k: v for k, v in s.model_dump(mode="json").items() if k not in ("topology", "congestion_control")}
     assert (parse_recorded(old).topology, parse_recorded(old).congestion_control) == ("mesh", "host")
