@@ -3,7 +3,8 @@
 xfuser's sequence parallelism exchanges activations at three points (measured on xfuser 0.7.0 + torch 2.13):
   ring K/V rotation   torch ``_templated_ring_attention`` -> ``_create_rotater`` (P2P permute or all-gather)
   Ulysses all-to-all  ``xfuser.model_executor.layers.usp._sdpa_all_to_all_single``
-  output gather       ``GroupCoordinator.all_gather`` (the wrapper reassembles the sequence)
+  output gather       ``GroupCoordinator.all_gather`` (the wrapper reassembles the sequence; skipped over the
+                      ``sharded_output`` group, whose ranks keep their shards of the latents until the last step)
 and PipeFusion's stage-to-stage activations at ``PipelineGroupCoordinator`` (its sends and shape messages are
 counted, waits on its receives and synchronous sends timed). With a codec, each activation a stage sends on is a
 residual stream of its own (:class:`PipelineStreams`): the first message of a stream goes in full precision and
@@ -85,6 +86,7 @@ class CommHooks:
         self.counters = StepCounters()
         self.pipeline_patches: int | None = None     # PipeFusion: patches per step (names its residual streams)
         self.pipeline_codec: ResidualCodec | None = None     # PipeFusion: compresses the activations stage to stage
+        self.sharded_output = None      # a GroupCoordinator whose output gathers are skipped (sharded latents)
         self._kv_shapes: tuple[torch.Size, torch.Size] | None = None
         self._a2a_index = 0
 
@@ -245,6 +247,8 @@ class CommHooks:
             return hooks.all_to_all(x, orig_a2a)
 
         def all_gather(coordinator, input_, dim=0, separate_tensors=False):
+            if coordinator is hooks.sharded_output:         # the latents stay sharded between steps
+                return input_
             if coordinator.world_size > 1:
                 hooks.count_send(input_, hops=coordinator.world_size - 1)
                 if hooks.direct:                # the output gather in one round too

@@ -254,6 +254,7 @@ class RankRun:
             self.group_kw = kw | {"pooled_projections": kw["pooled_projections"].chunk(self.cfg)[self.cfg_rank]}
         x = self.dit.initial_tokens(self.sc.images, res, self.job.seed).to(self.device)
         sig = self.dit.sigmas(self.sc.steps, res)
+        own = self._keep_sharded(x)
         dist.barrier()
         t_start = time.perf_counter()
         for k in range(self.sc.steps):
@@ -265,7 +266,12 @@ class RankRun:
                     p.fresh = warm and not local
             t0 = time.perf_counter()
             v = self._forward(x, sig[k], kw, local)
-            x = x + (sig[k + 1] - sig[k]) * v
+            if v.shape[1] == x.shape[1]:
+                x = x + (sig[k + 1] - sig[k]) * v
+            else:                       # sharded latents: the velocity of this rank's tokens moves them alone
+                x[:, own] = x[:, own] + (sig[k + 1] - sig[k]) * v
+                if k == self.sc.steps - 1:
+                    x = self._gather_latents(x, own)
             c = self.hooks.counters
             self.records.append(StepRecord(
                 rank=self.rank, step=k, warmup=("local" if local else "sync") if warm else None,
@@ -278,6 +284,30 @@ class RankRun:
         dist.barrier()
         self.latency_s = time.perf_counter() - t_start
         return self.dit.decode(x, res).numpy() if self.rank == 0 else None
+
+    def _keep_sharded(self, x: torch.Tensor) -> slice | None:
+        """Unless the output is gathered every step: make xfuser's wrapper return this rank's shard of the output
+        (its sequence-parallel gather skipped; the CFG partner exchange stays) and return the shard's token slice.
+        The Euler update is per token and the wrapper reads only this shard of the latents, so the other tokens
+        may go stale until the one gather after the last step."""
+        if self.sc.gathers_each_step(self.method) or self.sp_world == 1:
+            return None
+        from xfuser.core.distributed import get_sp_group
+
+        n, rem = divmod(x.shape[1], self.sp_world)
+        if rem:
+            raise ValueError(f"output_gather end: {x.shape[1]} image tokens do not divide over {self.sp_world} "
+                             f"ranks (set output_gather: step)")
+        self.hooks.sharded_output = get_sp_group()
+        return slice(self.sp_rank * n, (self.sp_rank + 1) * n)
+
+    def _gather_latents(self, x: torch.Tensor, own: slice) -> torch.Tensor:
+        """The one output gather of sharded latents, counted like the wrapper's."""
+        from xfuser.core.distributed import get_sp_group
+
+        self.hooks.sharded_output = None
+        with self.hooks.installed():
+            return get_sp_group().all_gather(x[:, own].contiguous(), dim=-2)
 
     def check_bases(self) -> dict:
         """Cross-rank consistency: every stream's base digest must agree on all ranks (EF mode), once the

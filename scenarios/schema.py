@@ -21,6 +21,7 @@ from ..netem.profiles import LinkSpec, named_profiles, resolve_link
 MAX_SCENARIO_BYTES = 1_000_000
 MAX_EMULATED_NODES = 64
 TINY_VIDEO = "tiny_cogvideox"     # the video DiT built from its config (runtime/video.py)
+VIDEO_MODELS = (TINY_VIDEO, "cogvideox-5b")     # video DiTs: their runtime gathers the output every step
 MAX_PREDICTED_NODES = 4096
 
 Comm = Literal["ring", "ulysses", "usp", "patch", "distrifusion", "pipefusion"]
@@ -313,6 +314,10 @@ class Scenario(_Strict):
                                     description="TCP congestion control inside every emulated node (cubic: the "
                                                 "Linux default, reno where the namespace may not use it; host: "
                                                 "leave the host's own)")
+    output_gather: Literal["end", "step"] | None = Field(
+        None, description="when the ranks gather the latents: end (each rank keeps its shard between steps, the "
+                          "update being per token, and they are gathered once after the last step) or step (after "
+                          "every step, as xDiT's pipelines do). Default: end; step for video models and PipeFusion")
     output: str = Field("results", max_length=400)
     timeout_s: float = Field(120.0, gt=0, le=3600, description="limit on any single collective")
 
@@ -413,6 +418,9 @@ class Scenario(_Strict):
                 raise ValueError(f"method {m.name}: pipefusion_degree x ulysses_degree x ring_degree = "
                                  f"{self.stages(m)} x {u} x {r} must equal the node count {n}"
                                  + (" / 2 (CFG)" if self.cfg_degree(m) > 1 else ""))
+        if self.output_gather == "end" and self.model.path is None and self.model.name in VIDEO_MODELS:
+            raise ValueError(f"output_gather: a video model ({self.model.name}) is unpatchified from the whole "
+                             f"sequence, so it gathers every step (output_gather: step)")
         if any(m.pipelined for m in self.methods) and self.warmup.steps < 1:
             raise ValueError("PipeFusion fills its K/V cache in warmup steps: warmup.steps must be at least 1")
         split = [m.name for m in self.methods if self.cfg_degree(m) > 1]
@@ -524,6 +532,12 @@ class Scenario(_Strict):
             return u, max(group // (self.stages(method) * u), 1)
         return method.degrees(group, self.usp_degrees)
 
+    def gathers_each_step(self, method: MethodSpec) -> bool:
+        """Whether ``method``'s ranks gather the whole output after every step (xDiT's way; video models,
+        PipeFusion, ``output_gather: step``) rather than keep their shards of the latents until the last."""
+        video = self.model.path is None and self.model.name in VIDEO_MODELS
+        return self.output_gather == "step" or video or method.pipelined
+
     def stages(self, method: MethodSpec) -> int:
         """PipeFusion's stages (1 for other methods)."""
         if not method.pipelined:
@@ -622,10 +636,11 @@ def format_errors(err: ValidationError) -> str:
 
 
 def parse_recorded(data: Any, source: str = "<recorded scenario>") -> Scenario:
-    """A scenario as a results folder recorded it. Folders recorded before star access links and the congestion
-    control setting ran every directed link on its own, under the host's algorithm: they read as such."""
+    """A scenario as a results folder recorded it. Folders recorded before star access links, the congestion
+    control setting and sharded latents ran every directed link on its own, under the host's algorithm, gathering
+    the output every step: they read as such."""
     if isinstance(data, dict):
-        data = {"topology": "mesh", "congestion_control": "host"} | data
+        data = {"topology": "mesh", "congestion_control": "host", "output_gather": "step"} | data
     return parse_scenario(data, source)
 
 

@@ -2,10 +2,10 @@
 
 xDiT makes the sequence-parallel group the inner dimension, so group g is the consecutive ranks
 [g*W/2, (g+1)*W/2). Each group runs the method's sequence parallelism on its half of the batch; after every step each
-rank exchanges its half's velocity with its partner (rank r and r + W/2), all pairs at once. A prediction simulates
-each group as a workload of its own (half the batch on half the ranks; on the emulation host it still shares the
-host's cores with the other group) and adds the partner exchange per step; the slower group gates. What the two
-groups share besides cores (one machine's GPU fabric) is not contended between them.
+rank exchanges its half's velocity (or its shard of it) with its partner (rank r and r + W/2), all pairs at once. A
+prediction simulates each group as a workload of its own (half the batch on half the ranks; on the emulation host it
+still shares the host's cores with the other group) and adds the partner exchange per step; the slower group gates.
+What the two groups share besides cores (one machine's GPU fabric) is not contended between them.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def groups(w: Workload) -> list[list[int]]:
 
 
 def partner_bytes(w: Workload) -> int:
-    """What a rank sends its partner after each step: its group's whole velocity (half the batch)."""
-    return w.batch // w.cfg * w.image_tokens * w.shape.out_channels * w.shape.act_bytes
+    """What a rank sends its partner after each step: its group's whole velocity (half the batch), or its own
+    shard of it where the ranks keep the latents sharded."""
+    sp = 1 if w.gather_each_step else w.world // w.cfg
+    return w.batch // w.cfg * w.image_tokens // sp * w.shape.out_channels * w.shape.act_bytes
 
 
 def combined(w: Workload, per_group: list, exchange_s: float):

@@ -323,7 +323,7 @@ class GpuSimulator:
                 yield env.timeout((L - 1) * (env.now - t0))
                 for k in stats:
                     stats[k] += (L - 1) * (stats[k] - before[k])
-            if kind != "local":                                 # a local step has the whole output already
+            if kind != "local" and w.gather_each_step:         # a local step has the whole output already
                 yield from exposed(transfer(output_gather), 0.0)
             if kind != "stale":                                 # stale steps depend on the gathers still in flight
                 per_step[kind] = env.now - t0, {k: stats[k] - before[k] for k in stats}
@@ -338,6 +338,10 @@ class GpuSimulator:
             for ev in pending:
                 if ev is not None and not ev.triggered:
                     yield ev
+            latents = 0 if w.gather_each_step else w.gather_bytes(w.steps - 1)
+            if latents:                                         # the sharded latents, gathered once
+                yield from exposed(transfer(allgather_seconds(f, latents, everyone)), 0.0)
+                stats["bytes"] += p * (p - 1) * latents
 
         env.process(generation())
         env.run()
@@ -384,7 +388,7 @@ class GpuSimulator:
         w, p, L = self.w, self.w.world, self.w.shape.layers
         if kind == "local":
             return 0
-        return p * (p - 1) * (L * w.kv_wire_bytes(kind == "sync") + w.output_bytes())
+        return p * (p - 1) * (L * w.kv_wire_bytes(kind == "sync") + w.output_bytes() * w.gather_each_step)
 
 
 def _ulysses_groups(w: Workload, p: int) -> list[list[int]]:

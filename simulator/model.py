@@ -299,18 +299,18 @@ class Simulator:
             self._layers[key] = (tuple(t + (p - 1) * dec for t in exits), tuple(done), tuple(entry), tuple(exits))
         return self._layers[key]
 
-    def step_per_rank(self, lag: list[float], warm: bool) -> tuple[float, list[float], float, list]:
-        """One synchronous step, ranks ready ``lag`` (<= 0) before the previous step's end. Returns the step's
-        duration from that end, each rank's lag at its end, its summed slowest-rank compute, and per-rank intervals
-        (rank, kind, start, end) relative to the previous end (memoized on the lags, which settle after a step or
-        two, so the remaining steps cost a lookup)."""
-        key = (tuple(round(x, 9) for x in lag), warm)
+    def step_per_rank(self, lag: list[float], warm: bool, gather: int) -> tuple[float, list[float], float, list]:
+        """One synchronous step, ranks ready ``lag`` (<= 0) before the previous step's end, ending with the output
+        gather of ``gather`` bytes per rank (0: none). Returns the step's duration from that end, each rank's lag at its end, its summed
+        slowest-rank compute, and per-rank intervals (rank, kind, start, end) relative to the previous end
+        (memoized on the lags, which settle after a step or two, so the remaining steps cost a lookup)."""
+        key = (tuple(round(x, 9) for x in lag), warm, gather)
         if key not in self._steps:
-            self._steps[key] = self._step_per_rank(lag, warm)
+            self._steps[key] = self._step_per_rank(lag, warm, gather)
         duration, lags, compute, spans = self._steps[key]
         return duration, list(lags), compute, spans
 
-    def _step_per_rank(self, lag: list[float], warm: bool) -> tuple[float, list[float], float, list]:
+    def _step_per_rank(self, lag: list[float], warm: bool, gather: int) -> tuple[float, list[float], float, list]:
         w, L = self.w, self.w.shape.layers
         base = min(lag)
         ready = tuple(x - base for x in lag)
@@ -325,7 +325,7 @@ class Simulator:
                               (r, "codec", base + exits[r], base + nxt[r])]
             shift = min(nxt)
             base, ready = base + shift, tuple(x - shift for x in nxt)
-        out = self.allgather_exits(w.output_bytes(), list(ready))
+        out = self.allgather_exits(gather, list(ready)) if gather else list(ready)
         overhead = self.calib.devices[self.c.device].step_overhead_s * self.calib.share(self.host_ranks, self.c.device)
         end = base + max(out) + overhead
         if self.keep_timeline:
@@ -357,12 +357,11 @@ class Simulator:
                 link_res[k].release(r)
 
         ring_links = [(i, (i + 1) % p) for i in range(p)] if p > 1 else []
-        output_gather = (self.one_round_seconds if w.method.exchange == "direct" else self.allgather_seconds)(
-            w.output_bytes(), list(range(p)))
+        gather_seconds = cache(lambda n: (self.one_round_seconds if w.method.exchange == "direct" else
+                                          self.allgather_seconds)(n, list(range(p))))
         async_refresh = self.async_gathers_seconds() if w.method.stale_kv else 0.0
         compute = {local: [self.layer_compute(r, local) for r in range(p)] for local in (False, True)}
-        step_bytes = {kind: 0 if kind == "local" else
-                      p * (p - 1) * (L * w.kv_wire_bytes(kind == "sync") + w.output_bytes())
+        step_bytes = {kind: 0 if kind == "local" else p * (p - 1) * L * w.kv_wire_bytes(kind == "sync")
                       for kind in ("local", "sync", "steady")}
         pending_async = None
         hidden = min(self.hidden_seconds(r) for r in range(p))
@@ -376,8 +375,10 @@ class Simulator:
             enc, dec = self.codec_seconds(warm or local)
             codec = enc + (p - 1) * dec
             start = env.now
+            gather = w.gather_bytes(k)
+            stats["bytes"] += p * (p - 1) * gather
             if per_rank and not local:
-                duration, lag, slowest, spans = self.step_per_rank(lag, warm)
+                duration, lag, slowest, spans = self.step_per_rank(lag, warm, gather)
                 yield env.timeout(duration)
                 stats["compute"] += slowest
                 stats["codec"] += L * codec
@@ -399,7 +400,7 @@ class Simulator:
                 yield env.timeout(L * (max(comp) + codec))
                 if exch:                                # a direct exchange runs behind the own block
                     yield env.process(collective(L * max(0.0, exch - hidden), ring_links))
-            out = 0.0 if local else output_gather         # a local warmup step has the whole output already
+            out = gather_seconds(gather) if gather else 0.0
             if out:
                 yield env.process(collective(out, ring_links))
             overhead = self.calib.devices[self.c.device].step_overhead_s * \

@@ -166,7 +166,8 @@ def hop_points(results: list[Path], calib: Calibration, judged_on: Scenario | No
                              burst_bytes=burst_of(slow) if rate else 0, forwarding=forwarding,
                              oversubscription=calib.share(p) - 1,
                              kv_hops=layers * (p - 1), kv_bytes=w.kv_wire_bytes(warm),
-                             out_hops=p - 1, out_bytes=w.output_bytes(), comm_wait_s=r.comm_wait_s,
+                             out_hops=(p - 1) * bool(w.gather_bytes(r.step)), out_bytes=w.gather_bytes(r.step),
+                             comm_wait_s=r.comm_wait_s,
                              imbalance_s=sum(pace[r.step, k] - s for k, s in r.layer_compute_s.items())))
     return rows
 

@@ -51,7 +51,7 @@ class PublishedSet:
 
 
 def _scenario(name: str, common: dict, row: dict) -> Scenario:
-    data = dict(common, name=name)
+    data = dict(common, name=name, output_gather="step")        # xDiT's pipelines gather the output every step
     data["nodes"] = row.get("nodes", common.get("nodes"))
     data["methods"] = [row["method"]]
     data["parallel"] = {k: row[k] for k in ("cfg_degree", "ulysses_degree") if k in row}

@@ -59,6 +59,8 @@ class Workload:
     ulysses_degree: int = 1
     cfg: int = 1                  # CFG parallel: groups the guidance batch is split over (simulator.cfg)
     stages: int = 1               # PipeFusion: stages, each ulysses x ring ranks (simulator.pipefusion)
+    gather_each_step: bool = True  # the output gathered after every step (xDiT); else once, after the last
+    images: int = 0               # images (or videos) generated: the latents, gathered once (0: batch)
 
     @property
     def degrees(self) -> tuple[int, int]:
@@ -106,6 +108,19 @@ class Workload:
         """The output all-gather of one step: this rank's image tokens x output channels."""
         return self.batch * self.image_tokens // self.world * self.shape.out_channels * self.shape.act_bytes
 
+    def gather_bytes(self, step: int) -> int:
+        """What a rank sends each peer in ``step``'s output all-gather: the step's output (xDiT's every step), or
+        only after the last step its shard of the latents (no guidance copy); 0 for a local warmup step, which
+        has the whole output already."""
+        if step < self.warmup_steps and self.warmup_mode == "local":
+            return 0
+        if self.gather_each_step:
+            return self.output_bytes()
+        if step < self.steps - 1:
+            return 0
+        return (self.images or self.batch) * self.image_tokens // self.world * self.shape.out_channels * \
+            self.shape.act_bytes
+
 
 def shape_of(scenario: Scenario) -> ModelShape:
     """The scenario model's shape: a known name, or read from a local folder's configs (no weights loaded)."""
@@ -152,7 +167,8 @@ def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape | None
                             f"is guidance-distilled and runs one pass per step")
     return Workload(shape=shape, image_tokens=image_tokens(shape, scenario.resolution, scenario.frames, scenario.height),
                     ulysses_degree=scenario.degrees(method)[0], cfg=scenario.cfg_degree(method),
-                    stages=scenario.stages(method),
+                    stages=scenario.stages(method), gather_each_step=scenario.gathers_each_step(method),
+                    images=scenario.images,
                     batch=scenario.images * (2 if guided else 1), steps=scenario.steps,
                     world=scenario.world_size, method=method,
                     warmup_steps=scenario.warmup.steps if method.warms_up else 0, warmup_mode=scenario.warmup.mode)

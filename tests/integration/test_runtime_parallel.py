@@ -26,16 +26,21 @@ def test_uncompressed_equals_single_process(launch_pass, reference, methods, nod
         assert out.run["degrees"] == list(sc.degrees(METHOD_PRESETS[method]))
 
 
-def test_ring_bytes_are_exactly_the_kv_shards(launch):
-    """Per step and rank: (P-1) hops x layers x K/V shard bytes, plus the output all-gather."""
-    sc = scenario(nodes=4, steps=3)
+@pytest.mark.parametrize("gather", ["end", "step"])
+def test_ring_bytes_are_exactly_the_kv_shards(launch, reference, gather):
+    """Per step and rank: (P-1) hops x layers x K/V shard bytes, plus the output all-gather: after the last step
+    only, the ranks keeping their shards of the latents until then (the default), or after every step (xDiT's
+    way, ``output_gather: step``); both equal single-process diffusers."""
+    sc = scenario(nodes=4, steps=3, output_gather=gather)
     out = launch(sc, "ring")
+    assert np.abs(out.images - reference(sc)).max() < 1e-4
     b = 2 * len(LABELS)                         # classifier-free guidance doubles the batch
     tokens = (64 + 4) // 4                      # image + label tokens per rank
     kv = 2 * b * tokens * 128 * 4               # K and V, fp32
-    gather = b * (64 // 4) * 4 * 4 * 3          # output tokens x 4 channels x fp32, to 3 peers
-    for r in out.records:
-        assert r["bytes_sent"] == 3 * 4 * kv + gather
+    output = b * (64 // 4) * 4 * 4 * 3          # output tokens x 4 channels x fp32, to 3 peers
+    for r in out.records:                       # the latents gathered once: no guidance copy
+        gathered = output if gather == "step" else output // 2 if r["step"] == sc.steps - 1 else 0
+        assert r["bytes_sent"] == 3 * 4 * kv + gathered
         assert r["bytes_uncompressed"] == r["bytes_sent"]
 
 
@@ -46,14 +51,15 @@ def test_compact_1bit_sends_its_wire_format_and_keeps_bases_identical(launch):
     b, tokens = 2 * len(LABELS), (64 + 4) // 4
     one = make_compressor(CompressorSpec(kind="1bit"))
     payload = 2 * one.wire_nbytes(b * tokens, 128)   # K and V of one rank, one layer
-    gather = b * 16 * 4 * 4 * 3
+    gather = len(LABELS) * 16 * 4 * 4 * 3                       # the latents, after the last step
     steps = {}
     for r in out.records:
         steps.setdefault(r["step"], []).append(r)
     assert all(r["bytes_sent"] == 0 for r in steps[0])          # local warmup: no communication at all
     for k in range(1, 5):
         for r in steps[k]:
-            assert r["bytes_sent"] == 3 * 4 * payload + gather   # compressed payload forwarded P-1 hops
+            last = k == 4                                       # the sharded latents' one gather
+            assert r["bytes_sent"] == 3 * 4 * payload + last * gather   # compressed payload forwarded P-1 hops
             assert r["bytes_uncompressed"] > 20 * 3 * 4 * payload
 
 
@@ -122,9 +128,10 @@ def test_pipeline_folder_compressed_with_local_warmup(launch, reference, flux_di
     assert out.run["base_consistency"] == {"checked": 4 * 4 * 2, "mismatched": 0, "examples": []}
     b, tokens = 2 * 2, (64 + 16) // 4                  # CFG batch; image + T5 tokens per rank
     two = make_compressor(CompressorSpec(kind="2bit"))
-    gather = b * 16 * 16 * 4 * 3                       # output tokens x 16 latent channels x fp32, to 3 peers
+    gather = 2 * 16 * 16 * 4 * 3                       # latent tokens x 16 channels x fp32, to 3 peers
     for r in out.records:
-        expected = 0 if r["step"] == 0 else 3 * 4 * 2 * two.wire_nbytes(b * tokens, 128) + gather
+        last = r["step"] == sc.steps - 1
+        expected = 0 if r["step"] == 0 else 3 * 4 * 2 * two.wire_nbytes(b * tokens, 128) + last * gather
         assert r["bytes_sent"] == expected, r
     assert 25 < psnr(out.images, reference(sc)) < float("inf")
 

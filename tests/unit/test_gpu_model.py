@@ -169,8 +169,12 @@ def test_cfg_parallel_keeps_each_group_on_its_machine_and_counts_the_runtime_byt
                                                                                                "steps": 1}))
     (row,), _ = predict(tiny, CALIB)
     half = 8
-    kv, sp_gather, cfg_gather = 2 * half * (64 + 4) // 2 * 128 * 4, half * 32 * 4 * 4, half * 64 * 4 * 4
-    assert row.bytes_on_wire == 3 * 4 * (4 * kv + sp_gather + cfg_gather)
+    kv, shard = 2 * half * (64 + 4) // 2 * 128 * 4, half * 32 * 4 * 4    # the velocity shard to the partner
+    assert row.bytes_on_wire == 3 * 4 * (4 * kv + shard) + 4 * shard      # and the latents gathered once
+    each_step = parse_scenario(dict(name="t", nodes=4, labels=8, steps=3, methods=["cfg"], output_gather="step",
+                                    warmup={"mode": "local", "steps": 1}))
+    (row,), _ = predict(each_step, CALIB)                                  # xDiT's way: whole outputs every step
+    assert row.bytes_on_wire == 3 * 4 * (4 * kv + shard + 2 * shard)
 
 
 @pytest.mark.parametrize("nodes, method", [(8, "ring"), (16, "compact-1bit"), (16, "compact-1bit-cfg")])
@@ -188,9 +192,10 @@ def test_unsplit_text_is_held_by_every_rank_and_never_sent(nodes, method):
     image = half * 64 // p                                 # exchanged: image tokens only
     kv = 2 * make_compressor(CompressorSpec(kind="1bit")).wire_nbytes(image, 128) if "compact" in method else \
         2 * image * 128 * 4
-    per_step = (p - 1) * 4 * kv + (p - 1) * image * 4 * 4 + (cfg - 1) * half * 64 * 4 * 4
+    per_step = (p - 1) * 4 * kv + (cfg - 1) * image * 4 * 4     # K/V, the velocity shard to the CFG partner
     steps = 2 if "compact" in method else 3                # the local warmup step sends nothing
-    assert row.bytes_on_wire == nodes * steps * per_step
+    latents = 8 * 64 // p * 4 * 4                           # a rank's shard of the 8 images' latents, once
+    assert row.bytes_on_wire == nodes * (steps * per_step + (p - 1) * latents)
 
 
 def test_pipefusion_streams_patches_through_its_stages():

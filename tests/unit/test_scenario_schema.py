@@ -226,3 +226,19 @@ def test_an_unreadable_file_is_a_scenario_error(tmp_path, monkeypatch):
     monkeypatch.setattr(type(path), "read_text", denied)
     with pytest.raises(ScenarioError, match="cannot be read \\(Permission denied\\)"):
         load_scenario(path)
+
+
+def test_output_gather_default_per_model_and_for_recorded_folders():
+    """Sharded latents (one gather at the end) by default; xDiT's gather every step for video models, PipeFusion,
+    ``output_gather: step`` and folders recorded before the setting existed."""
+    ring, pf = METHOD_PRESETS["ring"], METHOD_PRESETS["pipefusion"]
+    s = parse(guidance=1.0, methods=["ring", "pipefusion"])
+    assert not s.gathers_each_step(ring) and s.gathers_each_step(pf)
+    assert parse(output_gather="step").gathers_each_step(ring)
+    video = dict(model={"name": "tiny_cogvideox"}, frames=4)
+    assert parse(**video).gathers_each_step(ring)
+    with pytest.raises(ScenarioError, match="gathers every step"):
+        parse(**video, output_gather="end")
+    old = {k: v for k, v in s.model_dump(mode="json").items() if k != "output_gather"}
+    assert parse_recorded(old).gathers_each_step(ring)
+    assert not parse_recorded(s.model_dump(mode="json")).gathers_each_step(ring)

@@ -14,13 +14,15 @@ from .simulated import CALIB, run, sc
 
 
 def test_predicted_bytes_equal_the_runtimes_exact_accounting():
-    """Same formula the integration test asserts on real runs: (P-1) x layers x K/V shard + output gather."""
-    s = sc(labels=8, steps=3, guidance=1.5)
+    """Same formula the integration test asserts on real runs: (P-1) x layers x K/V shard per step, and the output
+    gather after the last step (sharded latents) or after every step (``output_gather: step``)."""
     b, tokens = 16, 68 // 4
     kv = 2 * b * tokens * 128 * 4
     gather = b * 16 * 4 * 4 * 3
-    per_rank_step = 3 * 4 * kv + gather
-    assert run(s, "ring").bytes_on_wire == 4 * 3 * per_rank_step
+    latents = gather // 2                       # no guidance copy
+    assert run(sc(labels=8, steps=3, guidance=1.5), "ring").bytes_on_wire == 4 * (3 * 3 * 4 * kv + latents)
+    each = sc(labels=8, steps=3, guidance=1.5, output_gather="step")
+    assert run(each, "ring").bytes_on_wire == 4 * 3 * (3 * 4 * kv + gather)
 
 
 def test_compression_wins_on_slow_links_and_not_without_them():
@@ -157,7 +159,7 @@ def test_oversubscribed_hosts_pay_a_scheduling_wait_per_hop():
     for nodes, extra_per_hop in ((4, 0.01), (2, 0.0)):
         s = sc(nodes=nodes, methods=["ring"], link={"delay_ms": 10})
         w = workload_of(s, METHOD_PRESETS["ring"])
-        hops = s.steps * (w.shape.layers + 1) * (nodes - 1)        # K/V hops per layer + the output gather
+        hops = (s.steps * w.shape.layers + 1) * (nodes - 1)        # K/V hops per layer + the output gather
         base = Simulator(w, cluster_of(s), CALIB).run().comm_s
         assert Simulator(w, cluster_of(s), waiting).run().comm_s - base == pytest.approx(hops * extra_per_hop)
 
