@@ -164,6 +164,32 @@ class EmulatedCluster:
         self.log(f"emulated cluster {self.names.run_id}: {self.n} nodes, {len(self.links)} links, backend "
                  f"{self.backend}, up in {time.perf_counter() - t0:.2f} s")
 
+    def can_reshape(self, links: dict[tuple[int, int], LinkSpec]) -> bool:
+        """Whether :meth:`reshape` can take ``links``: the same segmentation-offload setting (lossy or not)."""
+        return C.needs_offloads_off(links.values()) == C.needs_offloads_off(self.links.values())
+
+    def reshape(self, links: dict[tuple[int, int], LinkSpec], access: list[LinkSpec] | None = None) -> None:
+        """Shape the running cluster's links anew: its namespaces, addresses and the connections of the processes
+        in them stay; the old shaping and delay line go, the new ones come, and the nodes forget the TCP metrics
+        (round trips, slow-start thresholds) they cached per peer, as new namespaces would."""
+        if not self.can_reshape(links) or (access is None) != (self.access is None) or set(links) != set(self.links):
+            raise NetemError("reshape keeps the nodes, the topology and the offload setting (lossy or not); build "
+                             "a new cluster for these links")
+        t0 = time.perf_counter()
+        self._stop_delay_line()
+        cmds = C.unshaping_commands(self.names, self.n, star=self.access is not None)
+        cmds += C.shaping_commands(self.names, self.n, links, self.backend, access, self.own_paths, ethtool=False)
+        for cmd in cmds:
+            _run(cmd)
+            self.commands_run.append(cmd)
+        for k in range(self.n):
+            _run(["ip", "-n", self.names.node(k), "tcp_metrics", "flush", "all"], check=False)
+        self.links, self.access = links, access
+        if self.backend == "fallback":
+            self._start_delay_line()
+        self._save_state()
+        self.log(f"emulated cluster {self.names.run_id}: reshaped in {time.perf_counter() - t0:.2f} s")
+
     def in_force(self, k: int) -> str:
         """The TCP congestion control algorithm in force in node k's namespace."""
         return _run(["ip", "netns", "exec", self.names.node(k), "cat", CC_SYSCTL]).stdout.strip()
@@ -212,14 +238,19 @@ class EmulatedCluster:
             rest = self.delay_proc.stdout.read() if self.delay_proc.poll() is not None else ""
             raise NetemError(f"delay line did not start: {(line + rest).strip()[:300]}")
 
-    def down(self) -> None:
-        """Remove everything this cluster created; safe to call twice and after a partial setup."""
+    def _stop_delay_line(self) -> None:
         if self.delay_proc is not None and self.delay_proc.poll() is None:
             self.delay_proc.send_signal(signal.SIGTERM)
             try:
                 self.delay_proc.wait(3)
             except subprocess.TimeoutExpired:
                 self.delay_proc.kill()
+                self.delay_proc.wait(3)
+        self.delay_proc = None
+
+    def down(self) -> None:
+        """Remove everything this cluster created; safe to call twice and after a partial setup."""
+        self._stop_delay_line()
         remove_namespaces(self.namespaces)
         self.state_file.unlink(missing_ok=True)
 

@@ -49,6 +49,24 @@ def _in(ns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd]
 
 
+def hub_port_root(names: Names, k: int) -> list[list[str]]:
+    """Hub port k's root htb, its default class unshaped."""
+    tc, port = ["ip", "netns", "exec", names.hub, "tc"], f"{HUB_IF}{k}"
+    return [tc + ["qdisc", "add", "dev", port, "root", "handle", "1:", "htb", "default", "999"],
+            tc + ["class", "add", "dev", port, "parent", "1:", "classid", "1:999", "htb", "rate", "100gbit",
+                  "quantum", "60000"]]
+
+
+def unshaping_commands(names: Names, n: int, star: bool) -> list[list[str]]:
+    """Undo :func:`shaping_commands` on a built topology (offloads aside): the nodes' uplink qdiscs (``star``) and
+    the hub ports' classes go, each port gets its bare root htb back, the hub's forwarding rules are flushed."""
+    cmds = [_in(names.hub, "iptables", "-w", "-F", "FORWARD")]
+    for k in range(n):
+        cmds += [_in(names.node(k), "tc", "qdisc", "del", "dev", NODE_IF, "root")] if star else []
+        cmds += [_in(names.hub, "tc", "qdisc", "del", "dev", f"{HUB_IF}{k}", "root"), *hub_port_root(names, k)]
+    return cmds
+
+
 def topology_commands(names: Names, n: int) -> list[list[str]]:
     """Create the hub and n nodes, wire them, and give each hub port a root htb (default class unshaped)."""
     hub = names.hub
@@ -67,10 +85,7 @@ def topology_commands(names: Names, n: int) -> list[list[str]]:
             # 1 Gbit at 40 ms RTT needs ~5 MB in flight: raise the TCP buffer ceilings
             _in(ns, "sysctl", "-qw", "net.ipv4.tcp_rmem=4096 131072 33554432",
                 "net.ipv4.tcp_wmem=4096 16384 33554432"),
-            ["ip", "netns", "exec", hub, "tc", "qdisc", "add", "dev", port, "root", "handle", "1:", "htb",
-             "default", "999"],
-            ["ip", "netns", "exec", hub, "tc", "class", "add", "dev", port, "parent", "1:", "classid", "1:999",
-             "htb", "rate", "100gbit", "quantum", "60000"],
+            *hub_port_root(names, k),
         ]
     return cmds
 
@@ -159,11 +174,18 @@ def link_commands(names: Names, n: int, src: int, dst: int, spec: LinkSpec, back
 def cluster_commands(names: Names, n: int, links: dict[tuple[int, int], LinkSpec], backend: Backend,
                      access: list[LinkSpec] | None = None, own_paths: Iterable[tuple[int, int]] = (),
                      ethtool: bool = True) -> list[list[str]]:
-    """Every command that builds the cluster: topology, access links (a star, when ``access`` gives each node's),
-    every directed path (``own_paths``: those shaped on their own, outside the access links), and (``ethtool``)
-    offloads off where a link is lossy."""
+    """Every command that builds the cluster: topology, then :func:`shaping_commands`."""
+    return topology_commands(names, n) + shaping_commands(names, n, links, backend, access, own_paths, ethtool)
+
+
+def shaping_commands(names: Names, n: int, links: dict[tuple[int, int], LinkSpec], backend: Backend,
+                     access: list[LinkSpec] | None = None, own_paths: Iterable[tuple[int, int]] = (),
+                     ethtool: bool = True) -> list[list[str]]:
+    """Shape a built topology: access links (a star, when ``access`` gives each node's), every directed path
+    (``own_paths``: those shaped on their own, outside the access links), and (``ethtool``) offloads off where a
+    link is lossy."""
     own = set(own_paths) if access is not None else set(links)
-    cmds = topology_commands(names, n)
+    cmds = []
     if access is not None:
         for k in range(n):
             cmds += uplink_commands(names, k, access[k], sorted(d for s, d in own if s == k))

@@ -1,13 +1,14 @@
-"""One rank of a pass of method runs: real xDiT sequence parallelism with compressed communication.
+"""One rank of a launch of method runs: real xDiT sequence parallelism with compressed communication.
 
 Started by torchrun (one process per node) as ``python -m compactbed.runtime.engine JOB.json [JOB.json ...]``; each
 job file holds the validated scenario, one method, the seed and its output folder. The ranks run the jobs in turn
 in one process group: every job builds its model, codec and hooks afresh, and xfuser's parallel groups too unless
 the job before ran with the same degrees (the groups hold no state of a run), so nothing else carries over but the
-process and its imports. Each rank writes ``rank{r}.jsonl`` (one :class:`.records.StepRecord` per step) into the
-job's folder; rank 0 also writes ``images.npy`` and ``run.json`` (a :class:`.records.RunRecord`). A job that fails
-writes ``rank{r}.error`` there and ends the pass; the jobs before it keep their results. Rank 0 prints ``RUN i/N``
-before each job and ``STEP k/n`` after each step.
+process and its imports. A job with ``links_ready`` starts a new link pass: the ranks wait while the launcher
+reshapes the links (:func:`wait_for_links`). Each rank writes ``rank{r}.jsonl`` (one :class:`.records.StepRecord`
+per step) into the job's folder; rank 0 also writes ``images.npy`` and ``run.json`` (a :class:`.records.RunRecord`).
+A job that fails writes ``rank{r}.error`` there and ends the launch; the jobs before it keep their results. Rank 0
+prints ``RUN i/N`` before each job, ``STEP k/n`` after each step and ``LINKS i/N`` when job i needs new links.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Job(BaseModel):
     seed: int
     out_dir: str
     backend: Backend = "auto"
+    links_ready: str | None = None      # a file the launcher creates once it has reshaped the links for this job
 
 
 class RankRun:
@@ -355,6 +357,20 @@ def run(job: Job, keep_groups: bool = False) -> None:
             torch=torch.__version__, device=str(rr.device)))
 
 
+def wait_for_links(ready: Path, line: str, timeout_s: float) -> None:
+    """Between link passes: once every rank is idle, rank 0 prints ``line`` (the launcher then reshapes the links
+    and creates ``ready``); every rank waits for the file, then for each other over the new links."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        print(line, flush=True)
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the links were not reshaped within {timeout_s:.0f} s ({ready} missing)")
+        time.sleep(0.02)
+    dist.barrier()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="one rank of a pass of method runs (started by torchrun)")
     ap.add_argument("jobs", type=Path, nargs="+", help="job files, run in turn in one process group")
@@ -376,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         degrees = [(j.scenario.cfg_degree(j.method), *j.scenario.degrees(j.method), j.method.pipelined,
                     j.method.patches) for j in jobs]
         for i, job in enumerate(jobs):
+            if job.links_ready:
+                wait_for_links(Path(job.links_ready), f"LINKS {i + 1}/{len(jobs)}", job.scenario.timeout_s)
             if dist.get_rank() == 0:
                 print(f"RUN {i + 1}/{len(jobs)}", flush=True)
             with torch.no_grad():

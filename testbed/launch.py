@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 STEP_LINE = re.compile(r"^STEP (\d+)/(\d+)")
 RUN_LINE = re.compile(r"^RUN (\d+)/(\d+)")
+LINKS_LINE = re.compile(r"^LINKS (\d+)/(\d+)")
 
 
 class RunFailed(RuntimeError):
@@ -88,11 +89,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def run_ranks(commands: Sequence[RankCommand], run_dir: Path, timeout_s: float,
               on_step: Callable[[int, int], None] | None = None,
-              on_run: Callable[[int, int], None] | None = None, log_prefix: str = "launcher") -> float:
+              on_run: Callable[[int, int], None] | None = None, log_prefix: str = "launcher",
+              on_links: Callable[[int, int], None] | None = None) -> float:
     """Run the commands to completion; returns wall seconds. Raises RunFailed on any failure, with the reason
     found in this launch's logs (``run_dir/<log_prefix><i>.log``) and the rank errors written under ``run_dir``
-    since it started. ``timeout_s`` bounds each job of the pass (its clock restarts at every ``RUN i/N`` line,
-    which ``on_run`` also receives)."""
+    since it started. ``timeout_s`` bounds each job of the launch (its clock restarts at every ``RUN i/N`` line,
+    which ``on_run`` also receives); ``on_links`` receives ``LINKS i/N`` lines (job i waits for new links)."""
     procs: list[subprocess.Popen] = []
     logs, readers = [], []
     t0, t_wall = time.perf_counter(), time.time()
@@ -110,7 +112,8 @@ def run_ranks(commands: Sequence[RankCommand], run_dir: Path, timeout_s: float,
             env = dict(os.environ) | dict(cmd.env) | {"PYTHONUNBUFFERED": "1"}
             procs.append(subprocess.Popen([*cmd.prefix, *cmd.argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=env, text=True, start_new_session=True))
-        readers = [threading.Thread(target=_follow, args=(p, log, *((on_step, run_started) if i == 0 else (None, None))),
+        readers = [threading.Thread(target=_follow, args=(p, log, *((on_step, run_started, on_links) if i == 0 else
+                                                                    (None, None, None))),
                                     daemon=True) for i, (p, log) in enumerate(zip(procs, logs))]
         for r in readers:
             r.start()
@@ -136,11 +139,11 @@ def run_ranks(commands: Sequence[RankCommand], run_dir: Path, timeout_s: float,
     return time.perf_counter() - t0
 
 
-def _follow(proc: subprocess.Popen, log, on_step, on_run) -> None:
+def _follow(proc: subprocess.Popen, log, on_step, on_run, on_links) -> None:
     for line in proc.stdout:
         log.write(line)
         log.flush()          # the log is live: progress can be followed while the run goes on
-        for pattern, callback in ((STEP_LINE, on_step), (RUN_LINE, on_run)):
+        for pattern, callback in ((STEP_LINE, on_step), (RUN_LINE, on_run), (LINKS_LINE, on_links)):
             m = pattern.match(line)
             if m and callback is not None:
                 callback(int(m.group(1)), int(m.group(2)))

@@ -280,7 +280,7 @@ async def _run_pass(scenario: Scenario, hosts: list[R.Host], results: Path, pass
 
     try:
         await _Pass(scenario, hosts, results, pass_name, jobs, refs, model, console,
-                    row_recorder(rows, state, pass_name, save)).run()
+                    row_recorder(rows, state, save)).run()
     except RunFailed as e:
         got = {(r.links, r.method, r.seed) for r in rows}
         for _, per_host, _ in jobs:

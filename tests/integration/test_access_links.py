@@ -88,3 +88,23 @@ def test_the_congestion_control_asked_for_is_in_force_in_every_node():
     with pytest.raises(NetemError, match="'nosuchcc' cannot be set in the node namespaces.*available"):
         with star([LinkSpec()] * 2, congestion_control="nosuchcc"):
             pass
+
+
+@needs_shaping
+def test_reshaping_in_place_takes_the_new_links_and_refuses_a_change_of_offloads():
+    """The bound and ideal passes reshape the running cluster: the rate lifts (delay kept), then the delay goes too;
+    a lossy pass needs the other offload setting, so it is refused (it gets a cluster of its own)."""
+    shaped = LinkSpec(rate_mbit=20, delay_ms=5)
+    with star([shaped, shaped]) as c:
+        before = probe_link(c, 0, 1, c.links[(0, 1)])
+        unlimited = LinkSpec(delay_ms=5)
+        c.reshape({k: unlimited.then(unlimited) for k in c.links}, [unlimited, unlimited])
+        bound = probe_link(c, 0, 1, c.links[(0, 1)])
+        c.reshape({k: LinkSpec() for k in c.links}, [LinkSpec(), LinkSpec()])
+        ideal = probe_link(c, 0, 1, c.links[(0, 1)])
+        with pytest.raises(NetemError, match="offload"):
+            lossy = LinkSpec(rate_mbit=20, loss_pct=1)
+            c.reshape({k: lossy for k in c.links}, [lossy, lossy])
+    assert abs(before.rate_error) < 0.1 and abs(before.rtt_ms - 20) < 2 + 1.5, before
+    assert bound.wire_mbit > 5 * 20 and abs(bound.rtt_ms - 20) < 2 + 1.5, bound
+    assert ideal.wire_mbit > 5 * 20 and ideal.rtt_ms < 2, ideal

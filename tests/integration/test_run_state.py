@@ -18,7 +18,8 @@ from compactbed.netem.lock import EmulationBusy
 from compactbed.runtime.records import read_state
 from compactbed.scenarios.schema import load_scenario
 from compactbed.simulator.runs import read_runs, unusable
-from compactbed.testbed.run import LinkCheckFailed, run_scenario
+from compactbed.testbed.passes import LinkCheckFailed
+from compactbed.testbed.run import run_scenario
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 CHECK = check_backend() if os.geteuid() == 0 else None

@@ -41,7 +41,10 @@ def test_run_writes_a_complete_results_folder(tmp_path, monkeypatch, capsys):
             assert r["quality"]["max_abs_diff"] < 1e-4 and r["compression_ratio"] == 1.0
         else:
             assert r["compression_ratio"] > 10
-    if emulated:
+    if emulated:            # one launch: the ranks waited while the links were reshaped for bound and ideal
+        logs = sorted(str(f.relative_to(results)) for f in results.rglob("*launcher*.log"))
+        assert logs == ["shaped/launcher0.log", "shaped/launcher1.log"]
+        assert all((results / p / "links.ready").is_file() for p in ("bound", "ideal"))
         probes = json.loads((results / "links.json").read_text())
         assert len(probes) == 2 and all(abs(p["rate_error"]) < 0.05 for p in probes)
         shaped = {r["method"]: r for r in rows if r["links"] == "shaped"}
@@ -72,7 +75,7 @@ def test_a_method_that_fails_ends_its_launch_and_the_methods_after_it_run_in_a_n
 
     from compactbed.runtime.engine import Job
     from compactbed.testbed.launch import local_torchrun
-    from compactbed.testbed.run import _pass_runs
+    from compactbed.testbed.passes import run_passes
 
     from .conftest import scenario
 
@@ -88,7 +91,7 @@ def test_a_method_that_fails_ends_its_launch_and_the_methods_after_it_run_in_a_n
         return local_torchrun(job_files, sc.world_size)
 
     rows = []
-    _pass_runs(sc, "loopback", commands, tmp_path, "auto", {0: (reference(sc), 0.0)}, tiny, Console(), rows.append)
+    run_passes(sc, "loopback", commands, tmp_path, "auto", {0: (reference(sc), 0.0)}, tiny, Console(), rows.append)
     assert launches == [["ring", "patch", "compact-1bit"], ["compact-1bit"]]
     assert [(r.method, r.status) for r in rows] == [("ring", "ok"), ("patch", "failed"), ("compact-1bit", "ok")]
     assert "rank" in rows[1].error and "gone" in rows[1].error, rows[1].error

@@ -14,7 +14,8 @@ from rich.console import Console
 from compactbed.netem.cluster import check_backend
 from compactbed.scenarios.schema import METHOD_PRESETS, load_scenario
 from compactbed.testbed.regress import TIMED, compare, figures
-from compactbed.testbed.run import LinkCheckFailed, run_scenario
+from compactbed.testbed.passes import LinkCheckFailed
+from compactbed.testbed.run import run_scenario
 
 pytestmark = pytest.mark.slow
 SLOWER = 1.2            # the exchange made this much slower: every link's delay x 1.2 and rate / 1.2

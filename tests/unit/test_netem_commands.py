@@ -132,3 +132,27 @@ def test_hosts_plan_starts_each_host_once_for_every_method_under_its_uplink(tmp_
     assert any(line.startswith(f"tc class replace dev eth0 parent 1: classid 1:1 htb rate {wan.rate_mbit}mbit")
                for line in plan)
     assert any(f"delay {2 * wan.delay_ms}ms" in line for line in plan)     # the path: both access links
+
+
+def test_reshaping_undoes_the_shaping_and_the_passes_that_share_a_cluster():
+    """A cluster is the topology then its shaping; unshaping removes what shaping adds (the nodes' uplink qdiscs in a
+    star, the hub ports' classes, the forwarding rules) and gives every hub port its bare root back. Link passes
+    share a cluster (and a launch) unless one needs the other offload setting (lossy or not)."""
+    from compactbed.scenarios.schema import parse_scenario
+    from compactbed.testbed.passes import launch_groups
+
+    access = [LinkSpec(rate_mbit=20, delay_ms=5)] * 2
+    links = {(0, 1): access[0].then(access[1]), (1, 0): access[1].then(access[0])}
+    assert C.cluster_commands(NAMES, 2, links, "fallback", access) == \
+        C.topology_commands(NAMES, 2) + C.shaping_commands(NAMES, 2, links, "fallback", access)
+    star, mesh = flat(C.unshaping_commands(NAMES, 2, star=True)), flat(C.unshaping_commands(NAMES, 2, star=False))
+    assert "ip netns exec cbed-ab12cd-n1 tc qdisc del dev nfv root" in star and not any(" nfv " in c for c in mesh)
+    assert "ip netns exec cbed-ab12cd-hub iptables -w -F FORWARD" in mesh
+    for k in range(2):
+        assert f"ip netns exec cbed-ab12cd-hub tc qdisc del dev nfh{k} root" in mesh
+        assert set(flat(C.hub_port_root(NAMES, k))) <= set(mesh) & set(flat(C.topology_commands(NAMES, 2)))
+    passes = ["shaped", "bound", "ideal"]
+    sc = parse_scenario(dict(name="s", nodes=2, methods=["ring"], link={"rate_mbit": 20, "delay_ms": 5}))
+    assert launch_groups(sc, passes) == [passes]
+    lossy = sc.model_copy(update={"link": LinkSpec(rate_mbit=20, delay_ms=5, loss_pct=0.1)})
+    assert launch_groups(lossy, passes) == [["shaped", "bound"], ["ideal"]]
