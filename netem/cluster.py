@@ -190,6 +190,21 @@ class EmulatedCluster:
         self._save_state()
         self.log(f"emulated cluster {self.names.run_id}: reshaped in {time.perf_counter() - t0:.2f} s")
 
+    def sysctl(self, key: str) -> str:
+        """A sysctl's value in the nodes (node 0's)."""
+        return _run(["ip", "netns", "exec", self.names.node(0), "sysctl", "-n", key]).stdout.strip()
+
+    def set_sysctl(self, key: str, value: str) -> str:
+        """Set a per-namespace sysctl in every node; returns the value in force (NetemError if refused)."""
+        for k in range(self.n):
+            r = _run(["ip", "netns", "exec", self.names.node(k), "sysctl", "-qw", f"{key}={value}"], check=False)
+            if r.returncode:
+                raise NetemError(f"{key}={value} refused in the node namespaces: {(r.stderr or r.stdout).strip()}")
+        found = self.sysctl(key)
+        if found != str(value):
+            raise NetemError(f"{key}={value} set, but the nodes run {found}")
+        return found
+
     def in_force(self, k: int) -> str:
         """The TCP congestion control algorithm in force in node k's namespace."""
         return _run(["ip", "netns", "exec", self.names.node(k), "cat", CC_SYSCTL]).stdout.strip()

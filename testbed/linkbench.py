@@ -41,11 +41,17 @@ from ..netem.profiles import LinkSpec
 SIZES = (4_096, 32_768, 131_072, 524_288, 2_097_152)
 MAX_CALL_S = 2.5            # skip sizes whose estimated all-gather takes longer on a link
 WORKER = "compactbed.testbed.linkbench"
+IDLE_SYSCTL = "net.ipv4.tcp_slow_start_after_idle"
 FIELDS = ("world", "rate_mbit", "delay_ms", "jitter_ms", "loss_pct", "bytes", "hops", "reps", "seconds",
-          "congestion_control")
+          "congestion_control", "slow_start_after_idle")
 LATENCY_GRID = ((4, LinkSpec(rate_mbit=100, delay_ms=5)), (4, LinkSpec(rate_mbit=200, delay_ms=2)),
                 (2, LinkSpec(rate_mbit=50, delay_ms=10)))
 LATENCY_SIZES = (4_096, 32_768, 131_072)
+# node-to-node paths of the shipped profiles whose round trips exceed the calibrated box (wan, 5g without its
+# jitter and loss) and edge_4node's, for TCP's slow start after idle (net.ipv4.tcp_slow_start_after_idle)
+IDLE_GRID = ((4, LinkSpec(rate_mbit=500, delay_ms=40)), (4, LinkSpec(rate_mbit=100, delay_ms=20)),
+             (4, LinkSpec(rate_mbit=100, delay_ms=10)))
+IDLE_SIZES = (32_768, 131_072, 524_288)
 
 
 def grid(quick: bool = False) -> list[tuple[int, LinkSpec]]:
@@ -112,10 +118,11 @@ def worker(job_file: Path) -> None:
 
 
 # --- the driver ---------------------------------------------------------------------------------------------
-def measure(world: int, spec: LinkSpec, run_dir: Path, backend, sizes=SIZES, congestion_control: str = "host"
-            ) -> list[dict]:
-    """Bring up a cluster with ``spec`` on every link (each on its own) under ``congestion_control``, run the
-    workers, return one row per message size."""
+def measure(world: int, spec: LinkSpec, run_dir: Path, backend, sizes=SIZES, congestion_control: str = "host",
+            slow_start_after_idle: str = "host", compute_s: float = 0.0) -> list[dict]:
+    """Bring up a cluster with ``spec`` on every link (each on its own) under ``congestion_control`` (and
+    ``slow_start_after_idle`` 0 or 1 in every node; "host": the kernel's default), run the workers with
+    ``compute_s`` of busy compute before each call, return one row per message size."""
     from ..netem.cluster import EmulatedCluster
     from ..netem.commands import NODE_IF
     from .launch import node_torchrun, run_ranks
@@ -127,10 +134,12 @@ def measure(world: int, spec: LinkSpec, run_dir: Path, backend, sizes=SIZES, con
             plan.append((n, max(3, min(12, int(4.0 / max(est, 1e-3))))))
     run_dir.mkdir(parents=True, exist_ok=True)
     job = run_dir / "job.json"
-    job.write_text(json.dumps(dict(sizes=plan, timeout_s=60)))
+    job.write_text(json.dumps(dict(sizes=plan, timeout_s=60, compute_s=compute_s)))
     links = {(i, j): spec for i in range(world) for j in range(world) if i != j}
     with EmulatedCluster(world, links, backend, congestion_control=congestion_control) as cluster:
         in_force = cluster.congestion["in_force"]
+        idle = cluster.set_sysctl(IDLE_SYSCTL, slow_start_after_idle) if slow_start_after_idle != "host" else \
+            cluster.sysctl(IDLE_SYSCTL)
         prefixes = [cluster.prefix(k) for k in range(world)]
         run_ranks(node_torchrun(job, world, prefixes, cluster.address(0), NODE_IF, module=WORKER),
                   run_dir, timeout_s=300)
@@ -140,13 +149,15 @@ def measure(world: int, spec: LinkSpec, run_dir: Path, backend, sizes=SIZES, con
         medians = [statistics.median(ranks[i]["times"]) for ranks in per_rank]
         rows.append(dict(world=world, rate_mbit=spec.rate_mbit or 0, delay_ms=spec.delay_ms, jitter_ms=spec.jitter_ms,
                          loss_pct=spec.loss_pct, bytes=n, hops=world - 1, reps=reps,
-                         seconds=sum(medians) / len(medians), congestion_control=in_force))
+                         seconds=sum(medians) / len(medians), congestion_control=in_force,
+                         slow_start_after_idle=idle))
     return rows
 
 
-def run(out: Path, quick: bool = False, log=print, latency: bool = False, algorithms: tuple[str, ...] = ("host",)
-        ) -> Path:
-    """Measure the grid (``latency``: a few latency-bound points) under each algorithm into ``out/linkbench.csv``
+def run(out: Path, quick: bool = False, log=print, latency: bool = False, algorithms: tuple[str, ...] = ("host",),
+        idle: tuple[str, ...] | None = None) -> Path:
+    """Measure the grid (``latency``: a few latency-bound points; ``idle``: the slow-start-after-idle points under
+    each of these settings, 20 ms of compute before each call) under each algorithm into ``out/linkbench.csv``
     (rows are appended as each point finishes)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -157,17 +168,20 @@ def run(out: Path, quick: bool = False, log=print, latency: bool = False, algori
         raise RuntimeError(f"link emulation unavailable: {check.reason}")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "linkbench.csv"
-    points = [(w, s, a) for w, s in (LATENCY_GRID if latency else grid(quick)) for a in algorithms]
-    sizes = LATENCY_SIZES if latency else SIZES
+    settings = idle or ("host",)
+    points = [(w, s, a, i) for w, s in (IDLE_GRID if idle else LATENCY_GRID if latency else grid(quick))
+              for a in algorithms for i in settings]
+    sizes = IDLE_SIZES if idle else LATENCY_SIZES if latency else SIZES
     with open(path, "w", newline="") as f, Progress(TextColumn("{task.description:<52}"), BarColumn(),
                                                      TextColumn("{task.completed}/{task.total}"),
                                                      TimeElapsedColumn()) as progress:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         task = progress.add_task("link points", total=len(points))
-        for k, (world, spec, algorithm) in enumerate(points):
+        for k, (world, spec, algorithm, setting) in enumerate(points):
             progress.update(task, description=f"{world} ranks, {spec.describe()}, {algorithm}")
-            for row in measure(world, spec, out / "runs" / f"p{k:02d}", check.backend, sizes, algorithm):
+            for row in measure(world, spec, out / "runs" / f"p{k:02d}", check.backend, sizes, algorithm, setting,
+                               compute_s=0.02 if idle else 0.0):
                 w.writerow(row)
             f.flush()
             progress.advance(task)
@@ -185,11 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="every third point of the grid")
     ap.add_argument("--grid", choices=["full", "latency"], default="full",
                     help=f"latency: {len(LATENCY_GRID)} latency-bound points, small messages")
+    ap.add_argument("--slow-start-after-idle", metavar="0,1",
+                    help=f"instead of the grid, {len(IDLE_GRID)} long-round-trip points under each of these settings "
+                         f"of net.ipv4.tcp_slow_start_after_idle in the nodes")
     ap.add_argument("--congestion-control", default="host",
                     help="comma-separated TCP algorithms, each measured at every point (default: the host's)")
     ap.add_argument("--into", type=Path, help="a calibration folder: write the algorithms' round-trip factors into it")
     a = ap.parse_args(argv)
-    path = run(a.out, a.quick, latency=a.grid == "latency", algorithms=tuple(a.congestion_control.split(",")))
+    path = run(a.out, a.quick, latency=a.grid == "latency", algorithms=tuple(a.congestion_control.split(",")),
+               idle=tuple(a.slow_start_after_idle.split(",")) if a.slow_start_after_idle else None)
     if a.into:
         from ..simulator.costs import Calibration
         from ..simulator.fit import rtt_factors
