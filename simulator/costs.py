@@ -16,6 +16,12 @@ from ..netem.commands import burst_bytes
 from ..netem.profiles import LinkSpec
 
 PAYLOAD_FRACTION = 1448 / 1514      # TCP payload per wire byte at MTU 1500
+# A loss-based algorithm halves its window at every loss, so a flow's rate is bounded by C * MSS / (RTT sqrt(p)) with
+# C = sqrt(3/2) (Mathis, Semke, Mahdavi, Ott, "The macroscopic behavior of the TCP congestion avoidance algorithm",
+# CCR 1997; Linux counts acked bytes, RFC 3465, so delayed ACKs do not lower it). CUBIC keeps this Reno-friendly
+# rate at the round trips and losses of the shipped profiles (RFC 8312, section 4.2). BBR does not back off on
+# random loss: its C is fitted (much larger).
+LOSS_BASED_C = {"reno": 1.5 ** 0.5, "cubic": 1.5 ** 0.5}
 DATA_DIR = Path(__file__).with_name("data")
 MSS = 1448                          # TCP payload per segment
 
@@ -57,7 +63,8 @@ class Calibration:
     bidirectional_half_bytes: float = 0.0  # the both-directions penalty grows with the message: k_bidir - 1 of it at
                                          #   bytes / (bytes + this) (0: the whole penalty at any size)
     jitter_factor: float = 0.5           # in-order release under +-j jitter adds ~k_j * j to each one-way delay
-    loss_constant: float = 1.22          # lossy rate: min(rate, C * MSS / (RTT sqrt(p))) (Mathis form, C fitted)
+    loss_constant: float = 1.22          # lossy rate: min(rate, C * MSS / (RTT sqrt(p))) (Mathis form, C fitted
+                                         #   under the calibration's algorithm; others: loss_constant_for)
     burst_factor: float = 0.0            # share of the shaper's burst allowance a message passes at line rate
     loss_rtts: float = 0.0               # round trips each expected lost packet costs (recovery)
     forwarding_s_per_byte: float = 0.0   # emulation host, offloads off: links active at once share 1/this B/s
@@ -97,11 +104,19 @@ class Calibration:
         return self.hop_overhead_s if d is None else d
 
     def hop_params(self, device: str = "cpu", congestion_control: str = "host") -> tuple[float, ...]:
-        """The hop model's parameters (:data:`HOP_PARAMS` order) with ``device``'s fixed cost per hop and the round
-        trips of ``congestion_control`` (:meth:`rtt_factor`)."""
+        """The hop model's parameters (:data:`HOP_PARAMS` order) with ``device``'s fixed cost per hop, and the round
+        trips (:meth:`rtt_factor`) and loss response (:meth:`loss_constant_for`) of ``congestion_control``."""
         k = self.rtt_factor(congestion_control)
         return tuple(self.hop_overhead(device) if n == "hop_overhead_s" else
+                     self.loss_constant_for(congestion_control) if n == "loss_constant" else
                      getattr(self, n) * (k if n == "hop_rtt_factor" else 1.0) for n in HOP_PARAMS)
+
+    def loss_constant_for(self, congestion_control: str) -> float:
+        """C of the loss-bounded rate under ``congestion_control``: the fitted one for the calibration's own
+        algorithm (and "host"); a loss-based algorithm's from theory (:data:`LOSS_BASED_C`); else the fitted one."""
+        if congestion_control in ("host", self.congestion_control):
+            return self.loss_constant
+        return LOSS_BASED_C.get(congestion_control, self.loss_constant)
 
     def rtt_factor(self, congestion_control: str) -> float:
         """How many times the calibration's round trips per hop ``congestion_control`` pays: 1 for its own algorithm

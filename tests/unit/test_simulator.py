@@ -283,6 +283,28 @@ def test_round_trips_are_priced_per_congestion_control():
     assert calib.hop_params("cpu", "reno")[0] == 0.5 * calib.hop_params()[0]
 
 
+def test_loss_bounds_a_loss_based_algorithm_by_mathis_and_not_bbr():
+    """On a lossy link, reno's rate is capped at sqrt(3/2) MSS / (RTT sqrt(p)) (Mathis), whatever was fitted under
+    the calibration's BBR, which does not back off on random loss: a bulk ring then takes several times as long."""
+    import dataclasses
+
+    from compactbed.simulator.costs import LOSS_BASED_C, MSS
+
+    calib = dataclasses.replace(CALIB, congestion_control="bbr", loss_constant=16.0, rtt_factor_by_algorithm={})
+    assert calib.loss_constant_for("reno") == LOSS_BASED_C["reno"] == pytest.approx(1.2247, abs=1e-4)
+    assert calib.loss_constant_for("host") == calib.loss_constant_for("bbr") == 16.0
+    link = {"rate_mbit": 200, "delay_ms": 6, "loss_pct": 0.2}
+    by = {cc: Simulator(workload_of(s := sc(congestion_control=cc, link=link, methods=["ring"]),
+                                    METHOD_PRESETS["ring"]), cluster_of(s), calib).run() for cc in ("bbr", "reno")}
+    assert by["reno"].comm_s > 3 * by["bbr"].comm_s
+    params = dict(zip(HOP_PARAMS, calib.hop_params("cpu", "reno")))
+    lossy = dict(rtt=0.024, nbytes=4e6, rate=200e6 / 8, loss=0.004)
+    mathis = LOSS_BASED_C["reno"] * MSS / (0.024 * 0.004 ** 0.5)
+    transfer = hop_seconds(tuple(params.values()), **lossy) - hop_seconds(tuple(params.values()), **(lossy | {"nbytes": 0}))
+    assert transfer == pytest.approx(params["hop_bandwidth_factor"] * 4e6 / mathis
+                                     + params["loss_rtts"] * 0.004 * 4e6 / MSS * 0.024, rel=0.02)
+
+
 def test_a_star_shares_the_uplink_a_mesh_does_not():
     s = sc(methods=["ulysses"])
     mesh = s.model_copy(update={"topology": "mesh"})
