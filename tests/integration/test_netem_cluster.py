@@ -46,9 +46,10 @@ def test_teardown_on_error_inside_the_block():
         with EmulatedCluster(3, {(0, 1): LinkSpec(delay_ms=5)}, CHECK.backend) as c:
             state = json.loads(c.state_file.read_text())
             assert set(state["namespaces"]) == set(c.namespaces) and state["pids"]   # delay line recorded
+            delay_line = c.delay_proc
             raise RuntimeError("boom")
     assert ours() == before and not c.state_file.exists()
-    assert c.delay_proc.poll() is not None
+    assert delay_line.poll() is not None and c.delay_proc is None
 
 
 @needs_shaping
