@@ -164,15 +164,12 @@ class EmulatedCluster:
         self.log(f"emulated cluster {self.names.run_id}: {self.n} nodes, {len(self.links)} links, backend "
                  f"{self.backend}, up in {time.perf_counter() - t0:.2f} s")
 
-    def can_reshape(self, links: dict[tuple[int, int], LinkSpec]) -> bool:
-        """Whether :meth:`reshape` can take ``links``: the same segmentation-offload setting (lossy or not)."""
-        return C.needs_offloads_off(links.values()) == C.needs_offloads_off(self.links.values())
-
     def reshape(self, links: dict[tuple[int, int], LinkSpec], access: list[LinkSpec] | None = None) -> None:
         """Shape the running cluster's links anew: its namespaces, addresses and the connections of the processes
         in them stay; the old shaping and delay line go, the new ones come, and the nodes forget the TCP metrics
         (round trips, slow-start thresholds) they cached per peer, as new namespaces would."""
-        if not self.can_reshape(links) or (access is None) != (self.access is None) or set(links) != set(self.links):
+        lossy = C.needs_offloads_off(links.values()) != C.needs_offloads_off(self.links.values())
+        if lossy or (access is None) != (self.access is None) or set(links) != set(self.links):
             raise NetemError("reshape keeps the nodes, the topology and the offload setting (lossy or not); build "
                              "a new cluster for these links")
         t0 = time.perf_counter()

@@ -268,7 +268,7 @@ class RankRun:
                     p.fresh = warm and not local
             t0 = time.perf_counter()
             v = self._forward(x, sig[k], kw, local)
-            if v.shape[1] == x.shape[1]:
+            if own is None or local:    # the whole velocity (a local warmup step computes every token)
                 x = x + (sig[k + 1] - sig[k]) * v
             else:                       # sharded latents: the velocity of this rank's tokens moves them alone
                 x[:, own] = x[:, own] + (sig[k + 1] - sig[k]) * v

@@ -418,7 +418,7 @@ class Scenario(_Strict):
                 raise ValueError(f"method {m.name}: pipefusion_degree x ulysses_degree x ring_degree = "
                                  f"{self.stages(m)} x {u} x {r} must equal the node count {n}"
                                  + (" / 2 (CFG)" if self.cfg_degree(m) > 1 else ""))
-        if self.output_gather == "end" and self.model.path is None and self.model.name in VIDEO_MODELS:
+        if self.output_gather == "end" and self.video:
             raise ValueError(f"output_gather: a video model ({self.model.name}) is unpatchified from the whole "
                              f"sequence, so it gathers every step (output_gather: step)")
         if any(m.pipelined for m in self.methods) and self.warmup.steps < 1:
@@ -535,8 +535,12 @@ class Scenario(_Strict):
     def gathers_each_step(self, method: MethodSpec) -> bool:
         """Whether ``method``'s ranks gather the whole output after every step (xDiT's way; video models,
         PipeFusion, ``output_gather: step``) rather than keep their shards of the latents until the last."""
-        video = self.model.path is None and self.model.name in VIDEO_MODELS
-        return self.output_gather == "step" or video or method.pipelined
+        return self.output_gather == "step" or self.video or method.pipelined
+
+    @property
+    def video(self) -> bool:
+        """A video DiT (the shipped tiny one, or a published shape)."""
+        return self.model.path is None and self.model.name in VIDEO_MODELS
 
     def stages(self, method: MethodSpec) -> int:
         """PipeFusion's stages (1 for other methods)."""

@@ -301,9 +301,10 @@ class Simulator:
 
     def step_per_rank(self, lag: list[float], warm: bool, gather: int) -> tuple[float, list[float], float, list]:
         """One synchronous step, ranks ready ``lag`` (<= 0) before the previous step's end, ending with the output
-        gather of ``gather`` bytes per rank (0: none). Returns the step's duration from that end, each rank's lag at its end, its summed
-        slowest-rank compute, and per-rank intervals (rank, kind, start, end) relative to the previous end
-        (memoized on the lags, which settle after a step or two, so the remaining steps cost a lookup)."""
+        gather of ``gather`` bytes per rank (0: none). Returns the step's duration from that end, each rank's lag at
+        its end, its summed slowest-rank compute, and per-rank intervals (rank, kind, start, end) relative to the
+        previous end (memoized on the lags, which settle after a step or two, so the remaining steps cost a
+        lookup)."""
         key = (tuple(round(x, 9) for x in lag), warm, gather)
         if key not in self._steps:
             self._steps[key] = self._step_per_rank(lag, warm, gather)

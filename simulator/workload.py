@@ -104,9 +104,11 @@ class Workload:
         comp = make_compressor(self.method.codec.compressor)
         return 2 * comp.wire_nbytes(self.exchanged_tokens, self.shape.hidden)
 
-    def output_bytes(self) -> int:
-        """The output all-gather of one step: this rank's image tokens x output channels."""
-        return self.batch * self.image_tokens // self.world * self.shape.out_channels * self.shape.act_bytes
+    def output_bytes(self, sequences: int | None = None) -> int:
+        """The output all-gather of one step: this rank's image tokens x output channels, of ``sequences`` (the
+        batch by default)."""
+        return (sequences or self.batch) * self.image_tokens // self.world * self.shape.out_channels * \
+            self.shape.act_bytes
 
     def gather_bytes(self, step: int) -> int:
         """What a rank sends each peer in ``step``'s output all-gather: the step's output (xDiT's every step), or
@@ -116,10 +118,7 @@ class Workload:
             return 0
         if self.gather_each_step:
             return self.output_bytes()
-        if step < self.steps - 1:
-            return 0
-        return (self.images or self.batch) * self.image_tokens // self.world * self.shape.out_channels * \
-            self.shape.act_bytes
+        return self.output_bytes(self.images) if step == self.steps - 1 else 0
 
 
 def shape_of(scenario: Scenario) -> ModelShape:

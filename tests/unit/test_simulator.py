@@ -300,7 +300,8 @@ def test_loss_bounds_a_loss_based_algorithm_by_mathis_and_not_bbr():
     params = dict(zip(HOP_PARAMS, calib.hop_params("cpu", "reno")))
     lossy = dict(rtt=0.024, nbytes=4e6, rate=200e6 / 8, loss=0.004)
     mathis = LOSS_BASED_C["reno"] * MSS / (0.024 * 0.004 ** 0.5)
-    transfer = hop_seconds(tuple(params.values()), **lossy) - hop_seconds(tuple(params.values()), **(lossy | {"nbytes": 0}))
+    hop = tuple(params.values())
+    transfer = hop_seconds(hop, **lossy) - hop_seconds(hop, **(lossy | {"nbytes": 0}))
     assert transfer == pytest.approx(params["hop_bandwidth_factor"] * 4e6 / mathis
                                      + params["loss_rtts"] * 0.004 * 4e6 / MSS * 0.024, rel=0.02)
 
