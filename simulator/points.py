@@ -98,6 +98,14 @@ def reference_pace(run: MeasuredRun, device: DeviceProfile) -> float | None:
     return float(np.median(list(run.reference_latency_s.values()))) / modelled
 
 
+def corun_factor(probe: dict | None) -> float | None:
+    """How many times slower a rank computes with every rank of the run computing at once than alone: the median
+    rank of the run's host probe (``testbed.hostprobe``); None without one."""
+    if not probe or not probe.get("alone_s") or not probe.get("together_s"):
+        return None
+    return float(np.median(probe["together_s"])) / probe["alone_s"]
+
+
 def host_factors(runs: list[MeasuredRun], device: DeviceProfile) -> dict[str, float]:
     """Each run's host speed relative to the calibration runs' median (1.2 = computed 20% slower):
     :func:`reference_pace` / ``device.reference_pace``, keyed by results folder. Runs without reference timings, or

@@ -34,6 +34,7 @@ class MeasuredRun:
     off_profile: list[dict] = field(default_factory=list)   # probes of links that missed their profile (accepted):
                                                             # src, dst, wire_mbit, rtt_ms, misses
     congestion_control: str = "host"  # the TCP algorithm in force in its nodes ("host": not recorded, the host's)
+    corun: dict | None = None       # the host probe (testbed.hostprobe): one forward alone and with every rank at once
 
     @classmethod
     def from_folder(cls, folder: Path) -> "MeasuredRun":
@@ -44,7 +45,8 @@ class MeasuredRun:
                    {str(k): float(v) for k, v in (meta.get("reference_latency_s") or {}).items()},
                    meta.get("reference_threads"),
                    off_profile=[{k: p[k] for k in ("src", "dst", "wire_mbit", "rtt_ms", "misses")} for p in probes
-                                if p.get("misses")], congestion_control=congestion_in_force(folder))
+                                if p.get("misses")], congestion_control=congestion_in_force(folder),
+                   corun=meta.get("corun"))
 
     @classmethod
     def from_dict(cls, data: dict) -> "MeasuredRun":

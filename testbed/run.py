@@ -113,6 +113,24 @@ def references(model: DiTModel, scenario: Scenario, results: Path, console: Cons
     return refs
 
 
+def host_probe(model: DiTModel, scenario: Scenario, console: Console, meta: dict) -> None:
+    """The host's compute with every rank on it (:mod:`.hostprobe`), recorded in ``meta`` as ``corun``; a probe
+    that fails is reported and recorded as missing (the simulator then assumes ranks / cores)."""
+    from ..simulator.points import corun_factor
+    from .hostprobe import corun_probe
+
+    try:
+        probe = corun_probe(model, scenario)
+    except Exception as e:              # the run goes on: the probe only informs the simulator
+        console.print(f"[yellow]host probe failed:[/] {type(e).__name__}: {e}")
+        meta["corun"] = None
+        return
+    factor = corun_factor(probe)
+    console.print(f"host probe: one forward on a rank's share {probe['alone_s'] * 1e3:.1f} ms alone, "
+                  f"{factor:.2f}x that with {probe['ranks']} ranks at once")
+    meta["corun"] = probe
+
+
 def row_recorder(rows: list, state: RunState, save: Callable[[], None]) -> Callable[[MethodResult], None]:
     """What a launch calls with each job's row: kept, marked done, and the summary rewritten."""
     def done(row: MethodResult) -> None:
@@ -176,6 +194,8 @@ def run_scenario(scenario: Scenario, output: Path, console: Console, backend: st
         with recorded(state, save):
             model = checked_model(scenario)
             refs = references(model, scenario, results, console, meta)
+            if scenario.world_size > 1:
+                host_probe(model, scenario, console, meta)
             for group in launch_groups(scenario, passes):
                 with link_passes(scenario, group, check.backend if emulate else None, console, results, state,
                                  accept_link_error) as (commands, reshape):
