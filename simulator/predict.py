@@ -13,7 +13,7 @@ from .costs import Calibration
 from .gpu import GpuSimulator, gpu_cluster_of
 from .hardware import shipped
 from .model import Cluster, Prediction, Simulator, cluster_of
-from .points import host_factors
+from .points import corun_factor, host_factors
 from .runs import read_runs
 from .workload import Workload, workload_of
 
@@ -109,6 +109,7 @@ class Case:
     repeats: int = 1
     spread: float = 0.0            # (max - min) / median of the repeats
     host_factor: float = 1.0       # compute scaled by the host's speed during the run (see measured_cases)
+    corun: float | None = None     # the run's host probe: slowdown with every rank computing at once
 
     @property
     def error(self) -> float:
@@ -152,7 +153,8 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
     """Every successful shaped or bound (pass, method) configuration of the measured runs under ``results`` (paths
     or runs, :func:`.runs.read_runs`). With ``calib``, each run's compute is scaled by its host factor
     (``points.host_factors``: its single-process reference generation's time against the calibration runs';
-    measured before the distributed runs, no links involved)."""
+    measured before the distributed runs, no links involved), and its local warmup steps by its host probe's
+    slowdown where it has one (``MeasuredRun.corun``)."""
     cases = []
     for run in read_runs(results):
         scenario = parse_recorded(run.scenario, run.folder)
@@ -162,11 +164,12 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
             if row.ok and row.links != "loopback":
                 measured.setdefault((row.links, row.method), []).append(row.latency_s)
         host = host_factors([run], calib.devices[device]).get(run.folder, 1.0) if calib else 1.0
+        corun = corun_factor(run.corun) if calib else None
         for (links, method), latencies in measured.items():
             cluster = cluster_of(scenario, device, unlimited_rate=links == "bound", ideal=links == "ideal")
             cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale),
                               links=as_probed(cluster.links, run.off_profile, calib),
-                              congestion_control=run.congestion_control)
+                              congestion_control=run.congestion_control, corun=corun)
             cases.append(MeasuredCase(Path(run.folder), links, method, workload_of(scenario, methods[method]),
                                       cluster, latencies, host))
     return cases
@@ -179,7 +182,8 @@ def validate(results: list, calib: Calibration, device: str = "cpu") -> list[Cas
         pred = Simulator(m.workload, m.cluster, calib).run()
         median = m.median_s
         out.append(Case(str(m.folder), m.links, m.method, m.cluster.world, median, pred.latency_s,
-                        len(m.latencies), (max(m.latencies) - min(m.latencies)) / median, m.host_factor))
+                        len(m.latencies), (max(m.latencies) - min(m.latencies)) / median, m.host_factor,
+                        m.cluster.corun))
     return out
 
 
