@@ -34,7 +34,8 @@ from ..netem.commands import needs_offloads_off
 from ..netem.profiles import LinkSpec
 from ..scenarios.schema import Scenario
 from . import cfg, pipefusion
-from .costs import Calibration, burst_of, hop_seconds
+from .costs import HOP_PARAMS, LOSS_BASED_C, Calibration, burst_of, hop_seconds
+from .tcp import slowest_extra_seconds
 from .workload import Workload
 
 
@@ -126,21 +127,33 @@ class LinkModel:
         self.htb_shaped = htb_shaped
         self._memo: dict[tuple, float] = {}
 
-    def seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool = False, forwarding: int = 0) -> float:
+    def seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool = False, forwarding: int = 0,
+                parallel: int = 1, message: float | None = None, consecutive: int = 1) -> float:
         """One collective hop of ``nbytes`` over ``spec`` (the calibrated hop model, see calibration.py), with
-        ``forwarding`` links active at once on the emulation host's per-packet path (0: not on it)."""
-        key = (spec, nbytes, bidirectional, forwarding)
+        ``forwarding`` links active at once on the emulation host's per-packet path (0: not on it). On a lossy link
+        under a loss-based algorithm, the hop also waits for the slowest of the ``parallel`` messages (of
+        ``message`` bytes each, default ``nbytes``) its round sends at once, or of their runs of ``consecutive``
+        messages where that many collectives are queued back to back (:mod:`.tcp`)."""
+        key = (spec, nbytes, bidirectional, forwarding, parallel, message, consecutive)
         if key not in self._memo:
-            self._memo[key] = self._seconds(spec, nbytes, bidirectional, forwarding)
+            self._memo[key] = self._seconds(spec, nbytes, bidirectional, forwarding, parallel, message, consecutive)
         return self._memo[key]
 
-    def _seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool, forwarding: int) -> float:
+    def _seconds(self, spec: LinkSpec, nbytes: float, bidirectional: bool, forwarding: int, parallel: int,
+                 message: float | None, consecutive: int) -> float:
         c = self.calib
         params = c.hop_params(self.device, self.congestion_control)
         rtt = 2 * (spec.delay_ms / 1e3 + c.link_overhead_s)
         rate = c.effective_rate_bytes(spec) or 0.0
-        return float(hop_seconds(params, rtt, nbytes, rate, bidirectional, spec.jitter_ms / 1e3, spec.loss_pct / 100,
-                                 burst_of(spec) if self.htb_shaped else 0, forwarding, self.oversubscription))
+        jitter, loss = spec.jitter_ms / 1e3, spec.loss_pct / 100
+        aimd = loss > 0 and self.congestion_control in LOSS_BASED_C     # reno, cubic: the window halves per loss
+        hop = float(hop_seconds(params, rtt, nbytes, rate, bidirectional, jitter, 0.0 if aimd else loss,
+                                burst_of(spec) if self.htb_shaped else 0, forwarding, self.oversubscription))
+        if aimd:
+            k_jitter = params[HOP_PARAMS.index("jitter_factor")]
+            hop += slowest_extra_seconds(rtt + 2 * k_jitter * jitter, loss, nbytes if message is None else message,
+                                         rate or None, parallel, consecutive)
+        return hop
 
 
 class Simulator:
@@ -184,12 +197,13 @@ class Simulator:
         dev = self.c.device
         return self.calib.codec_seconds(kind, "encode", raw, dev), self.calib.codec_seconds(kind, "decode", raw, dev)
 
-    def allgather_seconds(self, nbytes: float, ranks: list[int]) -> float:
+    def allgather_seconds(self, nbytes: float, ranks: list[int], consecutive: int = 1) -> float:
         """gloo ring all-gather of ``nbytes`` per rank with every rank entering at once: the time its last rank
-        has every chunk (:meth:`allgather_exits`)."""
-        return max(self.allgather_exits(nbytes, [0.0] * len(ranks), ranks)) if len(ranks) > 1 else 0.0
+        has every chunk (:meth:`allgather_exits`; ``consecutive``: one of that many queued back to back)."""
+        return max(self.allgather_exits(nbytes, [0.0] * len(ranks), ranks, consecutive)) if len(ranks) > 1 else 0.0
 
-    def allgather_exits(self, nbytes: float, entry: list[float], ranks: list[int] | None = None) -> list[float]:
+    def allgather_exits(self, nbytes: float, entry: list[float], ranks: list[int] | None = None,
+                        consecutive: int = 1) -> list[float]:
         """When each rank of a gloo ring all-gather of ``nbytes`` per rank has every chunk, given when each entered
         it. gloo sends each rank's chunk in two halves, 2(P-1) operations with two in flight: a rank posts operation
         i (send to its successor, receive from its predecessor) once operation i-2 has completed on both sides. A
@@ -205,8 +219,9 @@ class Simulator:
         both_ways = p == 2          # a 2-rank ring sends both ways over the same pair of links
         active = self.c.world if self.c.forwarding else 0       # every rank sends one stream at a time
         links = [self.c.links[(ranks[i], ranks[(i + 1) % p])] for i in range(p)]
-        latency = [self.links.seconds(spec, 0.0, both_ways, active) for spec in links]
-        half = [(self.links.seconds(spec, nbytes, both_ways, active) - lat) / 2 for spec, lat in zip(links, latency)]
+        latency = [self.links.seconds(spec, 0.0, both_ways, active, p, consecutive=consecutive) for spec in links]
+        half = [(self.links.seconds(spec, nbytes, both_ways, active, p, consecutive=consecutive) - lat) / 2
+                for spec, lat in zip(links, latency)]
         done = [list(entry), list(entry)]           # operations i-2 and i-1 completed (posts of i and i+1)
         link_free = list(entry)
         for _ in range(2 * (p - 1)):
@@ -234,7 +249,7 @@ class Simulator:
             return 0.0
         share = (p - 1) if self.c.shared_uplink else 1          # P-1 sends through one uplink
         active = self.c.world * (p - 1) if self.c.forwarding else 0
-        return max(self.links.seconds(self.c.links[(a, b)], share * per_peer, True, active)
+        return max(self.links.seconds(self.c.links[(a, b)], share * per_peer, True, active, p * (p - 1), per_peer)
                    for a in ranks for b in ranks if a != b)
 
     def hidden_seconds(self, rank: int) -> float:
@@ -251,10 +266,11 @@ class Simulator:
 
     def async_gathers_seconds(self) -> float:
         """One step's DistriFusion refresh: L all-gathers, asynchronous; on a 2-rank ring (both directions loaded)
-        their transfers cost the calibrated ``async_transfer_factor`` x a synchronous gather's."""
+        their transfers cost the calibrated ``async_transfer_factor`` x a synchronous gather's. Queued back to back,
+        they wait on lossy links for the slowest connection's run of L messages, not L times for the slowest one."""
         everyone, L = list(range(self.w.world)), self.w.shape.layers
-        latency = self.allgather_seconds(0.0, everyone)
-        transfer = self.exchange_seconds(False) - latency
+        latency = self.allgather_seconds(0.0, everyone, L)
+        transfer = self.allgather_seconds(self.w.kv_wire_bytes(False), everyone, L) - latency
         k = self.calib.async_transfer_factor if self.w.world == 2 else 1.0
         return L * (latency + k * transfer)
 

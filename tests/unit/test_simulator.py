@@ -284,8 +284,10 @@ def test_round_trips_are_priced_per_congestion_control():
 
 
 def test_loss_bounds_a_loss_based_algorithm_by_mathis_and_not_bbr():
-    """On a lossy link, reno's rate is capped at sqrt(3/2) MSS / (RTT sqrt(p)) (Mathis), whatever was fitted under
-    the calibration's BBR, which does not back off on random loss: a bulk ring then takes several times as long."""
+    """On a lossy link, reno halves its window at each loss (simulator.tcp's AIMD sender), whatever was fitted under
+    the calibration's BBR, which does not back off on random loss: a bulk ring then takes several times as long. The
+    closed-form hop model (what the hop fits and the regression's exchange ratio use) caps reno at
+    sqrt(3/2) MSS / (RTT sqrt(p)) (Mathis)."""
     import dataclasses
 
     from compactbed.simulator.costs import LOSS_BASED_C, MSS
@@ -326,3 +328,30 @@ def test_a_direct_exchange_is_one_round_partly_behind_the_own_block():
     assert sim.exchange_seconds(False) == pytest.approx(sim.one_round_seconds(w.kv_wire_bytes(False), [0, 1, 2, 3]))
     patch = METHOD_PRESETS["compact-1bit-patch"].model_copy(update={"exchange": "direct"})
     assert Simulator(workload_of(s, patch), cluster_of(s), CALIB).hidden_seconds(0) == 0
+
+
+def test_a_lossy_ring_under_reno_waits_for_its_slowest_link_and_distrifusion_for_its_slowest_run():
+    """Reno on a lossy star: a ring round waits for the slowest of its P messages (order statistics of the AIMD
+    sender's message times), so a ring hop costs more than one connection's mean; DistriFusion's L gathers of a
+    step, queued back to back, wait for the slowest connection's run of L messages: less per gather."""
+    import dataclasses
+
+    from compactbed.simulator.model import LinkModel
+    from compactbed.simulator.tcp import slowest_extra_seconds
+
+    calib = dataclasses.replace(CALIB, congestion_control="bbr", rtt_factor_by_algorithm={})
+    spec = LinkSpec(rate_mbit=100, delay_ms=20, loss_pct=0.2)
+    reno, bbr = LinkModel(calib, congestion_control="reno"), LinkModel(calib, congestion_control="bbr")
+    one, four = reno.seconds(spec, 150e3, parallel=1), reno.seconds(spec, 150e3, parallel=4)
+    assert bbr.seconds(spec, 150e3, parallel=4) == bbr.seconds(spec, 150e3, parallel=1)    # BBR: no change
+    assert four > one > reno.seconds(LinkSpec(rate_mbit=100, delay_ms=20), 150e3)
+    rtt = 2 * (0.02 + calib.link_overhead_s)
+    rate = calib.effective_rate_bytes(spec)
+    assert four - one == pytest.approx(slowest_extra_seconds(rtt, 0.002, 150e3, rate, 4)
+                                       - slowest_extra_seconds(rtt, 0.002, 150e3, rate, 1))
+    assert reno.seconds(spec, 150e3, parallel=4, consecutive=8) < four
+    s = sc(congestion_control="reno", link={"rate_mbit": 100, "delay_ms": 10, "loss_pct": 0.1}, methods=["ring"])
+    w = workload_of(s, METHOD_PRESETS["distrifusion"])
+    sim = Simulator(w, cluster_of(s), calib)
+    gathers = sim.async_gathers_seconds()
+    assert gathers < w.shape.layers * sim.allgather_seconds(w.kv_wire_bytes(False), [0, 1, 2, 3])
