@@ -55,8 +55,6 @@ class Cluster:
     congestion_control: str = "host"   # TCP algorithm of the ranks (Calibration.rtt_factor)
     host_ranks: int = 0           # ranks sharing the calibrated host's cores (0: this cluster's; a CFG group shares
                                   # them with the other group)
-    corun: float | None = None    # measured: a rank's slowdown with every rank computing at once on the emulation
-                                  # host (the run's host probe); None: ranks / cores and the calibrated local step
 
     @property
     def world(self) -> int:
@@ -172,21 +170,14 @@ class Simulator:
 
     # --- per-layer costs --------------------------------------------------------------------------------------
     def layer_compute(self, rank: int, local: bool) -> float:
-        """One layer on ``rank``: its sequence shard, or (local warmup) the whole sequence. A local step has every
-        rank compute at once: with the run's host probe (``Cluster.corun``), one core's time at the run's own pace
-        times the measured slowdown; without it, ranks / cores times the calibrated local step factor
-        (calibration.DeviceProfile.local_step_factor)."""
-        w, dev = self.w, self.calib.devices[self.c.device]
+        """One layer on ``rank``: its sequence shard, or (local warmup) the whole sequence, with the local step's
+        slowest-rank factor (calibration.DeviceProfile.local_step_factor)."""
+        w = self.w
         tokens = w.batch * w.tokens if local else w.local_tokens
         share = self.calib.share(self.host_ranks, self.c.device)
-        one_core = self.calib.layer_seconds(tokens, w.batch * w.tokens, w.shape.hidden, 1.0, self.c.device) \
-            * self.c.compute_scale[rank]
-        if not (local and w.world > 1):
-            return one_core * share
-        if self.c.corun:                    # compute_scale is relative to the calibration's pace: back to the run's
-            return one_core * (dev.reference_pace or 1.0) * self.c.corun
-        f0, f1 = dev.local_step_factor
-        return one_core * share * (f0 + f1 * (share - 1))
+        f0, f1 = self.calib.devices[self.c.device].local_step_factor if local and w.world > 1 else (1.0, 0.0)
+        return self.calib.layer_seconds(tokens, w.batch * w.tokens, w.shape.hidden, share, self.c.device) \
+            * self.c.compute_scale[rank] * (f0 + f1 * (share - 1))
 
     def codec_seconds(self, warm: bool) -> tuple[float, float]:
         """(encode, decode one payload) per layer for this rank."""

@@ -127,6 +127,7 @@ class MeasuredCase:
     cluster: Cluster
     latencies: list[float]
     host_factor: float = 1.0       # the host's speed during the run vs the calibration's (compute scaled by it)
+    corun: float | None = None     # the run's host probe: a rank's slowdown with every rank computing at once
 
     @property
     def median_s(self) -> float:
@@ -153,8 +154,8 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
     """Every successful shaped or bound (pass, method) configuration of the measured runs under ``results`` (paths
     or runs, :func:`.runs.read_runs`). With ``calib``, each run's compute is scaled by its host factor
     (``points.host_factors``: its single-process reference generation's time against the calibration runs';
-    measured before the distributed runs, no links involved), and its local warmup steps by its host probe's
-    slowdown where it has one (``MeasuredRun.corun``)."""
+    measured before the distributed runs, no links involved); its host probe (``MeasuredRun.corun``) is reported
+    beside it."""
     cases = []
     for run in read_runs(results):
         scenario = parse_recorded(run.scenario, run.folder)
@@ -169,9 +170,9 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
             cluster = cluster_of(scenario, device, unlimited_rate=links == "bound", ideal=links == "ideal")
             cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale),
                               links=as_probed(cluster.links, run.off_profile, calib),
-                              congestion_control=run.congestion_control, corun=corun)
+                              congestion_control=run.congestion_control)
             cases.append(MeasuredCase(Path(run.folder), links, method, workload_of(scenario, methods[method]),
-                                      cluster, latencies, host))
+                                      cluster, latencies, host, corun))
     return cases
 
 
@@ -183,7 +184,7 @@ def validate(results: list, calib: Calibration, device: str = "cpu") -> list[Cas
         median = m.median_s
         out.append(Case(str(m.folder), m.links, m.method, m.cluster.world, median, pred.latency_s,
                         len(m.latencies), (max(m.latencies) - min(m.latencies)) / median, m.host_factor,
-                        m.cluster.corun))
+                        m.corun))
     return out
 
 

@@ -82,8 +82,8 @@ def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
                   "spread: (max - min) / median)")
     console.print("host: the run's single-process reference generation (timed before the distributed runs, no "
                   "links) against the calibration runs', relative to the model; the predicted compute is scaled "
-                  "by it. co-run: the run's host probe, a rank's slowdown with every rank computing at once; it "
-                  "prices the local warmup step (-: not probed, ranks / cores and the calibrated factor)")
+                  "by it. co-run: the run's host probe, a rank's slowdown with every rank computing at once (-: not "
+                  "probed); recorded for the model, which still prices compute by ranks / cores")
     return 0
 
 
