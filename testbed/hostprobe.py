@@ -5,7 +5,8 @@ computes when all of them compute at once depends on the host (real cores or hyp
 bandwidth): 4 ranks on 2 cores are not simply 2x slower. The probe times one denoising forward on a rank's share
 of the images (one thread), first in one process alone, then in one process per rank at once (forked from the
 coordinator, which holds the model: nothing is loaded again; no links are involved). Recorded in the run's
-summary as ``corun``; the simulator prices the run's compute with it (:func:`..simulator.points.corun_factor`).
+summary as ``corun`` and reported by ``scenario simcheck`` (:func:`..simulator.points.corun_factor`); the simulator
+does not price compute with it yet (docs/VALIDATION.md, host probe).
 """
 
 from __future__ import annotations
@@ -80,4 +81,3 @@ def corun_probe(model: DiTModel, scenario: Scenario) -> dict:
     alone = _at_once(call, calls, 1, timeout)[0]
     together = _at_once(call, calls, scenario.world_size, timeout)
     return dict(ranks=scenario.world_size, calls=calls, alone_s=alone, together_s=together)
-

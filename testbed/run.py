@@ -115,13 +115,13 @@ def references(model: DiTModel, scenario: Scenario, results: Path, console: Cons
 
 def host_probe(model: DiTModel, scenario: Scenario, console: Console, meta: dict) -> None:
     """The host's compute with every rank on it (:mod:`.hostprobe`), recorded in ``meta`` as ``corun``; a probe
-    that fails is reported and recorded as missing (the simulator then assumes ranks / cores)."""
+    that fails is reported and recorded as missing."""
     from ..simulator.points import corun_factor
     from .hostprobe import corun_probe
 
     try:
         probe = corun_probe(model, scenario)
-    except Exception as e:              # the run goes on: the probe only informs the simulator
+    except Exception as e:              # the run goes on: the probe only informs the simulator's validation
         console.print(f"[yellow]host probe failed:[/] {type(e).__name__}: {e}")
         meta["corun"] = None
         return
