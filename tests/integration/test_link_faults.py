@@ -91,8 +91,11 @@ def test_ctrl_c_tears_everything_down(tmp_path, report):
     path.write_text(yaml.safe_dump(dict(name="int", nodes=2, labels=8, steps=200, guidance=1.0, methods=["ring"],
                                         link={"rate_mbit": 20, "delay_ms": 2}, output="out", timeout_s=30)))
     before = ours()
+    # SIGINT as a terminal delivers it: a suite started as a background job of a non-interactive shell inherits
+    # SIGINT ignored, and so would the command
     proc = subprocess.Popen([sys.executable, "-m", "compactbed.testbed.cli", "run", str(path), "--no-bound", "--no-ideal"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         logs = list(tmp_path.glob("out/*/shaped/launcher0.log"))
