@@ -34,7 +34,7 @@ from ..netem.commands import needs_offloads_off
 from ..netem.profiles import LinkSpec
 from ..scenarios.schema import Scenario
 from . import cfg, pipefusion
-from .costs import HOP_PARAMS, LOSS_BASED_C, Calibration, burst_of, hop_seconds
+from .costs import LOSS_BASED_C, Calibration, burst_of, hop_seconds
 from .tcp import slowest_extra_seconds
 from .workload import Workload
 
@@ -148,9 +148,8 @@ class LinkModel:
         hop = float(hop_seconds(params, rtt, nbytes, rate, bidirectional, jitter, 0.0 if aimd else loss,
                                 burst_of(spec) if self.htb_shaped else 0, forwarding, self.oversubscription))
         if aimd:
-            k_jitter = params[HOP_PARAMS.index("jitter_factor")]
-            hop += slowest_extra_seconds(rtt + 2 * k_jitter * jitter, loss, nbytes if message is None else message,
-                                         rate or None, parallel, consecutive)
+            hop += slowest_extra_seconds(rtt + 2 * c.jitter_factor * jitter, loss,
+                                         nbytes if message is None else message, rate or None, parallel, consecutive)
         return hop
 
 

@@ -165,7 +165,7 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
             if row.ok and row.links != "loopback":
                 measured.setdefault((row.links, row.method), []).append(row.latency_s)
         host = host_factors([run], calib.devices[device]).get(run.folder, 1.0) if calib else 1.0
-        corun = corun_factor(run.corun) if calib else None
+        corun = corun_factor(run.corun)
         for (links, method), latencies in measured.items():
             cluster = cluster_of(scenario, device, unlimited_rate=links == "bound", ideal=links == "ideal")
             cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale),

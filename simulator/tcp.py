@@ -21,7 +21,8 @@ from functools import cache
 
 import numpy as np
 
-MSS = 1448                  # TCP payload per segment (as costs.MSS)
+from .costs import MSS
+
 INITIAL_WINDOW = 10         # segments (RFC 6928)
 DELAYED_ACK_S = 0.2         # worst-case delayed ACK a lone segment's probe waits for (RFC 8985 WCDelAckT)
 MESSAGES = (60, 600)         # messages simulated per connection (fewer for long ones: ~200k segments in all), the

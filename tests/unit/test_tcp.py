@@ -3,7 +3,8 @@ messages."""
 
 import numpy as np
 import pytest
-from compactbed.simulator.tcp import MSS, expected_max, message_seconds, slowest_extra_seconds
+from compactbed.simulator.costs import MSS
+from compactbed.simulator.tcp import expected_max, message_seconds, slowest_extra_seconds
 
 
 def test_back_to_back_messages_run_near_mathis_rate():
