@@ -327,9 +327,10 @@ class RankRun:
         return {"checked": len(keys), "mismatched": len(bad), "examples": sorted(bad)[:5]}
 
 
-def run(job: Job, keep_groups: bool = False) -> None:
-    """One job on this rank. ``keep_groups``: leave xfuser's parallel groups for the next job, which runs with the
-    same degrees (creating a group takes several round trips of the links); otherwise they are torn down."""
+def run(job: Job, keep_groups: bool = False, launch_job: int = 0) -> None:
+    """One job on this rank, the ``launch_job``-th of its launch (0: the processes' first). ``keep_groups``: leave
+    xfuser's parallel groups for the next job, which runs with the same degrees (creating a group takes several
+    round trips of the links); otherwise they are torn down."""
     from xfuser.core.distributed.parallel_state import destroy_model_parallel
 
     out = Path(job.out_dir)
@@ -354,7 +355,7 @@ def run(job: Job, keep_groups: bool = False) -> None:
             cfg_degree=rr.cfg,
             latency_s=rr.latency_s, warmup_steps=rr.warmup_steps, warmup_mode=job.scenario.warmup.mode,
             codec_backend=rr.backend_reason, base_consistency=consistency,
-            torch=torch.__version__, device=str(rr.device)))
+            torch=torch.__version__, device=str(rr.device), launch_job=launch_job))
 
 
 def wait_for_links(ready: Path, line: str, timeout_s: float) -> None:
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             if dist.get_rank() == 0:
                 print(f"RUN {i + 1}/{len(jobs)}", flush=True)
             with torch.no_grad():
-                run(job, keep_groups=i + 1 < len(jobs) and degrees[i + 1] == degrees[i])
+                run(job, keep_groups=i + 1 < len(jobs) and degrees[i + 1] == degrees[i], launch_job=i)
         return 0
     except Exception:
         (Path(job.out_dir) / f"rank{dist.get_rank()}.error").write_text(traceback.format_exc())

@@ -58,6 +58,7 @@ class RunRecord:
     torch: str
     device: str
     cfg_degree: int = 1            # CFG parallel: groups the guidance batch was split over
+    launch_job: int | None = None  # jobs its processes ran before it in their launch (0: fresh processes)
 
 
 @dataclass
@@ -86,6 +87,8 @@ class MethodResult:
     over_ideal: float | None = None
     quality: dict = field(default_factory=dict)
     base_consistency: dict = field(default_factory=dict)
+    launch_job: int | None = None  # jobs its ranks ran before it in their launch (0: fresh processes; None: not
+                                   # recorded)
 
     @property
     def ok(self) -> bool:

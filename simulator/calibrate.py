@@ -2,7 +2,7 @@
 folders) and write it, with the points and runs it was fitted on, as plain files.
 
   calibration.json  the fitted constants (:class:`.costs.Calibration`)
-  compute.csv codec.csv links.csv hops.csv   the measured points (:mod:`.points`)
+  compute.csv codec.csv links.csv hops.csv local_steps.csv   the measured points (:mod:`.points`)
   runs.json         the measured runs (:mod:`.runs`), so the calibration can be refitted or cross-validated alone
 """
 
@@ -24,12 +24,28 @@ from .fit import (
     fit_codec_call,
     fit_compute_on_host,
     fit_hops,
+    fit_kept_local_step,
     fit_local_step,
     identified,
     refine_hops_on_runs,
 )
-from .points import codec_points, compute_points, earlier_points, hop_points, link_points, linkbench_points, write_csv
+from .points import (
+    codec_points,
+    compute_points,
+    earlier_points,
+    hop_points,
+    host_factors,
+    kept_local_steps,
+    link_points,
+    linkbench_points,
+    read_csv,
+    results_folder,
+    write_csv,
+)
 from .runs import is_calibration, read_runs, results_folders, write_runs
+
+
+LOCAL_STEPS = "local_steps.csv"     # the local warmup steps of kept processes (points.kept_local_steps)
 
 
 def _sources(results: list[Path], exclude: set[str] = frozenset()) -> list[str]:
@@ -64,8 +80,9 @@ def _earlier_calibration(results: list[Path]) -> Calibration | None:
 def calibrate(results: list[Path], out: Path, cores: int | None = None, log=print,
               codec_rows: list[dict] | None = None, exclude: set[str] = frozenset()) -> Calibration:
     """Fit a calibration from results folders (and earlier calibration folders) and write it, with its data points
-    and measured runs, to ``out``. ``codec_rows``: codec timings to use (codec.csv rows) instead of measuring the
-    kernels now. ``exclude``: results folders of earlier calibrations to leave out (rows and runs)."""
+    and measured runs, to ``out``. ``codec_rows``: codec timings to use (codec.csv rows) instead of an earlier
+    calibration's among ``results`` or, without one, measuring the kernels now. ``exclude``: results folders of
+    earlier calibrations to leave out (rows and runs)."""
     cores = cores or os.cpu_count() or 1
     exclude = set(map(str, exclude))
     for root in map(Path, results):
@@ -90,8 +107,13 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
                 for ps in step_rows.values()]
     device.step_overhead_s = float(np.median(residual))
     device.local_step_factor = fit_local_step(on_host, device)
+    lsteps = kept_local_steps(cpoints)
+    lsteps += earlier_points(results, LOCAL_STEPS, lsteps, exclude)
+    device.kept_local_step_factor = fit_kept_local_step(lsteps, device)
     shapes = sorted({(p["tokens"], p["hidden"]) for p in cpoints})
-    kpoints = codec_rows if codec_rows is not None else \
+    earlier_codec = [row for r in results if is_calibration(r) and (Path(r) / "codec.csv").is_file()
+                     for row in read_csv(Path(r) / "codec.csv")]
+    kpoints = codec_rows if codec_rows is not None else earlier_codec or \
         codec_points([(max(8, t), h) for t, h in shapes[:: max(1, len(shapes) // 6)]])
     lpoints = link_points(results)
     lpoints += earlier_points(results, "links.csv", lpoints, exclude)
@@ -103,6 +125,9 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     if earlier:     # whole runs of DistriFusion refit it below; without any, an earlier calibration's value stays
         for name in ASYNC_PARAMS:
             setattr(calib, name, getattr(earlier, name))
+        # other TCP algorithms' round trips, measured by the link micro-benchmark (testbed.linkbench --into)
+        calib.congestion_control = earlier.congestion_control
+        calib.rtt_factor_by_algorithm = dict(earlier.rtt_factor_by_algorithm)
     device.codec_call_s = fit_codec_call(cpoints, calib)
     hpoints = hop_points(results, calib)
     hpoints += earlier_points(results, "hops.csv", hpoints, exclude)
@@ -124,6 +149,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "hops.csv", hpoints)
     write_csv(out / "compute.csv", cpoints)
+    write_csv(out / LOCAL_STEPS, lsteps)
     write_csv(out / "codec.csv", kpoints)
     write_csv(out / "links.csv", lpoints)
     write_runs(out, runs)
@@ -131,3 +157,30 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     log(f"calibrated from {len(cpoints)} layer timings, {len(kpoints)} codec timings, {len(lpoints)} link probes, "
         f"hops fitted on {f'{len(hpoints)} run steps' if hpoints else f'{len(bench)} micro-benchmark points'} -> {out}")
     return calib
+
+
+def local_step_into(results: list[Path], into: Path, cores: int | None = None, log=print) -> tuple | None:
+    """Fit only the local warmup step of processes kept across jobs (:func:`.fit.fit_kept_local_step`) on the
+    results folders under ``results`` and the local steps already stored in the calibration folder ``into``, and
+    write it there (``calibration.json`` and its points in ``local_steps.csv``); every other constant stays. The
+    runs' host factors are taken against ``into``'s compute model."""
+    if not is_calibration(into):
+        raise ValueError(f"{into} is not a calibration folder (no calibration.json)")
+    calib = Calibration.load(into)
+    device = calib.devices["cpu"]
+    folders = _inputs(results, set())
+    factors = host_factors(read_runs(folders), device)
+    points = [p | {"host_factor": factors.get(results_folder(p["run"]), 1.0)}
+              for p in compute_points(folders, cores or device.cores or os.cpu_count() or 1)]
+    rows = kept_local_steps(points)
+    rows += earlier_points([into], LOCAL_STEPS, rows)
+    if not rows:
+        raise ValueError("no local warmup step of a job after the first in its launch under " +
+                         ", ".join(map(str, results)))
+    device.kept_local_step_factor = fit_kept_local_step(rows, device)
+    write_csv(into / LOCAL_STEPS, rows)
+    calib.save(into)
+    f0, f1 = device.kept_local_step_factor
+    log(f"local warmup step in kept processes: {f0:.3f} + {f1:.3f} x (share - 1) x the modelled compute, "
+        f"from {len(rows)} runs -> {into}")
+    return device.kept_local_step_factor

@@ -37,7 +37,9 @@ class DeviceProfile:
     cores: int = 0
     local_step_factor: tuple[float, float] = (1.0, 0.0)     # a local warmup step (every rank, whole sequence, no
                                                             # communication) ends with its slowest rank: f0 + f1 *
-                                                            # (share - 1) x the modeled compute
+                                                            # (share - 1) x the modeled compute, in fresh processes
+    kept_local_step_factor: tuple[float, float] | None = None   # the same in processes kept from an earlier job of
+                                                            # their launch (None: as in fresh ones)
     hop_overhead_s: float | None = None                     # transport's fixed cost per hop (None: calibrated)
     codec: dict[str, tuple[float, float]] | None = None     # this device's codec costs (None: calibrated)
     codec_call_s: float = 0.0                               # in a run, each codec call (K and V apiece) also

@@ -11,7 +11,15 @@ import numpy as np
 
 from .costs import HOP_PARAMS, Calibration, DeviceProfile, hop_seconds
 from .model import Simulator
-from .points import HOP_COLUMNS, host_factors, is_local, layer_pace, reference_pace, results_folder
+from .points import (
+    HOP_COLUMNS,
+    host_factors,
+    in_kept_processes,
+    is_local,
+    layer_pace,
+    reference_pace,
+    results_folder,
+)
 from .predict import measured_cases
 from .runs import MeasuredRun
 
@@ -37,24 +45,54 @@ def fit_compute(points: list[dict], cores: int) -> DeviceProfile:
     return DeviceProfile(a=a, b=b, c=c, cores=cores)
 
 
-def fit_local_step(points: list[dict], device: DeviceProfile) -> tuple[float, float]:
-    """(f0, f1) of the local warmup step: slowest rank's step time / modeled compute = f0 + f1 * (share - 1), by
-    non-negative least squares over the measured local steps (rows with tokens == kv_tokens, world > 1)."""
-    from sklearn.linear_model import LinearRegression
-
-    steps: dict[tuple, dict] = {}
+def _local_compute(points: list[dict], device: DeviceProfile) -> dict[tuple, tuple[float, dict]]:
+    """Each local warmup step, (run, step) -> (share, {rank: modelled compute})."""
+    steps: dict[tuple, tuple[float, dict]] = {}
     for p in points:
         if is_local(p):
-            s = steps.setdefault((p["run"], p["step"]), {"share": p["share"], "walls": {}, "modeled": {}})
-            s["walls"][p["rank"]] = p["wall_s"]
-            s["modeled"][p["rank"]] = s["modeled"].get(p["rank"], 0.0) + device.layer_seconds(
+            share, modelled = steps.setdefault((p["run"], p["step"]), (p["share"], {}))
+            modelled[p["rank"]] = modelled.get(p["rank"], 0.0) + device.layer_seconds(
                 p["tokens"], p["kv_tokens"], p["hidden"], p["share"])
+    return steps
+
+
+def fit_local_step(points: list[dict], device: DeviceProfile) -> tuple[float, float]:
+    """(f0, f1) of the local warmup step in fresh processes (the first job of a launch; every job before ranks were
+    kept across jobs): slowest rank's step time / modeled compute = f0 + f1 * (share - 1), by non-negative least
+    squares over the measured local steps (rows with tokens == kv_tokens, world > 1) of such runs."""
+    from sklearn.linear_model import LinearRegression
+
+    fresh = [p for p in points if not in_kept_processes(p)]
+    walls: dict[tuple, dict] = {}
+    for p in fresh:
+        if is_local(p):
+            walls.setdefault((p["run"], p["step"]), {})[p["rank"]] = p["wall_s"]
+    steps = _local_compute(fresh, device)
     if not steps:
         return (1.0, 0.0)
-    x = np.array([[1.0, s["share"] - 1] for s in steps.values()])
-    y = np.array([max(s["walls"].values()) / max(s["modeled"].values()) for s in steps.values()])
+    x = np.array([[1.0, share - 1] for share, _ in steps.values()])
+    y = np.array([max(walls[key].values()) / max(m.values()) for key, (_, m) in steps.items()])
     m = LinearRegression(positive=True, fit_intercept=False).fit(x, y)
     return float(m.coef_[0]), float(m.coef_[1])
+
+
+def fit_kept_local_step(rows: list[dict], device: DeviceProfile) -> tuple[float, float] | None:
+    """(f0, f1) of the local warmup step in processes kept from an earlier job of their launch, from
+    :func:`.points.kept_local_steps` rows. There the step itself is short, but the ranks leave it staggered and the
+    next step's exchange waits for the last, so the factor prices what the step adds to the run: (its slowest rank's
+    wall + the next step's - the median later step) / host factor / modeled compute = f0 + f1 * (share - 1), by
+    median regression (single steps on lossy links vary widely). None without rows."""
+    from sklearn.linear_model import QuantileRegressor
+
+    if not rows:
+        return None
+    x = [[1.0, r["share"] - 1] for r in rows]
+    y = [(r["first_s"] + r["next_s"] - r["later_s"]) / r["host_factor"] / (r["layers"] * device.layer_seconds(
+        r["tokens"], r["tokens"], r["hidden"], r["share"])) for r in rows]
+    if len({s for _, s in x}) == 1:
+        return float(np.median(y)), 0.0
+    f0, f1 = QuantileRegressor(quantile=0.5, alpha=0.0, fit_intercept=False, solver="highs").fit(x, y).coef_
+    return (float(np.median(y)), 0.0) if f0 < 0 or f1 < 0 else (float(f0), float(f1))
 
 
 def fit_compute_on_host(points: list[dict], cores: int, earlier_pace: float | None = None,

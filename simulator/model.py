@@ -55,6 +55,8 @@ class Cluster:
     congestion_control: str = "host"   # TCP algorithm of the ranks (Calibration.rtt_factor)
     host_ranks: int = 0           # ranks sharing the calibrated host's cores (0: this cluster's; a CFG group shares
                                   # them with the other group)
+    fresh_processes: bool = False  # the generation is its processes' first job (the runtime keeps ranks across
+                                   # jobs: only a launch's first job starts cold)
 
     @property
     def world(self) -> int:
@@ -170,11 +172,13 @@ class Simulator:
     # --- per-layer costs --------------------------------------------------------------------------------------
     def layer_compute(self, rank: int, local: bool) -> float:
         """One layer on ``rank``: its sequence shard, or (local warmup) the whole sequence, with the local step's
-        slowest-rank factor (calibration.DeviceProfile.local_step_factor)."""
-        w = self.w
+        factor in fresh or kept processes (calibration.DeviceProfile.local_step_factor, kept_local_step_factor)."""
+        w, d = self.w, self.calib.devices[self.c.device]
         tokens = w.batch * w.tokens if local else w.local_tokens
         share = self.calib.share(self.host_ranks, self.c.device)
-        f0, f1 = self.calib.devices[self.c.device].local_step_factor if local and w.world > 1 else (1.0, 0.0)
+        factor = d.local_step_factor if self.c.fresh_processes or d.kept_local_step_factor is None \
+            else d.kept_local_step_factor
+        f0, f1 = factor if local and w.world > 1 else (1.0, 0.0)
         return self.calib.layer_seconds(tokens, w.batch * w.tokens, w.shape.hidden, share, self.c.device) \
             * self.c.compute_scale[rank] * (f0 + f1 * (share - 1))
 

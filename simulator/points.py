@@ -19,7 +19,7 @@ from ..runtime.records import RunRecord, StepRecord, read_run, read_steps
 from ..scenarios.schema import MethodSpec, Scenario, parse_recorded
 from .costs import Calibration, DeviceProfile, burst_of
 from .model import cluster_of
-from .runs import MeasuredRun
+from .runs import MeasuredRun, inferred_launch_jobs
 from .workload import workload_of
 
 
@@ -41,11 +41,17 @@ def fits(scenario: Scenario, method: MethodSpec) -> bool:
 
 
 def compute_points(results: list[Path], cores: int) -> list[dict]:
-    """One row per (run, rank, step, layer): the layer's shape and its measured compute, with the step's times."""
-    rows = []
+    """One row per (run, rank, step, layer): the layer's shape and its measured compute, with the step's times,
+    the run's place in its launch (``launch_job``, "" where not known) and whether its exchange is synchronous."""
+    rows, inferred = [], {}
     for d, scenario, method, run, recs in method_runs(results):
         if not fits(scenario, method):
             continue
+        launch_job = run.launch_job
+        if launch_job is None:
+            folder = d.parents[2]
+            inferred.setdefault(folder, inferred_launch_jobs(folder))
+            launch_job = inferred[folder].get("/".join(d.parts[-3:]))
         w = workload_of(scenario, method)
         world, full = run.world, w.batch * w.tokens
         codec = method.codec.compressor.kind if method.compressed else ""
@@ -57,7 +63,8 @@ def compute_points(results: list[Path], cores: int) -> list[dict]:
                                  kv_tokens=full, hidden=w.shape.hidden, share=max(1.0, world / cores),
                                  seconds=s, wall_s=r.wall_s, comm_wait_s=r.comm_wait_s, codec_s=r.codec_s,
                                  codec=codec if r.warmup is None else "", kv_bytes=w.kv_bytes(),
-                                 layers=w.shape.layers))
+                                 layers=w.shape.layers, launch_job="" if launch_job is None else launch_job,
+                                 synchronous=int(not method.stale_kv)))
     return rows
 
 
@@ -77,6 +84,35 @@ def slowest(timings) -> dict:
 def layer_pace(points: list[dict]) -> dict[tuple, float]:
     """Each synchronous step's layer as the exchange sees it: (run, step, layer) -> its slowest rank's compute."""
     return slowest(((p["run"], p["step"], p["layer"]), p["seconds"]) for p in points if not is_local(p))
+
+
+def in_kept_processes(p: dict) -> bool:
+    """A row of a run whose processes ran an earlier job of their launch (ranks kept across jobs)."""
+    return isinstance(p.get("launch_job"), int) and p["launch_job"] > 0
+
+
+def kept_local_steps(points: list[dict]) -> list[dict]:
+    """From compute rows as measured, with their ``host_factor``: one row per run with one local warmup step in
+    processes kept from an earlier job of its launch, then synchronous steps: the step's shape (``share``,
+    ``tokens`` of the whole sequence, ``hidden``, ``layers``), the ``host_factor`` and the slowest rank's wall time
+    of that step (``first_s``), of the next (``next_s``) and the median of the later ones (``later_s``)."""
+    walls: dict[str, dict[int, float]] = {}
+    local: dict[str, dict] = {}
+    for p in points:
+        if not (in_kept_processes(p) and p.get("synchronous") == 1):
+            continue
+        steps = walls.setdefault(p["run"], {})
+        steps[p["step"]] = max(steps.get(p["step"], 0.0), p["wall_s"])
+        if is_local(p):
+            local.setdefault(p["run"], {})[p["step"]] = dict(
+                run=p["run"], share=p["share"], tokens=p["tokens"], hidden=p["hidden"], layers=p["layers"],
+                host_factor=float(p.get("host_factor") or 1.0))
+    rows = []
+    for run, steps in local.items():
+        w = [walls[run][s] for s in sorted(walls[run])]
+        if set(steps) == {0} and len(w) >= 3:          # one local step, then synchronous ones
+            rows.append(steps[0] | dict(first_s=w[0], next_s=w[1], later_s=float(np.median(w[2:]))))
+    return rows
 
 
 def results_folder(run: str) -> str:

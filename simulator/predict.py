@@ -155,22 +155,26 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
     or runs, :func:`.runs.read_runs`). With ``calib``, each run's compute is scaled by its host factor
     (``points.host_factors``: its single-process reference generation's time against the calibration runs';
     measured before the distributed runs, no links involved); its host probe (``MeasuredRun.corun``) is reported
-    beside it."""
+    beside it. A case runs in fresh processes where most of its seeds were their launch's first job, or ran before
+    ranks were kept across jobs (``launch_job`` not recorded)."""
     cases = []
     for run in read_runs(results):
         scenario = parse_recorded(run.scenario, run.folder)
         methods = {m.name: m for m in scenario.methods}
         measured: dict[tuple[str, str], list[float]] = {}
+        cold: dict[tuple[str, str], list[bool]] = {}
         for row in run.rows:
             if row.ok and row.links != "loopback":
                 measured.setdefault((row.links, row.method), []).append(row.latency_s)
+                cold.setdefault((row.links, row.method), []).append(not row.launch_job)
         host = host_factors([run], calib.devices[device]).get(run.folder, 1.0) if calib else 1.0
         corun = corun_factor(run.corun)
         for (links, method), latencies in measured.items():
             cluster = cluster_of(scenario, device, unlimited_rate=links == "bound", ideal=links == "ideal")
             cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale),
                               links=as_probed(cluster.links, run.off_profile, calib),
-                              congestion_control=run.congestion_control)
+                              congestion_control=run.congestion_control,
+                              fresh_processes=2 * sum(cold[(links, method)]) > len(cold[(links, method)]))
             cases.append(MeasuredCase(Path(run.folder), links, method, workload_of(scenario, methods[method]),
                                       cluster, latencies, host, corun))
     return cases

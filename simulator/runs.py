@@ -18,7 +18,7 @@ import yaml
 from ..runtime.records import MethodResult, RunState, read_state, read_summary, result_of
 
 RUNS_FILE = "runs.json"
-KEPT = ("links", "method", "seed", "status", "latency_s")     # what a stored run keeps of each summary row
+KEPT = ("links", "method", "seed", "status", "latency_s", "launch_job")   # what a stored run keeps of a summary row
 
 
 @dataclass
@@ -39,7 +39,11 @@ class MeasuredRun:
     @classmethod
     def from_folder(cls, folder: Path) -> "MeasuredRun":
         meta, rows = read_summary(folder)
+        inferred = inferred_launch_jobs(folder)
         rows = [MethodResult(**{k: getattr(r, k) for k in KEPT}) for r in rows]
+        for r in rows:
+            if r.launch_job is None:
+                r.launch_job = inferred.get(f"{r.links}/{r.method}/seed{r.seed}")
         probes = json.loads((folder / "links.json").read_text()) if (folder / "links.json").is_file() else []
         return cls(str(folder), yaml.safe_load((folder / "scenario.yaml").read_text()), rows,
                    {str(k): float(v) for k, v in (meta.get("reference_latency_s") or {}).items()},
@@ -54,6 +58,28 @@ class MeasuredRun:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"rows": [{k: getattr(r, k) for k in KEPT} for r in self.rows]}
+
+
+def inferred_launch_jobs(folder: Path) -> dict[str, int]:
+    """Each job's place in its launch ("<pass>/<method>/seed<k>" -> jobs its processes ran before it) for results
+    folders written before run.json recorded it, from the order the jobs were done in: a launch starts at a pass
+    whose folder holds launcher logs (one launch for every pass, or one per pass), none of a relaunch. Empty
+    otherwise: each job then counts as run in fresh processes, as every job did before ranks were kept."""
+    folder = Path(folder)
+    done = read_state(folder).methods_done
+    passes = dict.fromkeys(job.split("/")[0] for job in done)
+    logs = {p: [f.name for f in (folder / p).glob("*launcher*.log")] for p in passes}
+    if not done or not logs[done[0].split("/")[0]] or any(n.startswith("relaunch") for v in logs.values() for n in v):
+        return {}
+    out, position, current = {}, 0, None
+    for job in done:
+        pass_name = job.split("/")[0]
+        if pass_name != current:
+            current = pass_name
+            position = 0 if logs[pass_name] else position
+        out[job] = position
+        position += 1
+    return out
 
 
 def congestion_in_force(folder: Path) -> str:

@@ -34,7 +34,7 @@ def collect(run_dir: Path, method: MethodSpec, seed: int) -> MethodResult:
         comm_wait_s=sum(r.comm_wait_s for r in records) / n_ranks,
         codec_s=sum(r.codec_s for r in records) / n_ranks,
         bytes_on_wire=sent, bytes_uncompressed=raw, compression_ratio=raw / sent if sent else None,
-        base_consistency=run.base_consistency)
+        base_consistency=run.base_consistency, launch_job=run.launch_job)
 
 
 def add_speedups(rows: list[MethodResult]) -> None:

@@ -50,11 +50,15 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
-    from ..simulator.calibrate import calibrate
+    from ..simulator.calibrate import calibrate, local_step_into
 
     require_folders(args.results)
     try:
-        calibrate([Path(p) for p in args.results], Path(args.out), log=console.print)
+        if args.local_step_into:
+            require_folders([args.local_step_into])
+            local_step_into([Path(p) for p in args.results], Path(args.local_step_into), log=console.print)
+        else:
+            calibrate([Path(p) for p in args.results], Path(args.out), log=console.print)
     except ValueError as e:
         raise CommandError(str(e)) from None
     return 0

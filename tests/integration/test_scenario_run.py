@@ -38,6 +38,7 @@ def test_run_writes_a_complete_results_folder(tmp_path, monkeypatch, capsys):
     emulated = check_backend().backend is not None
     passes = {"shaped", "bound", "ideal"} if emulated else {"loopback"}
     assert {r["links"] for r in rows} == passes and all(r["status"] == "ok" for r in rows)
+    assert sorted(r["launch_job"] for r in rows) == list(range(len(rows)))     # every job in one launch
     assert "compact-1bit" in out and "ring" in out
     for r in rows:
         assert r["bytes_on_wire"] > 0 and r["quality"]["psnr_db"] > 20
@@ -98,6 +99,7 @@ def test_a_method_that_fails_ends_its_launch_and_the_methods_after_it_run_in_a_n
     run_passes(sc, "loopback", commands, tmp_path, "auto", {0: (reference(sc), 0.0)}, tiny, Console(), rows.append)
     assert launches == [["ring", "patch", "compact-1bit"], ["compact-1bit"]]
     assert [(r.method, r.status) for r in rows] == [("ring", "ok"), ("patch", "failed"), ("compact-1bit", "ok")]
+    assert [r.launch_job for r in rows] == [0, None, 0]         # the relaunch starts fresh processes
     assert "rank" in rows[1].error and "gone" in rows[1].error, rows[1].error
     assert rows[0].quality["max_abs_diff"] < 1e-4 and rows[2].compression_ratio > 10
     assert {f.name for f in (tmp_path / "loopback").glob("*.log")} == {"launcher0.log", "relaunch1-launcher0.log"}
