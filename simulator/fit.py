@@ -45,33 +45,23 @@ def fit_compute(points: list[dict], cores: int) -> DeviceProfile:
     return DeviceProfile(a=a, b=b, c=c, cores=cores)
 
 
-def _local_compute(points: list[dict], device: DeviceProfile) -> dict[tuple, tuple[float, dict]]:
-    """Each local warmup step, (run, step) -> (share, {rank: modelled compute})."""
-    steps: dict[tuple, tuple[float, dict]] = {}
-    for p in points:
-        if is_local(p):
-            share, modelled = steps.setdefault((p["run"], p["step"]), (p["share"], {}))
-            modelled[p["rank"]] = modelled.get(p["rank"], 0.0) + device.layer_seconds(
-                p["tokens"], p["kv_tokens"], p["hidden"], p["share"])
-    return steps
-
-
 def fit_local_step(points: list[dict], device: DeviceProfile) -> tuple[float, float]:
     """(f0, f1) of the local warmup step in fresh processes (the first job of a launch; every job before ranks were
     kept across jobs): slowest rank's step time / modeled compute = f0 + f1 * (share - 1), by non-negative least
     squares over the measured local steps (rows with tokens == kv_tokens, world > 1) of such runs."""
     from sklearn.linear_model import LinearRegression
 
-    fresh = [p for p in points if not in_kept_processes(p)]
-    walls: dict[tuple, dict] = {}
-    for p in fresh:
-        if is_local(p):
-            walls.setdefault((p["run"], p["step"]), {})[p["rank"]] = p["wall_s"]
-    steps = _local_compute(fresh, device)
+    steps: dict[tuple, dict] = {}
+    for p in points:
+        if is_local(p) and not in_kept_processes(p):
+            s = steps.setdefault((p["run"], p["step"]), {"share": p["share"], "walls": {}, "modeled": {}})
+            s["walls"][p["rank"]] = p["wall_s"]
+            s["modeled"][p["rank"]] = s["modeled"].get(p["rank"], 0.0) + device.layer_seconds(
+                p["tokens"], p["kv_tokens"], p["hidden"], p["share"])
     if not steps:
         return (1.0, 0.0)
-    x = np.array([[1.0, share - 1] for share, _ in steps.values()])
-    y = np.array([max(walls[key].values()) / max(m.values()) for key, (_, m) in steps.items()])
+    x = np.array([[1.0, s["share"] - 1] for s in steps.values()])
+    y = np.array([max(s["walls"].values()) / max(s["modeled"].values()) for s in steps.values()])
     m = LinearRegression(positive=True, fit_intercept=False).fit(x, y)
     return float(m.coef_[0]), float(m.coef_[1])
 

@@ -161,20 +161,20 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
     for run in read_runs(results):
         scenario = parse_recorded(run.scenario, run.folder)
         methods = {m.name: m for m in scenario.methods}
-        measured: dict[tuple[str, str], list[float]] = {}
-        cold: dict[tuple[str, str], list[bool]] = {}
+        measured: dict[tuple[str, str], list] = {}
         for row in run.rows:
             if row.ok and row.links != "loopback":
-                measured.setdefault((row.links, row.method), []).append(row.latency_s)
-                cold.setdefault((row.links, row.method), []).append(not row.launch_job)
+                measured.setdefault((row.links, row.method), []).append(row)
         host = host_factors([run], calib.devices[device]).get(run.folder, 1.0) if calib else 1.0
         corun = corun_factor(run.corun)
-        for (links, method), latencies in measured.items():
+        for (links, method), rows in measured.items():
+            latencies = [r.latency_s for r in rows]
+            fresh = 2 * sum(not r.launch_job for r in rows) > len(rows)
             cluster = cluster_of(scenario, device, unlimited_rate=links == "bound", ideal=links == "ideal")
             cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale),
                               links=as_probed(cluster.links, run.off_profile, calib),
                               congestion_control=run.congestion_control,
-                              fresh_processes=2 * sum(cold[(links, method)]) > len(cold[(links, method)]))
+                              fresh_processes=fresh)
             cases.append(MeasuredCase(Path(run.folder), links, method, workload_of(scenario, methods[method]),
                                       cluster, latencies, host, corun))
     return cases

@@ -39,11 +39,12 @@ class MeasuredRun:
     @classmethod
     def from_folder(cls, folder: Path) -> "MeasuredRun":
         meta, rows = read_summary(folder)
-        inferred = inferred_launch_jobs(folder)
         rows = [MethodResult(**{k: getattr(r, k) for k in KEPT}) for r in rows]
-        for r in rows:
-            if r.launch_job is None:
-                r.launch_job = inferred.get(f"{r.links}/{r.method}/seed{r.seed}")
+        if any(r.launch_job is None for r in rows):         # written before run.json recorded it
+            inferred = inferred_launch_jobs(folder)
+            for r in rows:
+                if r.launch_job is None:
+                    r.launch_job = inferred.get(f"{r.links}/{r.method}/seed{r.seed}")
         probes = json.loads((folder / "links.json").read_text()) if (folder / "links.json").is_file() else []
         return cls(str(folder), yaml.safe_load((folder / "scenario.yaml").read_text()), rows,
                    {str(k): float(v) for k, v in (meta.get("reference_latency_s") or {}).items()},
