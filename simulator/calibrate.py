@@ -125,6 +125,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     if earlier:     # whole runs of DistriFusion refit it below; without any, an earlier calibration's value stays
         for name in ASYNC_PARAMS:
             setattr(calib, name, getattr(earlier, name))
+        calib.async_sources = [] if distrifusion_runs(runs) else list(earlier.async_sources)
         # other TCP algorithms' round trips, measured by the link micro-benchmark (testbed.linkbench --into)
         calib.congestion_control = earlier.congestion_control
         calib.rtt_factor_by_algorithm = dict(earlier.rtt_factor_by_algorithm)
@@ -184,3 +185,28 @@ def local_step_into(results: list[Path], into: Path, cores: int | None = None, l
     log(f"local warmup step in kept processes: {f0:.3f} + {f1:.3f} x (share - 1) x the modelled compute, "
         f"from {len(rows)} runs -> {into}")
     return device.kept_local_step_factor
+
+
+def async_into(results: list[Path], into: Path, log=print) -> float:
+    """Fit only DistriFusion's ``async_transfer_factor`` (:func:`.fit.refine_hops_on_runs` with every hop constant
+    held) on the runs under ``results`` and those stored in the calibration folder ``into`` (runs of DistriFusion's
+    earlier refresh left out), and write it there with the folders it came from (``async_sources``); every other
+    constant, and the stored runs, stay."""
+    if not is_calibration(into):
+        raise ValueError(f"{into} is not a calibration folder (no calibration.json)")
+    calib = Calibration.load(into)
+    fitted = distrifusion_runs(read_runs([into, *results]))
+    if not fitted:
+        raise ValueError("no DistriFusion run that refreshed every step under " + ", ".join(map(str, [into, *results])))
+    refine_hops_on_runs(fitted, calib, [False] * len(HOP_PARAMS))
+    calib.async_sources = [r.folder for r in fitted]
+    calib.save(into)
+    log(f"asynchronous gathers: transfers {calib.async_transfer_factor:.3f} x a synchronous gather's, from "
+        f"{len(fitted)} runs -> {into}")
+    return calib.async_transfer_factor
+
+
+def distrifusion_runs(runs: list) -> list:
+    """The runs with a DistriFusion method that refreshed every step (those the simulator models)."""
+    return [r for r in runs if not r.distrifusion_alternated and
+            any(m.get("comm") == "distrifusion" for m in r.scenario.get("methods", []))]

@@ -75,6 +75,8 @@ class Calibration:
                                          #   carry the exchange at once (a 2-rank ring, all-to-all pairs)
     async_transfer_factor: float = 1.0   # a 2-rank ring's asynchronous gathers (DistriFusion): transfers cost this x
                                          #   a synchronous gather's
+    async_sources: list[str] = field(default_factory=list)   # runs it was fitted on where not this calibration's own
+                                         #   (`scenario calibrate RESULTS --async-into`)
     congestion_control: str = "bbr"      # the TCP algorithm the hop constants were fitted under (the runs' host's)
     rtt_factor_by_algorithm: dict[str, float] = field(default_factory=dict)   # k_rtt of another algorithm over this
                                          #   one's, measured by the link micro-benchmark in one run (testbed.linkbench)

@@ -9,8 +9,9 @@ runtime executes it on gloo:
                  peer over separate links
   usp            both, on their sub-groups
   distrifusion   the all-gather of the previous step's K/V runs asynchronously, overlapping compute; a step
-                 waits only for what has not arrived by the time it needs it; on 2 ranks the async transfers have
-                 their own calibrated cost factor (``async_gathers_seconds``)
+                 waits only for what has not arrived by the time it needs it; on 2 ranks two gathers run at once
+                 (gloo's worker threads) and the async transfers have their own calibrated cost factor
+                 (``async_gathers_seconds``)
 Compressed methods send codec payloads and pay encode/decode time. Warmup steps are full precision (sync) or
 computed for the whole sequence on every rank with no communication (local). A hop's cost (round trip,
 transfer, loss, jitter) comes from the calibrated hop model (``calibration.hop_seconds``). A collective occupies
@@ -25,6 +26,7 @@ layers), plus P^2 per distinct collective for the ring's operations.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from functools import cache
 
@@ -37,6 +39,8 @@ from . import cfg, pipefusion
 from .costs import LOSS_BASED_C, Calibration, burst_of, hop_seconds
 from .tcp import slowest_extra_seconds
 from .workload import Workload
+
+GLOO_THREADS = 2     # asynchronous collectives a gloo process group runs at once (ProcessGroupGloo's Options.threads)
 
 
 @dataclass(frozen=True)
@@ -259,14 +263,18 @@ class Simulator:
         return own * self.c.compute_scale[rank]
 
     def async_gathers_seconds(self) -> float:
-        """One step's DistriFusion refresh: L all-gathers, asynchronous; on a 2-rank ring (both directions loaded)
-        their transfers cost the calibrated ``async_transfer_factor`` x a synchronous gather's. Queued back to back,
-        they wait on lossy links for the slowest connection's run of L messages, not L times for the slowest one."""
+        """One step's DistriFusion refresh: L all-gathers, asynchronous. Queued back to back, they wait on lossy links
+        for the slowest connection's run of L messages, not L times for the slowest one. On a 2-rank ring (one pair,
+        both directions loaded) gloo's worker threads run :data:`GLOO_THREADS` of them at once, so their round trips
+        overlap that many at a time while their bytes share the pair; the transfers cost the calibrated
+        ``async_transfer_factor`` x a synchronous gather's. Rings of more ranks are priced one gather after another:
+        their measured runs show no such overlap."""
         everyone, L = list(range(self.w.world)), self.w.shape.layers
         latency = self.allgather_seconds(0.0, everyone, L)
         transfer = self.allgather_seconds(self.w.kv_wire_bytes(False), everyone, L) - latency
-        k = self.calib.async_transfer_factor if self.w.world == 2 else 1.0
-        return L * (latency + k * transfer)
+        if self.w.world != 2:
+            return L * (latency + transfer)
+        return math.ceil(L / GLOO_THREADS) * latency + L * self.calib.async_transfer_factor * transfer
 
     def exchange_seconds(self, warm: bool) -> float:
         """Communication of one layer for the method (all ranks); the same for every step of a kind."""

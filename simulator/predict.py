@@ -156,13 +156,16 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
     (``points.host_factors``: its single-process reference generation's time against the calibration runs';
     measured before the distributed runs, no links involved); its host probe (``MeasuredRun.corun``) is reported
     beside it. A case runs in fresh processes where most of its seeds were their launch's first job, or ran before
-    ranks were kept across jobs (``launch_job`` not recorded)."""
+    ranks were kept across jobs (``launch_job`` not recorded). DistriFusion cases of runs that ran its earlier
+    refresh (``MeasuredRun.distrifusion_alternated``) are left out: they measured another program."""
     cases = []
     for run in read_runs(results):
         scenario = parse_recorded(run.scenario, run.folder)
         methods = {m.name: m for m in scenario.methods}
         measured: dict[tuple[str, str], list] = {}
         for row in run.rows:
+            if run.distrifusion_alternated and methods[row.method].comm == "distrifusion":
+                continue
             if row.ok and row.links != "loopback":
                 measured.setdefault((row.links, row.method), []).append(row)
         host = host_factors([run], calib.devices[device]).get(run.folder, 1.0) if calib else 1.0

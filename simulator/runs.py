@@ -35,6 +35,8 @@ class MeasuredRun:
                                                             # src, dst, wire_mbit, rtt_ms, misses
     congestion_control: str = "host"  # the TCP algorithm in force in its nodes ("host": not recorded, the host's)
     corun: dict | None = None       # the host probe (testbed.hostprobe): one forward alone and with every rank at once
+    distrifusion_alternated: bool = False   # its DistriFusion ran the runtime's earlier refresh (a synchronous gather
+                                            # every other step, K/V two steps stale), which the simulator does not model
 
     @classmethod
     def from_folder(cls, folder: Path) -> "MeasuredRun":

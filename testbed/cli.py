@@ -274,9 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "files (CSV/JSON, with the runs it was fitted on in runs.json) for the simulator.")
     s.add_argument("results", nargs="+", help="results, link-benchmark or earlier calibration folders")
     s.add_argument("--out", default="calibration", help="output folder (default: ./calibration)")
-    s.add_argument("--local-step-into", metavar="CALIBRATION",
-                   help="fit only the local warmup step of jobs run in processes kept from an earlier job, on these "
-                        "results folders and the steps already stored there, into that calibration folder")
+    only = s.add_mutually_exclusive_group()
+    only.add_argument("--local-step-into", metavar="CALIBRATION",
+                      help="fit only the local warmup step of jobs run in processes kept from an earlier job, on "
+                           "these results folders and the steps already stored there, into that calibration folder")
+    only.add_argument("--async-into", metavar="CALIBRATION",
+                      help="fit only DistriFusion's asynchronous transfer factor, on these results folders and the "
+                           "runs already stored there, into that calibration folder")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("dashboard", help="start the Dash app (what-if explorer and measured results) on localhost",

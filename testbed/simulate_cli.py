@@ -16,10 +16,14 @@ from .errors import CommandError, require_folders
 
 
 def _say_left_out(results: list[Path], console: Console) -> None:
-    from ..simulator.runs import unusable
+    from ..simulator.runs import read_runs, unusable
 
     for folder, state in unusable(results):
         console.print(f"[yellow]left out[/] {folder}: {escape(state.describe())}")
+    alternated = sum(r.distrifusion_alternated for r in read_runs(results))
+    if alternated:
+        console.print(f"[yellow]left out[/] the DistriFusion cases of {alternated} runs that ran its earlier refresh "
+                      "(a synchronous gather every other step), which the simulator does not model")
 
 
 def calibration(args):
@@ -50,13 +54,16 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
-    from ..simulator.calibrate import calibrate, local_step_into
+    from ..simulator.calibrate import async_into, calibrate, local_step_into
 
     require_folders(args.results)
     try:
         if args.local_step_into:
             require_folders([args.local_step_into])
             local_step_into([Path(p) for p in args.results], Path(args.local_step_into), log=console.print)
+        elif args.async_into:
+            require_folders([args.async_into])
+            async_into([Path(p) for p in args.results], Path(args.async_into), log=console.print)
         else:
             calibrate([Path(p) for p in args.results], Path(args.out), log=console.print)
     except ValueError as e:

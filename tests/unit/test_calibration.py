@@ -449,3 +449,49 @@ def test_a_runs_host_probe_is_read_with_it_and_reported_per_case(tmp_path):
     (with_probe,), (without,) = validate([probed], CALIB), validate([plain], CALIB)
     assert with_probe.corun == pytest.approx(1.8) and without.corun is None
     assert with_probe.predicted_s == without.predicted_s
+
+
+def test_async_factor_is_fitted_into_a_calibration_leaving_the_rest(tmp_path):
+    """``scenario calibrate --async-into``: DistriFusion's async transfer factor alone is refitted on the runs given
+    and those stored in the calibration (measured = simulated with a known factor), leaving out runs of its earlier
+    refresh, whose DistriFusion cases no check or fit uses; hop constants and stored runs stay; the folders it came
+    from are recorded; a folder with no DistriFusion run, or that is not a calibration, is refused."""
+    import dataclasses
+    import json
+
+    import yaml
+    from compactbed.simulator.calibrate import async_into
+    from compactbed.simulator.predict import measured_cases
+    from compactbed.simulator.runs import read_runs, write_runs
+
+    def folder_of(name, methods, truth):
+        folder = tmp_path / name
+        folder.mkdir()
+        scenario = parse_scenario(dict(name=name, nodes=2, link={"rate_mbit": 50, "delay_ms": 8}, labels=8, steps=4,
+                                       methods=methods, seeds=[0, 1]), name)
+        (folder / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
+        rows = [dict(method=m, seed=k, links="shaped", status="ok", latency_s=Simulator(
+            workload_of(scenario, METHOD_PRESETS[m]), cluster_of(scenario), truth).run().latency_s)
+            for m in methods for k in (0, 1)]
+        (folder / "summary.json").write_text(json.dumps({"rows": rows}))
+        return folder
+
+    into = tmp_path / "calib"
+    CALIB.save(into)
+    (older,) = read_runs([folder_of("older", ["distrifusion", "ring"], dataclasses.replace(CALIB,
+                                                                                        async_transfer_factor=2.0))])
+    older.distrifusion_alternated = True
+    write_runs(into, [older])
+    assert [c.method for c in measured_cases([into])] == ["ring"]
+    truth = dataclasses.replace(CALIB, async_transfer_factor=0.6)
+    with pytest.raises(ValueError, match="no DistriFusion run"):
+        async_into([folder_of("rings", ["ring"], truth)], into, log=lambda s: None)
+    df = folder_of("df", ["distrifusion", "ring"], truth)
+    assert async_into([df], into, log=lambda s: None) == pytest.approx(0.6, rel=1e-3)
+    again = Calibration.load(into)
+    assert again.async_transfer_factor == pytest.approx(0.6, rel=1e-3) and again.async_sources == [str(df)]
+    assert dataclasses.replace(again, async_transfer_factor=CALIB.async_transfer_factor, async_sources=[],
+                               devices=CALIB.devices) == CALIB
+    assert [r.folder for r in read_runs([into])] == [older.folder]
+    with pytest.raises(ValueError, match="not a calibration folder"):
+        async_into([df], tmp_path / "df", log=lambda s: None)
