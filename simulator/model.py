@@ -266,15 +266,23 @@ class Simulator:
         """One step's DistriFusion refresh: L all-gathers, asynchronous. Queued back to back, they wait on lossy links
         for the slowest connection's run of L messages, not L times for the slowest one. On a 2-rank ring (one pair,
         both directions loaded) gloo's worker threads run :data:`GLOO_THREADS` of them at once, so their round trips
-        overlap that many at a time while their bytes share the pair; the transfers cost the calibrated
-        ``async_transfer_factor`` x a synchronous gather's. Rings of more ranks are priced one gather after another:
-        their measured runs show no such overlap."""
+        overlap that many at a time while their bytes share the pair: the transfers cost the calibrated
+        ``async_transfer_factor`` x a synchronous gather's on the same path without loss, and the loss recovery
+        (what loss adds to them) in full, since it stalls the one connection each way for every gather on it.
+        Rings of more ranks are priced one gather after another."""
         everyone, L = list(range(self.w.world)), self.w.shape.layers
         latency = self.allgather_seconds(0.0, everyone, L)
         transfer = self.allgather_seconds(self.w.kv_wire_bytes(False), everyone, L) - latency
         if self.w.world != 2:
             return L * (latency + transfer)
-        return math.ceil(L / GLOO_THREADS) * latency + L * self.calib.async_transfer_factor * transfer
+        clean = transfer
+        if any(spec.loss_pct for spec in self.c.links.values()):
+            links = {k: v.model_copy(update={"loss_pct": 0.0}) for k, v in self.c.links.items()}
+            without = Simulator(self.w, replace(self.c, links=links), self.calib)
+            clean = min(transfer, without.allgather_seconds(self.w.kv_wire_bytes(False), everyone, L)
+                        - without.allgather_seconds(0.0, everyone, L))
+        k = self.calib.async_transfer_factor
+        return math.ceil(L / GLOO_THREADS) * latency + L * (k * clean + transfer - clean)
 
     def exchange_seconds(self, warm: bool) -> float:
         """Communication of one layer for the method (all ranks); the same for every step of a kind."""

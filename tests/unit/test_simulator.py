@@ -128,6 +128,28 @@ def test_distrifusion_async_gathers_overlap_in_pairs_on_two_ranks():
         assert (cheaper.run().latency_s < base.run().latency_s) == (nodes == 2)
 
 
+def test_distrifusion_async_loss_recovery_is_paid_in_full_on_two_ranks():
+    """On a lossy 2-rank path the factor scales what the gathers' transfers cost without loss; what loss adds to
+    them (recovery on the one connection each way) is paid in full."""
+    import dataclasses
+    import math
+
+    link = {"rate_mbit": 100, "delay_ms": 10}
+    lossy, clean = (sc(nodes=2, link=link | extra, methods=["distrifusion"]) for extra in ({"loss_pct": 0.2}, {}))
+    w = workload_of(lossy, METHOD_PRESETS["distrifusion"])
+    L, k = w.shape.layers, 0.5
+    calib = dataclasses.replace(CALIB, async_transfer_factor=k, loss_constant=1.0, loss_rtts=1.0)
+    sim = Simulator(w, cluster_of(lossy), calib)
+    without = Simulator(w, dataclasses.replace(cluster_of(lossy), links=cluster_of(clean).links), calib)
+    n = w.kv_wire_bytes(False)
+    latency, transfer = sim.allgather_seconds(0.0, [0, 1], L), sim.allgather_seconds(n, [0, 1], L)
+    lossless = without.allgather_seconds(n, [0, 1], L) - without.allgather_seconds(0.0, [0, 1], L)
+    transfer -= latency
+    assert 0 < lossless < transfer
+    assert sim.async_gathers_seconds() == pytest.approx(math.ceil(L / 2) * latency + L * (k * lossless + transfer
+                                                                                          - lossless))
+
+
 def test_forwarding_limit_binds_only_on_the_emulation_host_with_offloads_off():
     """A lossy emulated cluster turns offloads off: its active links share the host's per-packet forwarding
     capacity. Clean links, real hosts and the GPU profile are not limited by it."""
