@@ -113,9 +113,15 @@ def _client(host: str, port: int, nbytes: int, pings: int) -> dict:
     return dict(rtt_s=rtt, seconds=elapsed, bytes=nbytes, goodput_bps=reply["steady_bps"])
 
 
-def bulk_bytes(spec, seconds: float = 1.0) -> int:
-    """The bulk transfer's size: about ``seconds`` at the link's rate (10 Gbit/s if unlimited), 256 KB-256 MB."""
+def bulk_bytes(spec, seconds: float = 1.0, back=None) -> int:
+    """The bulk transfer's size: about ``seconds`` at the link's rate (10 Gbit/s if unlimited), 256 KB-256 MB. With
+    loss, at the rate one loss-based TCP flow keeps over the round trip (``back``: the way back, whose delay it also
+    pays; Mathis et al.: 1.22 MSS / (RTT sqrt(p))), so that a long lossy path (GEO) is probed in seconds, not
+    minutes: its rate is not checked (:attr:`LinkProbe.misses`)."""
     rate_bps = (spec.rate_mbit or 10_000) * 1e6
+    if spec.loss_pct:
+        rtt_s = max(spec.delay_ms + (back or spec).delay_ms, 0.1) / 1e3
+        rate_bps = min(rate_bps, 8 * 1.22 * 1448 / (rtt_s * (spec.loss_pct / 100) ** 0.5))
     return int(min(max(rate_bps / 8 * seconds, 256_000), 256_000_000))
 
 
@@ -131,7 +137,8 @@ def measured(src: int, dst: int, spec, back, nbytes: int, client: dict) -> LinkP
 
 def probe_link(cluster, src: int, dst: int, spec, seconds: float = 1.0) -> LinkProbe:
     """Probe one directed link of an EmulatedCluster (blocking, a second or two)."""
-    nbytes = bulk_bytes(spec, seconds)
+    back = cluster.links.get((dst, src), spec)
+    nbytes = bulk_bytes(spec, seconds, back)
     server = subprocess.Popen([*cluster.prefix(dst), sys.executable, "-m", "compactbed.netem.probe", "serve",
                                "--port", str(PORT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -145,7 +152,7 @@ def probe_link(cluster, src: int, dst: int, spec, seconds: float = 1.0) -> LinkP
     finally:
         server.kill()
         server.wait()
-    return measured(src, dst, spec, cluster.links.get((dst, src), spec), nbytes, m)
+    return measured(src, dst, spec, back, nbytes, m)
 
 
 def main(argv: list[str] | None = None) -> int:
