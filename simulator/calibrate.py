@@ -125,7 +125,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
     if earlier:     # whole runs of DistriFusion refit it below; without any, an earlier calibration's value stays
         for name in ASYNC_PARAMS:
             setattr(calib, name, getattr(earlier, name))
-        calib.async_sources = [] if distrifusion_runs(runs) else list(earlier.async_sources)
+        calib.async_sources = list(earlier.async_sources)
         # other TCP algorithms' round trips, measured by the link micro-benchmark (testbed.linkbench --into)
         calib.congestion_control = earlier.congestion_control
         calib.rtt_factor_by_algorithm = dict(earlier.rtt_factor_by_algorithm)
@@ -142,6 +142,8 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
         fitted = refine_hops_on_runs(runs, calib, identified(hpoints))
         if fitted:
             log(f"hop model refined on {fitted} whole runs (their latency, median over seeds)")
+        if fitted and distrifusion_runs(runs):      # the async factor too, on this calibration's own runs
+            calib.async_sources = []
     if hpoints and bench:
         col = columns(hpoints)
         ratio = np.median((col["comm_wait_s"] - col["imbalance_s"]) / np.maximum(comm_seconds(fit_hops(bench), col), 1e-9))
