@@ -16,7 +16,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-WIRE_PER_PAYLOAD = 1514 / 1448
+from .profiles import MATHIS_C, MSS
+
+WIRE_PER_PAYLOAD = 1514 / MSS
 PORT = 47_913
 RATE_TOLERANCE = 0.10       # a lossless shaped link's wire rate within 10% of its profile
 RTT_TOLERANCE = 0.10        # a round trip within 10% of its profile, plus
@@ -116,12 +118,12 @@ def _client(host: str, port: int, nbytes: int, pings: int) -> dict:
 def bulk_bytes(spec, seconds: float = 1.0, back=None) -> int:
     """The bulk transfer's size: about ``seconds`` at the link's rate (10 Gbit/s if unlimited), 256 KB-256 MB. With
     loss, at the rate one loss-based TCP flow keeps over the round trip (``back``: the way back, whose delay it also
-    pays; Mathis et al.: 1.22 MSS / (RTT sqrt(p))), so that a long lossy path (GEO) is probed in seconds, not
+    pays; :data:`.profiles.MATHIS_C`), so that a long lossy path (GEO) is probed in seconds, not
     minutes: its rate is not checked (:attr:`LinkProbe.misses`)."""
     rate_bps = (spec.rate_mbit or 10_000) * 1e6
     if spec.loss_pct:
         rtt_s = max(spec.delay_ms + (back or spec).delay_ms, 0.1) / 1e3
-        rate_bps = min(rate_bps, 8 * 1.22 * 1448 / (rtt_s * (spec.loss_pct / 100) ** 0.5))
+        rate_bps = min(rate_bps, 8 * MATHIS_C * MSS / (rtt_s * (spec.loss_pct / 100) ** 0.5))
     return int(min(max(rate_bps / 8 * seconds, 256_000), 256_000_000))
 
 

@@ -12,6 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
+MSS = 1448              # TCP payload per segment at MTU 1500 (1514 bytes on the wire)
+MATHIS_C = 1.5 ** 0.5   # one loss-based TCP flow carries at most MATHIS_C * MSS / (RTT sqrt(p)) (Mathis et al. 1997)
 
 
 class LinkSpec(BaseModel):

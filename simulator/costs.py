@@ -13,17 +13,16 @@ from pathlib import Path
 import numpy as np
 
 from ..netem.commands import burst_bytes
-from ..netem.profiles import LinkSpec
+from ..netem.profiles import MATHIS_C, MSS, LinkSpec
 
-PAYLOAD_FRACTION = 1448 / 1514      # TCP payload per wire byte at MTU 1500
+PAYLOAD_FRACTION = MSS / 1514        # TCP payload per wire byte at MTU 1500
 # A loss-based algorithm halves its window at every loss, so a flow's rate is bounded by C * MSS / (RTT sqrt(p)) with
 # C = sqrt(3/2) (Mathis, Semke, Mahdavi, Ott, "The macroscopic behavior of the TCP congestion avoidance algorithm",
 # CCR 1997; Linux counts acked bytes, RFC 3465, so delayed ACKs do not lower it). CUBIC keeps this Reno-friendly
 # rate at the round trips and losses of the shipped profiles (RFC 8312, section 4.2). BBR does not back off on
 # random loss: its C is fitted (much larger).
-LOSS_BASED_C = {"reno": 1.5 ** 0.5, "cubic": 1.5 ** 0.5}
+LOSS_BASED_C = {"reno": MATHIS_C, "cubic": MATHIS_C}
 DATA_DIR = Path(__file__).with_name("data")
-MSS = 1448                          # TCP payload per segment
 
 
 @dataclass

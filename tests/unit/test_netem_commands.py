@@ -162,10 +162,11 @@ def test_link_probe_sizes_its_bulk_transfer_by_what_one_tcp_flow_can_carry():
     """A second at the shaped rate; with loss, a second at the rate one loss-based flow keeps over the path's round
     trip (Mathis), so that a lossy GEO path is probed in seconds rather than timing out; 256 KB at least."""
     from compactbed.netem.probe import bulk_bytes
+    from compactbed.netem.profiles import MATHIS_C, MSS
 
     assert bulk_bytes(LinkSpec(rate_mbit=100, delay_ms=10)) == 12_500_000
     wifi = LinkSpec(rate_mbit=200, delay_ms=6, loss_pct=0.2)              # a 12 ms round trip at 0.2%
-    assert bulk_bytes(wifi) == int(1.22 * 1448 / (0.012 * 0.002 ** 0.5))  # ~3.3 MB, not 25 MB
+    assert bulk_bytes(wifi) == int(MATHIS_C * MSS / (0.012 * 0.002 ** 0.5))  # ~3.3 MB, not 25 MB
     geo = LinkSpec(rate_mbit=25, delay_ms=600, loss_pct=0.2)
     assert bulk_bytes(geo, back=geo) == 256_000
     assert bulk_bytes(LinkSpec(rate_mbit=25, delay_ms=600)) == 3_125_000
