@@ -37,7 +37,7 @@ from ..netem.profiles import LinkSpec
 from ..scenarios.schema import Scenario
 from . import cfg, pipefusion
 from .costs import LOSS_BASED_C, Calibration, burst_of, hop_seconds
-from .tcp import slowest_extra_seconds
+from .tcp import MAX_MESSAGES, slowest_extra_seconds
 from .workload import Workload
 
 GLOO_THREADS = 2     # asynchronous collectives a gloo process group runs at once (ProcessGroupGloo's Options.threads)
@@ -125,8 +125,9 @@ class LinkModel:
     """Transfer time of a message over one directed link, from calibrated rate/latency."""
 
     def __init__(self, calib: Calibration, device: str = "cpu", world: int = 1, htb_shaped: bool = True,
-                 congestion_control: str = "host"):
+                 congestion_control: str = "host", run_messages: int = MAX_MESSAGES):
         self.calib, self.device, self.congestion_control = calib, device, congestion_control
+        self.run_messages = run_messages      # messages a run sends on each connection (loss is priced over them)
         self.oversubscription = calib.share(world, device) - 1
         self.htb_shaped = htb_shaped
         self._memo: dict[tuple, float] = {}
@@ -155,7 +156,8 @@ class LinkModel:
                                 burst_of(spec) if self.htb_shaped else 0, forwarding, self.oversubscription))
         if aimd:
             hop += slowest_extra_seconds(rtt + 2 * c.jitter_factor * jitter, loss,
-                                         nbytes if message is None else message, rate or None, parallel, consecutive)
+                                         nbytes if message is None else message, rate or None, parallel, consecutive,
+                                         self.run_messages)
         return hop
 
 
@@ -167,7 +169,8 @@ class Simulator:
             raise ValueError(f"cluster has {cluster.world} ranks, workload {workload.world}")
         self.w, self.c, self.calib = workload, cluster, calib
         self.host_ranks = cluster.host_ranks or cluster.world
-        self.links = LinkModel(calib, cluster.device, self.host_ranks, cluster.htb_shaped, cluster.congestion_control)
+        self.links = LinkModel(calib, cluster.device, self.host_ranks, cluster.htb_shaped, cluster.congestion_control,
+                               workload.connection_messages)
         self.keep_timeline = timeline
         self._exchange: dict[bool, float] = {}
         self._layers: dict[tuple, tuple] = {}

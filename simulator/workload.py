@@ -110,6 +110,18 @@ class Workload:
         return (sequences or self.batch) * self.image_tokens // self.world * self.shape.out_channels * \
             self.shape.act_bytes
 
+    @property
+    def connection_messages(self) -> int:
+        """Messages one generation sends on each connection between two ranks: per step that communicates, each
+        layer's exchange (a ring's P-1 hops, one direct round, Ulysses' two all-to-alls plus its ring's hops; a
+        PipeFusion stage one per layer) and the output gather."""
+        u, r = self.degrees
+        p = self.world // self.cfg
+        per_layer = (2 * (u > 1) + r - 1 if self.method.all_to_all else 1 if self.method.pipelined or
+                     self.method.exchange == "direct" else p - 1)
+        steps = self.steps - (self.warmup_steps if self.warmup_mode == "local" else 0)
+        return max(1, steps * (self.shape.layers * per_layer + (p - 1) * self.gather_each_step))
+
     def gather_bytes(self, step: int) -> int:
         """What a rank sends each peer in ``step``'s output all-gather: the step's output (xDiT's every step), or
         only after the last step its shard of the latents (no guidance copy); 0 for a local warmup step, which
