@@ -24,7 +24,7 @@ import math
 import simpy
 
 from ..scenarios.schema import HardwareSpec, Scenario, ScenarioError
-from . import cfg, pipefusion
+from . import cfg, pipefusion, stages
 from .collectives import Fabric, allgather_seconds, alltoall_seconds, sendrecv_seconds
 from .hardware import Anchor, DeviceSpec, shipped
 from .model import Prediction
@@ -77,7 +77,8 @@ def anchor_tokens(anchor: Anchor) -> tuple[int, int]:
 
 @cache
 def fit_efficiency(dev: DeviceSpec, anchor: Anchor) -> float:
-    """The fraction of ``dev``'s peak at which :func:`layer_seconds` reproduces the anchor's single-device time."""
+    """The fraction of ``dev``'s peak at which :func:`layer_seconds` (and the stages outside the denoiser, where the
+    anchor's time includes them) reproduces the anchor's single-device time."""
     shape = SHAPES[anchor.model]
     tokens, batch = anchor_tokens(anchor)
     lo, hi = 1e-4, 1.0
@@ -85,6 +86,9 @@ def fit_efficiency(dev: DeviceSpec, anchor: Anchor) -> float:
         mid = (lo + hi) / 2
         t = anchor.steps * shape.layers * layer_seconds(dev, mid, batch * tokens, tokens, shape.hidden, shape.heads,
                                                         shape.act_bytes)
+        if anchor.outside:
+            t += stages.outside_seconds(dev, mid, anchor.model, anchor.height or anchor.resolution, anchor.resolution,
+                                        anchor.frames, prompts=batch)
         lo, hi = (lo, mid) if t < anchor.seconds else (mid, hi)
     return (lo + hi) / 2
 
@@ -204,8 +208,24 @@ class GpuSimulator:
         return (max(codec_seconds(d, kind, "encode", raw) * self.c.scale(r) for r, d in enumerate(self.c.devices)),
                 max(codec_seconds(d, kind, "decode", raw) * self.c.scale(r) for r, d in enumerate(self.c.devices)))
 
+    def outside(self) -> float:
+        """The text encoders and the VAE decode (:mod:`.stages`), slowest rank: every rank encodes every prompt and
+        decodes every output."""
+        w = self.w
+        if w.output is None:
+            return 0.0
+        frames, height, width = w.output
+        images = w.images or w.batch
+        return max(stages.outside_seconds(d, e, w.shape.name, height, width, frames, w.batch // images, images)
+                   * self.c.scale(r) for r, (d, e) in enumerate(zip(self.c.devices, self.eff)))
+
     # --- the event model --------------------------------------------------------------------------------------
     def run(self) -> Prediction:
+        """The generation: the denoising loop, then the stages outside it (:meth:`outside`)."""
+        p, extra = self.denoise(), self.outside()
+        return replace(p, latency_s=p.latency_s + extra, compute_s=p.compute_s + extra)
+
+    def denoise(self) -> Prediction:
         if self.w.cfg > 1:
             return self._cfg_run()
         if self.w.method.pipelined:
@@ -380,7 +400,7 @@ class GpuSimulator:
     def _cfg_run(self) -> Prediction:
         """CFG parallel (:mod:`.cfg`): each group simulated on its own ranks, then the partner exchange per step."""
         w, parts = self.w, cfg.groups(self.w)
-        per_group = [GpuSimulator(cfg.group_workload(w), self.c.subset(g)).run() for g in parts]
+        per_group = [GpuSimulator(cfg.group_workload(w), self.c.subset(g)).denoise() for g in parts]
         pairs = [pair for a, b in zip(*parts) for pair in ((a, b), (b, a))]
         return cfg.combined(w, per_group, sendrecv_seconds(self.c.fabric, cfg.partner_bytes(w), pairs))
 

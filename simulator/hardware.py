@@ -21,7 +21,7 @@ PROFILES_DIR = Path(__file__).with_name("profiles")
 
 @dataclass(frozen=True)
 class Anchor:
-    """A published single-device time of one generation (text encoders and VAE excluded where the source says so)."""
+    """A published single-device time of one generation."""
 
     model: str
     resolution: int               # width in pixels (and height, unless given)
@@ -31,6 +31,7 @@ class Anchor:
     height: int | None = None
     frames: int = 1
     batch: int = 1                # sequences per step (2 with classifier-free guidance)
+    outside: bool = True          # the time includes the text encoders and the VAE decode (simulator.stages)
 
 
 @dataclass(frozen=True)

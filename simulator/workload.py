@@ -61,6 +61,7 @@ class Workload:
     stages: int = 1               # PipeFusion: stages, each ulysses x ring ranks (simulator.pipefusion)
     gather_each_step: bool = True  # the output gathered after every step (xDiT); else once, after the last
     images: int = 0               # images (or videos) generated: the latents, gathered once (0: batch)
+    output: tuple[int, int, int] | None = None   # (frames, height, width) in pixels of each output; None: unknown
 
     @property
     def degrees(self) -> tuple[int, int]:
@@ -180,6 +181,7 @@ def workload_of(scenario: Scenario, method: MethodSpec, shape: ModelShape | None
                     ulysses_degree=scenario.degrees(method)[0], cfg=scenario.cfg_degree(method),
                     stages=scenario.stages(method), gather_each_step=scenario.gathers_each_step(method),
                     images=scenario.images,
+                    output=(scenario.frames, scenario.height or scenario.resolution, scenario.resolution),
                     batch=scenario.images * (2 if guided else 1), steps=scenario.steps,
                     world=scenario.world_size, method=method,
                     warmup_steps=scenario.warmup.steps if method.warms_up else 0, warmup_mode=scenario.warmup.mode)

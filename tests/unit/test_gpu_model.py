@@ -146,10 +146,31 @@ def test_published_sets_are_predicted_from_their_single_device_time_only():
     # the anchor is the set's own: a set whose single-device time doubles predicts slower compute
     eth = sets["compactfusion_ethernet_500"]
     assert {r.label for r in eth.rows} >= {"ring", "compact-1bit", "ulysses"}
-    a = Anchor(model="flux.1-dev", resolution=1024, steps=28, seconds=23.16, source="s")
+    a = Anchor(model="flux.1-dev", resolution=1024, steps=28, seconds=23.16, source="s", outside=False)
     l20 = replace(P.devices["l20"], anchors=(a,))
     assert efficiency(replace(l20, anchors=(replace(a, seconds=46.32),)), "flux.1-dev")[0] == pytest.approx(
         efficiency(l20, "flux.1-dev")[0] / 2, rel=1e-3)
+
+
+def test_the_text_encoders_and_vae_add_alike_to_every_configuration_and_are_part_of_the_anchor():
+    """The stages outside the denoiser run whole on every rank: they add the same seconds to one GPU and to four,
+    the single-device anchor's time includes them (so compute is fitted to the rest), and the VAE's efficiency
+    reproduces its own published decode time."""
+    from compactbed.simulator import stages
+
+    one, four = flux(1, ["ring"], hardware={"device": "l20"}), flux(4, ["ring"], hardware={"device": "l20"})
+    sims = [GpuSimulator(workload_of(s, s.methods[0]), gpu_cluster_of(s)) for s in (one, four)]
+    extra = [sim.run().latency_s - sim.denoise().latency_s for sim in sims]
+    assert extra[0] == pytest.approx(extra[1]) and extra[0] == pytest.approx(sims[0].outside()) and extra[0] > 0.1
+    a = next(x for x in P.devices["l20"].anchors if x.model == "flux.1-dev")
+    assert efficiency(P.devices["l20"], "flux.1-dev")[0] > efficiency(
+        replace(P.devices["l20"], anchors=(replace(a, outside=False),)), "flux.1-dev")[0]
+    flops, nbytes = stages.vae_decode_cost("flux.1-dev", 1024, 1024)
+    assert stages.vae_decode_cost("flux.1-dev", 2048, 2048) == pytest.approx((4 * flops, 4 * nbytes))
+    anchor = stages.VAE_ANCHOR
+    assert stages.outside_seconds(P.devices[anchor["device"]], 0.5, "flux.1-dev", 1024, 1024, prompts=0) == \
+        pytest.approx(anchor["seconds"])
+    assert stages.outside_seconds(P.devices["l20"], 0.5, "tiny_flux_mnist", 16, 16) == 0.0
 
 
 def test_cfg_parallel_keeps_each_group_on_its_machine_and_counts_the_runtime_bytes():
