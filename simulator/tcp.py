@@ -37,26 +37,33 @@ SEED = 0
 
 
 def connection_seconds(rtt: float, loss: float, segments: int, rate_bytes: float | None, messages: int,
-                       rng: np.random.Generator) -> np.ndarray:
-    """Seconds each of a fresh connection's first ``messages`` messages of ``segments`` takes: per round, a round
-    trip or the link's time for the round's segments if longer; plus its loss probes."""
+                       rng: np.random.Generator, connections: int = 1) -> np.ndarray:
+    """(connections, messages): seconds each of independent fresh connections' first ``messages`` messages of
+    ``segments`` takes: per round, a round trip or the link's time for the round's segments if longer; plus its loss
+    probes. The connections advance together, round by round (a round's first loss drawn geometrically, the rest
+    binomially: the same as drawing each segment)."""
     bdp = rate_bytes * rtt / MSS if rate_bytes else np.inf
     cap = max(2 * bdp, 4.0)                         # the window stops growing once the queue fills
-    cwnd, ssthresh, out = float(INITIAL_WINDOW), np.inf, np.empty(messages)
+    cwnd, ssthresh = np.full(connections, float(INITIAL_WINDOW)), np.full(connections, np.inf)
+    out = np.empty((connections, messages))
     for m in range(messages):
-        left, t = segments, 0.0
-        while left > 0:
-            w = int(min(cwnd, left))
-            t += max(rtt, w * MSS / rate_bytes) if rate_bytes else rtt
-            lost = np.flatnonzero(rng.random(w) < loss) if loss else ()
-            if len(lost):
-                if w - 1 - lost[0] < 3:             # no three duplicate ACKs after it: a tail-loss probe
-                    t += rtt + (DELAYED_ACK_S if w == 1 else 0.0)
-                ssthresh = cwnd = max(cwnd / 2, 2.0)
-            elif w >= int(cwnd):                    # a loss-free round that filled the window grows it
-                cwnd = min(cwnd * 2 if cwnd < ssthresh else cwnd + 1, cap)
-            left -= w - len(lost)
-        out[m] = t
+        left, t = np.full(connections, segments), np.zeros(connections)
+        while (active := left > 0).any():
+            full = np.floor(cwnd).astype(int)
+            w = np.where(active, np.minimum(full, left), 0)
+            t += np.where(active, np.maximum(rtt, w * MSS / rate_bytes) if rate_bytes else rtt, 0.0)
+            first = rng.geometric(loss, connections) - 1 if loss else np.full(connections, segments + 1)
+            hit = active & (first < w)                  # a loss in this round; ``first``: the first lost segment
+            lost = np.where(hit, 1 + rng.binomial(np.maximum(w - first - 1, 0), loss) if loss else 0, 0)
+            tail = hit & (w - 1 - first < 3)            # no three duplicate ACKs after it: a tail-loss probe
+            t += np.where(tail, rtt + np.where(w == 1, DELAYED_ACK_S, 0.0), 0.0)
+            grow = active & ~hit & (w >= full)          # a loss-free round that filled the window grows it
+            halved = np.maximum(cwnd / 2, 2.0)
+            cwnd = np.where(hit, halved, np.where(grow, np.minimum(np.where(cwnd < ssthresh, cwnd * 2, cwnd + 1),
+                                                                   cap), cwnd))
+            ssthresh = np.where(hit, halved, ssthresh)
+            left = left - (w - lost)
+        out[:, m] = t
     return out
 
 
@@ -65,8 +72,7 @@ def run_seconds(rtt: float, loss: float, segments: int, rate_bytes: float | None
     """(connections, messages): each message's seconds on independent fresh connections (one when lossless)."""
     messages = max(1, min(messages, MAX_MESSAGES))
     runs = 1 if not loss else int(np.clip(SEGMENT_BUDGET // (segments * messages), *RUNS))
-    rng = np.random.default_rng(seed)
-    return np.array([connection_seconds(rtt, loss, segments, rate_bytes, messages, rng) for _ in range(runs)])
+    return connection_seconds(rtt, loss, segments, rate_bytes, messages, np.random.default_rng(seed), runs)
 
 
 def expected_max(samples: np.ndarray, k: int) -> float:

@@ -11,7 +11,7 @@ def test_back_to_back_messages_run_near_mathis_rate():
     """A connection sending 200 KB messages on a 40 ms, 0.2% loss path settles near sqrt(3/2) MSS / (RTT sqrt(p)),
     the bound the link probes of the lossy profiles measured (5g: 5.7-15 Mbit/s against 7.8)."""
     segments = 138
-    t = connection_seconds(0.04, 0.002, segments, None, 600, np.random.default_rng(0))[100:]
+    t = connection_seconds(0.04, 0.002, segments, None, 600, np.random.default_rng(0))[0, 100:]
     rate = segments * MSS / t.mean()
     mathis = 1.5 ** 0.5 * MSS / (0.04 * 0.002 ** 0.5)
     assert 0.7 * mathis < rate < 1.6 * mathis
