@@ -384,3 +384,26 @@ def test_a_lossy_ring_under_reno_waits_for_its_slowest_link_and_distrifusion_for
     sim = Simulator(w, cluster_of(s), calib)
     gathers = sim.async_gathers_seconds()
     assert gathers < w.shape.layers * sim.allgather_seconds(w.kv_wire_bytes(False), [0, 1, 2, 3])
+
+
+def test_loss_is_priced_over_the_messages_a_run_sends_on_each_connection():
+    """A 4-rank ring sends P-1 hops per layer on each connection, a direct exchange one round per layer, and a
+    local warmup step (compact's, not the ring's) nothing; the runtime gathers the output once, at the end. A longer run carries more messages on the same
+    connections, so at low loss its messages settle nearer the long-run window: each costs more on average."""
+    import dataclasses
+
+    from compactbed.simulator.model import LinkModel
+
+    s = sc(steps=8, warmup={"mode": "local", "steps": 1}, methods=["ring", "compact-1bit-direct"])
+    layers = workload_of(s, METHOD_PRESETS["ring"]).shape.layers
+    ring, direct = (workload_of(s, s.methods[i]) for i in range(2))
+    assert not ring.gather_each_step and ring.warmup_steps == 0 and direct.warmup_steps == 1
+    assert ring.connection_messages == 8 * layers * 3
+    assert direct.connection_messages == 7 * layers
+    calib = dataclasses.replace(CALIB, congestion_control="bbr", rtt_factor_by_algorithm={})
+    spec = LinkSpec(rate_mbit=500, delay_ms=40, loss_pct=0.02)
+    short, long = (LinkModel(calib, congestion_control="reno", run_messages=n) for n in (30, 600))
+    assert LinkModel(calib, congestion_control="reno").seconds(LinkSpec(rate_mbit=500, delay_ms=40), 278528) < \
+        short.seconds(spec, 278528, parallel=2) < long.seconds(spec, 278528, parallel=2)
+    sim = Simulator(ring, cluster_of(s), calib)
+    assert sim.links.run_messages == ring.connection_messages
