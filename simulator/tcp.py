@@ -52,9 +52,9 @@ def connection_seconds(rtt: float, loss: float, segments: int, rate_bytes: float
             full = np.floor(cwnd).astype(int)
             w = np.where(active, np.minimum(full, left), 0)
             t += np.where(active, np.maximum(rtt, w * MSS / rate_bytes) if rate_bytes else rtt, 0.0)
-            first = rng.geometric(loss, connections) - 1 if loss else np.full(connections, segments + 1)
-            hit = active & (first < w)                  # a loss in this round; ``first``: the first lost segment
-            lost = np.where(hit, 1 + rng.binomial(np.maximum(w - first - 1, 0), loss) if loss else 0, 0)
+            first = rng.geometric(loss, connections) - 1 if loss else w     # the round's first lost segment
+            hit = active & (first < w)                  # a loss in this round
+            lost = np.where(hit, 1 + rng.binomial(np.maximum(w - first - 1, 0), loss), 0) if loss else 0
             tail = hit & (w - 1 - first < 3)            # no three duplicate ACKs after it: a tail-loss probe
             t += np.where(tail, rtt + np.where(w == 1, DELAYED_ACK_S, 0.0), 0.0)
             grow = active & ~hit & (w >= full)          # a loss-free round that filled the window grows it

@@ -388,8 +388,9 @@ def test_a_lossy_ring_under_reno_waits_for_its_slowest_link_and_distrifusion_for
 
 def test_loss_is_priced_over_the_messages_a_run_sends_on_each_connection():
     """A 4-rank ring sends P-1 hops per layer on each connection, a direct exchange one round per layer, and a
-    local warmup step (compact's, not the ring's) nothing; the runtime gathers the output once, at the end. A longer run carries more messages on the same
-    connections, so at low loss its messages settle nearer the long-run window: each costs more on average."""
+    local warmup step (compact's, not the ring's) nothing; the runtime gathers the output once, at the end. A
+    longer run carries more messages on the same connections, so at low loss its messages settle nearer the
+    long-run window: each costs more on average."""
     import dataclasses
 
     from compactbed.simulator.model import LinkModel
