@@ -4,14 +4,23 @@ every rank of the last group), so they add to every configuration's latency alik
 
 Workload: FLOPs and bytes of each module, built from the model's published config on PyTorch's meta device (no
 weights, nothing downloaded) and counted by ``torch.utils.flop_counter`` while it runs (bytes: what its ops write,
-read once again). Device: a text encoder is GEMMs, priced at the device's fitted DiT efficiency; a VAE decoder is
-convolutions and group norms, priced at one efficiency anchored by a published decode time (:data:`VAE_ANCHOR`), or
-by its HBM traffic if slower.
+read once again). Counting imports diffusers and transformers (seconds), so the counts ship in
+``profiles/stages.yaml``; ``python -m compactbed.simulator.stages`` counts anew and rewrites it.
+Device: a text encoder is GEMMs, priced at the device's fitted DiT efficiency; a VAE decoder is convolutions and
+group norms, priced at one efficiency anchored by a published decode time (:data:`VAE_ANCHOR`), or by its HBM
+traffic if slower.
 """
 
 from __future__ import annotations
 
+import sys
 from functools import cache
+
+import yaml
+
+from .hardware import PROFILES_DIR
+
+COUNTS_FILE = PROFILES_DIR / "stages.yaml"
 
 # Published configs (diffusers): FLUX.1-dev vae/config.json, text_encoder (CLIP ViT-L/14) and text_encoder_2
 # (T5 v1.1 XXL encoder); CogVideoX-5b vae/config.json (AutoencoderKLCogVideoX's defaults) and its T5 encoder.
@@ -61,9 +70,8 @@ def _count(run) -> tuple[float, float]:
     return float(flops.get_total_flops()), 2.0 * Written.total
 
 
-@cache
-def _vae_reference_cost(model: str) -> tuple[float, float]:
-    """(FLOPs, bytes) of ``model``'s VAE decoding one output at its reference size."""
+def count_vae(model: str) -> tuple[float, float]:
+    """(FLOPs, bytes) of ``model``'s VAE decoding one output at its reference size, counted now."""
     import diffusers
 
     cls, config, spatial, temporal, (frames, height, width) = PIPELINES[model][0]
@@ -85,12 +93,23 @@ def vae_decode_cost(model: str, height: int, width: int, frames: int = 1) -> tup
     _, _, spatial, temporal, (f0, h0, w0) = PIPELINES[model][0]
     latent = lambda f, h, w: (1 + (f - 1) // temporal) * (h // spatial) * (w // spatial)    # noqa: E731
     scale = latent(frames, height, width) / latent(f0, h0, w0)
-    return tuple(x * scale for x in _vae_reference_cost(model))
+    vae = counts()[model]["vae"]
+    return vae["flops"] * scale, vae["bytes"] * scale
+
+
+def text_encoder_flops(model: str) -> float:
+    """FLOPs of encoding one prompt with every text encoder of ``model`` (at its full token length)."""
+    return counts()[model]["text_encoder_flops"]
 
 
 @cache
-def text_encoder_flops(model: str) -> float:
-    """FLOPs of encoding one prompt with every text encoder of ``model`` (at its full token length)."""
+def counts() -> dict:
+    """The shipped counts (``profiles/stages.yaml``), per model."""
+    return yaml.safe_load(COUNTS_FILE.read_text())
+
+
+def count_text_encoders(model: str) -> float:
+    """FLOPs of encoding one prompt with every text encoder of ``model``, counted now."""
     import transformers
 
     total = 0.0
@@ -125,3 +144,21 @@ def outside_seconds(dev, dit_efficiency: float, model: str, height: int, width: 
     flops, nbytes = vae_decode_cost(model, height, width, frames)
     vae = max(flops / (peak * vae_efficiency()), nbytes / (dev.hbm_gbs * 1e9))
     return prompts * text_encoder_flops(model) / (peak * dit_efficiency) + outputs * vae
+
+
+def main() -> int:
+    """Count every pipeline's stages anew and rewrite ``profiles/stages.yaml``."""
+    out = {}
+    for model in PIPELINES:
+        flops, nbytes = count_vae(model)
+        out[model] = {"vae": {"flops": flops, "bytes": nbytes}, "text_encoder_flops": count_text_encoders(model)}
+        print(f"{model}: VAE {flops / 1e12:.2f} TFLOP, {nbytes / 1e9:.1f} GB; text encoders "
+              f"{out[model]['text_encoder_flops'] / 1e12:.2f} TFLOP per prompt")
+    COUNTS_FILE.write_text("# Counted by `python -m compactbed.simulator.stages` (simulator/stages.py): the VAE "
+                           "decoding one output at\n# its reference size (FLOPs, bytes), the text encoders one prompt "
+                           "(FLOPs).\n" + yaml.safe_dump(out, sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

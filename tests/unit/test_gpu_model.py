@@ -165,6 +165,11 @@ def test_the_text_encoders_and_vae_add_alike_to_every_configuration_and_are_part
     a = next(x for x in P.devices["l20"].anchors if x.model == "flux.1-dev")
     assert efficiency(P.devices["l20"], "flux.1-dev")[0] > efficiency(
         replace(P.devices["l20"], anchors=(replace(a, outside=False),)), "flux.1-dev")[0]
+    for model in stages.PIPELINES:          # the shipped counts are what the published configs count to now
+        shipped_counts = stages.counts()[model]
+        vae = shipped_counts["vae"]
+        assert stages.count_vae(model) == pytest.approx((vae["flops"], vae["bytes"]))
+        assert stages.count_text_encoders(model) == pytest.approx(shipped_counts["text_encoder_flops"])
     flops, nbytes = stages.vae_decode_cost("flux.1-dev", 1024, 1024)
     assert stages.vae_decode_cost("flux.1-dev", 2048, 2048) == pytest.approx((4 * flops, 4 * nbytes))
     anchor = stages.VAE_ANCHOR
