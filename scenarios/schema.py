@@ -21,7 +21,7 @@ from ..netem.profiles import LinkSpec, named_profiles, resolve_link
 MAX_SCENARIO_BYTES = 1_000_000
 MAX_EMULATED_NODES = 64
 TINY_VIDEO = "tiny_cogvideox"     # the video DiT built from its config (runtime/video.py)
-VIDEO_MODELS = (TINY_VIDEO, "cogvideox-5b")     # video DiTs: their runtime gathers the output every step
+VIDEO_MODELS = (TINY_VIDEO, "cogvideox-5b", "hunyuanvideo")     # video DiTs: their runtime gathers the output every step
 MAX_PREDICTED_NODES = 4096
 
 Comm = Literal["ring", "ulysses", "usp", "patch", "distrifusion", "pipefusion"]

@@ -7,8 +7,8 @@ weights, nothing downloaded) and counted by ``torch.utils.flop_counter`` while i
 read once again). Counting imports diffusers and transformers (seconds), so the counts ship in
 ``profiles/stages.yaml``; ``python -m compactbed.simulator.stages`` counts anew and rewrites it.
 Device: a text encoder is GEMMs, priced at the device's fitted DiT efficiency; a VAE decoder is convolutions and
-group norms, priced at one efficiency anchored by a published decode time (:data:`VAE_ANCHOR`), or by its HBM
-traffic if slower.
+group norms, priced at the efficiency of one published decode of its kind (:data:`VAE_ANCHORS`: an image VAE's 2D
+convolutions, a video VAE's causal 3D ones), or by its HBM traffic if slower.
 """
 
 from __future__ import annotations
@@ -30,16 +30,25 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlo
                 mid_block_add_attention=True)
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu")
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8)       # HunyuanVideo's LLaVA-LLaMA-3-8B text model
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77)
 PIPELINES = {   # model -> (VAE class, its config, spatial and temporal compression, the (frames, height, width) it is
     #                   counted at), text encoders (kind, tokens)
     "flux.1-dev": (("AutoencoderKL", FLUX_VAE, 8, 1, (1, 1024, 1024)), (("t5", 512), ("clip", 77))),
     "cogvideox-5b": (("AutoencoderKLCogVideoX", {}, 8, 4, (49, 480, 720)), (("t5", 226),)),
+    # HunyuanVideo: its 256-token prompt follows a 95-token template the encoder also reads (crop_start 95)
+    "hunyuanvideo": (("AutoencoderKLHunyuanVideo", {}, 8, 4, (129, 720, 1280)), (("llama", 351), ("clip", 77))),
 }
-VAE_ANCHOR = dict(model="flux.1-dev", device="h200", height=1024, width=1024, frames=1, seconds=0.0899,
+VAE_ANCHORS = {     # one published decode per kind: a VAE with a temporal compression is a video VAE
+    "image": dict(model="flux.1-dev", device="h200", height=1024, width=1024, frames=1, seconds=0.0899,
                   source="sgl-project/sglang PR #33818: FLUX.1 AutoencoderKL decode, 1024^2, bf16, H200, explicit "
-                         "sync around the decode call: 89.9 ms")
+                         "sync around the decode call: 89.9 ms"),
+    "video": dict(model="hunyuanvideo", device="h200", height=480, width=848, frames=77, seconds=5.713,
+                  source="sgl-project/sglang PR #36012: HunyuanVideo VAE, 848x480x77, H200, sequential tiled decode "
+                         "(before the PR): 5.713 s mean"),
+}
 
 
 def _count(run) -> tuple[float, float]:
@@ -117,6 +126,8 @@ def count_text_encoders(model: str) -> float:
         def run(torch, kind=kind, tokens=tokens):
             if kind == "t5":
                 enc = transformers.T5EncoderModel(transformers.T5Config(**T5_XXL))
+            elif kind == "llama":
+                enc = transformers.LlamaModel(transformers.LlamaConfig(**LLAMA3_8B))
             else:
                 enc = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_L))
             enc.to(torch.bfloat16)(torch.zeros(1, tokens, dtype=torch.long))
@@ -124,12 +135,17 @@ def count_text_encoders(model: str) -> float:
     return total
 
 
+def vae_kind(model: str) -> str:
+    """"video" for a VAE that compresses time too, else "image"."""
+    return "video" if PIPELINES[model][0][3] > 1 else "image"
+
+
 @cache
-def vae_efficiency() -> float:
-    """The fraction of peak at which :data:`VAE_ANCHOR`'s decode ran."""
+def vae_efficiency(kind: str) -> float:
+    """The fraction of peak at which the anchor of ``kind`` (:data:`VAE_ANCHORS`) decoded."""
     from .hardware import shipped
 
-    a = VAE_ANCHOR
+    a = VAE_ANCHORS[kind]
     flops, _ = vae_decode_cost(a["model"], a["height"], a["width"], a["frames"])
     return flops / (a["seconds"] * shipped().device(a["device"]).peak_tflops * 1e12)
 
@@ -142,7 +158,7 @@ def outside_seconds(dev, dit_efficiency: float, model: str, height: int, width: 
         return 0.0
     peak = dev.peak_tflops * 1e12
     flops, nbytes = vae_decode_cost(model, height, width, frames)
-    vae = max(flops / (peak * vae_efficiency()), nbytes / (dev.hbm_gbs * 1e9))
+    vae = max(flops / (peak * vae_efficiency(vae_kind(model))), nbytes / (dev.hbm_gbs * 1e9))
     return prompts * text_encoder_flops(model) / (peak * dit_efficiency) + outputs * vae
 
 

@@ -35,13 +35,17 @@ class ModelShape:
 FLUX_DEV = ModelShape("flux.1-dev", layers=57, hidden=3072, heads=24, text_tokens=512, guidance_embeds=True)
 # CogVideoX-5B: 42 blocks, 48 heads x 64, 226 text tokens; 49 frames 480x720 -> 13 x 30 x 45 = 17550 tokens.
 COGVIDEOX_5B = ModelShape("cogvideox-5b", layers=42, hidden=3072, heads=48, text_tokens=226, frames_per_latent=4)
+# HunyuanVideo: 20 double + 40 single blocks (FLUX's kinds), 24 heads x 128, 256 text tokens, guidance-distilled;
+# 129 frames 720x1280 -> 33 x 45 x 80 = 118800 tokens.
+HUNYUAN_VIDEO = ModelShape("hunyuanvideo", layers=60, hidden=3072, heads=24, text_tokens=256, guidance_embeds=True,
+                           frames_per_latent=4)
 TINY = ModelShape("tiny_flux_mnist", layers=4, hidden=128, heads=4, text_tokens=4, act_bytes=4, pixels_per_token=2,
                   out_channels=4)
 # The video DiT built from its config (runtime/video.py): 2 blocks, 4 heads x 16; no VAE, every frame a latent frame;
 # an output token is a 2x2 patch of 4 channels.
 TINY_VIDEO = ModelShape(TINY_VIDEO_NAME, layers=2, hidden=64, heads=4, text_tokens=4, act_bytes=4, pixels_per_token=2,
                         out_channels=16, frames_per_latent=1)
-SHAPES = {s.name: s for s in (FLUX_DEV, COGVIDEOX_5B, TINY, TINY_VIDEO)}
+SHAPES = {s.name: s for s in (FLUX_DEV, COGVIDEOX_5B, HUNYUAN_VIDEO, TINY, TINY_VIDEO)}
 
 
 @dataclass(frozen=True)

@@ -172,9 +172,11 @@ def test_the_text_encoders_and_vae_add_alike_to_every_configuration_and_are_part
         assert stages.count_text_encoders(model) == pytest.approx(shipped_counts["text_encoder_flops"])
     flops, nbytes = stages.vae_decode_cost("flux.1-dev", 1024, 1024)
     assert stages.vae_decode_cost("flux.1-dev", 2048, 2048) == pytest.approx((4 * flops, 4 * nbytes))
-    anchor = stages.VAE_ANCHOR
-    assert stages.outside_seconds(P.devices[anchor["device"]], 0.5, "flux.1-dev", 1024, 1024, prompts=0) == \
-        pytest.approx(anchor["seconds"])
+    for kind, a in stages.VAE_ANCHORS.items():      # each kind's anchor decodes in its published time
+        assert stages.vae_kind(a["model"]) == kind
+        assert stages.outside_seconds(P.devices[a["device"]], 0.5, a["model"], a["height"], a["width"], a["frames"],
+                                      prompts=0) == pytest.approx(a["seconds"])
+    assert stages.vae_kind("cogvideox-5b") == "video"
     assert stages.outside_seconds(P.devices["l20"], 0.5, "tiny_flux_mnist", 16, 16) == 0.0
 
 

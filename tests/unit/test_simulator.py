@@ -8,7 +8,7 @@ from compactbed.scenarios.schema import METHOD_PRESETS, parse_scenario
 from compactbed.simulator.costs import HOP_PARAMS, hop_seconds
 from compactbed.simulator.model import Cluster, Simulator, cluster_of
 from compactbed.simulator.predict import predict
-from compactbed.simulator.workload import FLUX_DEV, workload_of
+from compactbed.simulator.workload import FLUX_DEV, HUNYUAN_VIDEO, workload_of
 
 from .simulated import CALIB, run, sc
 
@@ -83,6 +83,10 @@ def test_predict_table_and_published_shapes():
                                steps=28, guidance=1.0, methods=["ring", "compact-1bit"]), "f")
     w = workload_of(flux, METHOD_PRESETS["ring"])
     assert w.shape is FLUX_DEV and w.image_tokens == 4096 and w.local_tokens == (4096 + 512) // 8
+    video = parse_scenario(dict(name="h", nodes=8, model={"name": "hunyuanvideo"}, resolution=1280, height=720,
+                                frames=129, labels=1, steps=50, guidance=6.0, methods=["ulysses"]), "h")
+    w = workload_of(video, METHOD_PRESETS["ulysses"])       # guidance-distilled: one sequence, no CFG batch
+    assert w.shape is HUNYUAN_VIDEO and w.image_tokens == 33 * 45 * 80 and w.batch == 1 and video.video
 
 
 def test_both_directions_penalty_grows_with_the_message():
