@@ -7,7 +7,8 @@ over ``P`` ranks (nccl-tests: busbw = algbw x (P-1)/P for all-gather and all-to-
 
   all-gather (ring)      (P-1) x latency + n (P-1) / busbw           busbw: the slowest edge of the ring
   all-to-all             latency + max(intra share / intra busbw, the NIC's share / NIC busbw)
-  send/recv (one hop)    latency + n / bandwidth of that pair        pairs through one NIC share it
+  send/recv (one hop)    latency + n / bandwidth of that pair        pairs through one NIC share it; a pair
+                                                                      reaches the class's P2P bandwidth at most
 
 NCCL runs all-gather as a ring (its tree algorithm is for all-reduce); its rings enter and leave each machine once,
 so a cross-machine edge carries as much as any edge and the slowest class gates the ring.
@@ -43,12 +44,14 @@ class Fabric:
     def crosses(self, a: int, b: int) -> bool:
         return self.machine[a] != self.machine[b]
 
-    def pair(self, a: int, b: int) -> tuple[float, float]:
-        """(bytes/s, seconds of latency) of one message a -> b with nothing else on its way."""
+    def pair(self, a: int, b: int, p2p: bool = False) -> tuple[float, float]:
+        """(bytes/s, seconds of latency) of one message a -> b with nothing else on its way; ``p2p``: as a lone
+        send/recv (:attr:`LinkClass.pair_gbs`), not as one edge of a collective."""
+        bw_of = (lambda c: c.pair_gbs) if p2p else (lambda c: c.busbw_gbs)         # noqa: E731
         if not self.crosses(a, b):
-            return self.intra.busbw_gbs * GB, self.intra.latency_us * 1e-6
+            return bw_of(self.intra) * GB, self.intra.latency_us * 1e-6
         na, nb = self.nic[self.machine[a]], self.nic[self.machine[b]]
-        bw, lat = min(na.busbw_gbs, nb.busbw_gbs) * GB, max(na.latency_us, nb.latency_us) * 1e-6
+        bw, lat = min(bw_of(na), bw_of(nb)) * GB, max(na.latency_us, nb.latency_us) * 1e-6
         path = (self.paths or {}).get((a, b))
         if path is not None:
             if path.rate_bytes_per_s:
@@ -111,7 +114,7 @@ def sendrecv_seconds(fabric: Fabric, nbytes: float, pairs: list[tuple[int, int]]
             out[fabric.machine[a]] = out.get(fabric.machine[a], 0) + 1
     worst = 0.0
     for a, b in pairs:
-        bw, lat = fabric.pair(a, b)
+        bw, lat = fabric.pair(a, b, p2p=True)
         share = out.get(fabric.machine[a], 1) if fabric.crosses(a, b) else 1
         worst = max(worst, lat + share * nbytes / bw)
     return worst

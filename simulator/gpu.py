@@ -34,6 +34,15 @@ from .workload import SHAPES, Workload, image_tokens
 # 0.06 ms, decompress 0.02 ms; low-rank compress 0.93 ms (2-bit and sparse taken as 1-bit's: not published).
 CODEC_REFERENCE = {"device": "l20", "shard_bytes": 1088 * 3072 * 2,
                    "seconds": {"encode": 0.06e-3, "decode": 0.02e-3, "lowrank/encode": 0.93e-3}}
+# xDiT's blockwise attention (yunchang's ring flash attention, also on a ring of one under Ulysses) keeps the output
+# in fp32 and merges each further block's by log-sum-exp (update_out_and_lse, fused by TorchScript on CUDA): bytes
+# per output element of the first block's cast up, each merge (read the running output and the block's, write it
+# back) and the cast down, for activations of ``a`` bytes.
+MERGE_BYTES = {"cast_up": lambda a: a + 4, "merge": lambda a: 4 + a + 4, "cast_down": lambda a: 4 + a}
+# Patch parallel and DistriFusion gather every rank's K/V shard and attend once over their concatenation
+# (CompactFusion's patch_gather_fwd: torch.cat of the shards; DistriFusion first clones each stale shard and the
+# fresh own one): memory passes, in shards of K+V read and written, for P ranks.
+GATHER_COPIES = {"concat": lambda p: 2 * p, "stale": lambda p: 2 * p + 2 * (p + 1)}
 DEFAULT_EFFICIENCY_NOTE = "median of the anchored devices (no published single-device time for this device)"
 
 
@@ -194,6 +203,17 @@ class GpuSimulator:
     def attention(self, tokens: float, kv_tokens: float) -> float:
         return self.compute(tokens, kv_tokens) - self.linear(tokens)
 
+    def merge(self, kind: str) -> float:
+        """One memory-bound pass of the blockwise attention's output (:data:`MERGE_BYTES`), slowest rank."""
+        w = self.w
+        nbytes = w.local_tokens * w.shape.hidden * MERGE_BYTES[kind](w.shape.act_bytes)
+        return max(nbytes / (d.hbm_gbs * 1e9) * self.c.scale(r) for r, d in enumerate(self.c.devices))
+
+    def gather_copies(self, kind: str) -> float:
+        """The copies around a gathered attention (:data:`GATHER_COPIES`), slowest rank."""
+        nbytes = self.w.kv_bytes() * GATHER_COPIES[kind](self.w.world)
+        return max(nbytes / (d.hbm_gbs * 1e9) * self.c.scale(r) for r, d in enumerate(self.c.devices))
+
     def codec(self, warm: bool) -> tuple[float, float]:
         """(encode, decode) of one layer's K/V, slowest rank."""
         if warm not in self._codec:
@@ -261,21 +281,22 @@ class GpuSimulator:
             """Attention over ``ranks_per_ring`` K/V blocks: the own block, then each peer's block as it arrives
             (ring: P-1 hops, each beside the block at hand; direct: one round beside the own block)."""
             block = self.attention(t_local, T / ranks_per_ring) if ranks_per_ring else 0.0
+            merge, casts = self.merge("merge"), self.merge("cast_up") + self.merge("cast_down")
+            if w.degrees[0] * ranks_per_ring == 1:              # one GPU: the model's own attention, no merging
+                casts = 0.0
+            stats["compute"] += ranks_per_ring * block + (ranks_per_ring - 1) * merge + casts
+            stats["codec"] += (ranks_per_ring - 1) * decode
             groups = _ring_groups(w, p)
             if direct:
                 secs = max(alltoall_seconds(f, payload * len(g), g) for g in groups)
-                yield from exposed(transfer(secs), block)
-                yield env.timeout((ranks_per_ring - 1) * (block + decode))
-                stats["compute"] += ranks_per_ring * block
-                stats["codec"] += (ranks_per_ring - 1) * decode
+                yield from exposed(transfer(secs), block + casts)
+                yield env.timeout((ranks_per_ring - 1) * (block + decode + merge))
                 return
             pairs = [(g[i], g[(i + 1) % len(g)]) for g in groups for i in range(len(g))]
             hop = sendrecv_seconds(f, payload, pairs)
             for _ in range(ranks_per_ring - 1):
-                yield from exposed(transfer(hop), block + decode)
-            yield env.timeout(block)
-            stats["compute"] += ranks_per_ring * block
-            stats["codec"] += (ranks_per_ring - 1) * decode
+                yield from exposed(transfer(hop), block + decode + merge)
+            yield env.timeout(block + casts)
 
         def layer(warm: bool, local: bool):
             """One block on every rank (lockstep)."""
@@ -301,7 +322,7 @@ class GpuSimulator:
                     yield from exposed(transfer(secs), 0.0)
             elif w.method.own_attention_exchange and not w.method.stale_kv:     # patch: gather, then attend
                 yield from exposed(transfer(allgather_seconds(f, payload, everyone)), 0.0)
-                att = self.attention(t_local, T)
+                att = self.attention(t_local, T) + self.gather_copies("concat")
                 yield env.timeout(att + (p - 1) * dec)
                 stats["compute"] += att
                 stats["codec"] += (p - 1) * dec
@@ -319,7 +340,7 @@ class GpuSimulator:
                 t0 = env.now
                 yield pending[l]
                 stats["comm"] += env.now - t0
-            t = self.compute(t_local, T)
+            t = self.compute(t_local, T) + self.gather_copies("stale")
             yield env.timeout(t + enc + (p - 1) * dec)
             stats["compute"] += t
             stats["codec"] += enc + (p - 1) * dec

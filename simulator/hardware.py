@@ -67,8 +67,10 @@ class DeviceSpec:
 @dataclass(frozen=True)
 class LinkClass:
     """A link class in nccl-tests terms: ``busbw_gbs`` is the bus bandwidth of a large all-gather (GB/s per GPU,
-    one direction), ``latency_us`` the time of one small-message step. ``scope``: ``intra`` (GPU to GPU inside a
-    machine) or ``nic`` (a machine's network interface, shared by its GPUs)."""
+    one direction), ``latency_us`` the time of one small-message step, ``p2p_gbs`` what one send/recv pair reaches
+    (sendrecv_perf; NCCL gives a peer few channels, so on NVLink it is below the collectives'; None: the busbw).
+    ``scope``: ``intra`` (GPU to GPU inside a machine) or ``nic`` (a machine's network interface, shared by its
+    GPUs)."""
 
     name: str
     scope: str
@@ -76,6 +78,13 @@ class LinkClass:
     latency_us: float
     source: str
     transport: str = ""           # nvlink, pcie-p2p, pcie-shm, roce, ib, tcp
+    p2p_gbs: float | None = None
+    p2p_source: str = ""
+
+    @property
+    def pair_gbs(self) -> float:
+        """GB/s of one send/recv pair."""
+        return min(self.busbw_gbs, self.p2p_gbs or self.busbw_gbs)
 
 
 def _load(path: Path) -> dict:
