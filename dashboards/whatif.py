@@ -18,7 +18,7 @@ from ..simulator.predict import PredictedRow, predict, predict_latencies
 from .style import empty_figure, title
 
 MODELS = {"tiny_flux_mnist": 16, "flux.1-dev": 1024, "cogvideox-5b": 720,      # default resolution per model
-          "hunyuanvideo": 1280}
+          "hunyuanvideo": 1280, "pixart-alpha": 1024}
 COMPARED = ["ring", "patch", "distrifusion", "ulysses", "compact-1bit", "compact-2bit", "compact-lowrank"]
 CURVE_RATES_MBIT = [10, 25, 50, 100, 250, 500, 1000, 2500, 10_000]
 MAX_NODES = 64                  # the explorer's range; `scenario predict` takes more

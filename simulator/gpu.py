@@ -63,18 +63,22 @@ def waves(dev: DeviceSpec, blocks: int) -> float:
 
 
 def layer_seconds(dev: DeviceSpec, efficiency: float, tokens: float, kv_tokens: float, hidden: int,
-                  heads: int = 1, act_bytes: int = 2) -> float:
+                  heads: int = 1, act_bytes: int = 2, cross_tokens: int = 0) -> float:
     """One DiT block on ``tokens`` queries over ``kv_tokens`` keys: its four GEMMs (QKV, output, MLP up and
     down: N = 3h, h, 4h, h) and attention at ``efficiency`` of the peak, each kernel slowed by its last partial wave
-    of 128x128 tiles (attention: 128-query blocks per head); a GEMM reads its weights from HBM at least."""
+    of 128x128 tiles (attention: 128-query blocks per head); a GEMM reads its weights from HBM at least. With
+    ``cross_tokens`` (PixArt) also a cross-attention to that many text tokens: its query and output GEMMs and its
+    attention (the text's own K/V projections, a few percent, left out)."""
     peak = dev.peak_tflops * 1e12 * efficiency
     m = math.ceil(tokens / TILE)
+    gemms = [(3 * hidden, hidden), (hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden)]
     t = 0.0
-    for n_out, k_in in ((3 * hidden, hidden), (hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden)):
+    for n_out, k_in in gemms + [(hidden, hidden)] * (2 if cross_tokens else 0):
         flops = 2 * tokens * n_out * k_in
         t += max(flops / (peak * waves(dev, m * math.ceil(n_out / TILE))), n_out * k_in * act_bytes / (dev.hbm_gbs * 1e9))
-    if kv_tokens:
-        t += 4 * tokens * kv_tokens * hidden / (peak * waves(dev, m * heads))
+    for keys in (kv_tokens, cross_tokens):
+        if keys:
+            t += 4 * tokens * keys * hidden / (peak * waves(dev, m * heads))
     return t
 
 
@@ -94,10 +98,10 @@ def fit_efficiency(dev: DeviceSpec, anchor: Anchor) -> float:
     for _ in range(50):
         mid = (lo + hi) / 2
         t = anchor.steps * shape.layers * layer_seconds(dev, mid, batch * tokens, tokens, shape.hidden, shape.heads,
-                                                        shape.act_bytes)
+                                                        shape.act_bytes, shape.cross_tokens)
         if anchor.outside:
             t += stages.outside_seconds(dev, mid, anchor.model, anchor.height or anchor.resolution, anchor.resolution,
-                                        anchor.frames, prompts=batch)
+                                        anchor.frames, prompts=batch, outputs=int(anchor.decode))
         lo, hi = (lo, mid) if t < anchor.seconds else (mid, hi)
     return (lo + hi) / 2
 
@@ -194,7 +198,8 @@ class GpuSimulator:
 
     def _compute_seconds(self, tokens: float, kv_tokens: float) -> float:
         w = self.w
-        return max(layer_seconds(d, e, tokens, kv_tokens, w.shape.hidden, w.shape.heads, w.shape.act_bytes) * self.c.scale(r)
+        return max(layer_seconds(d, e, tokens, kv_tokens, w.shape.hidden, w.shape.heads, w.shape.act_bytes,
+                                 w.shape.cross_tokens) * self.c.scale(r)
                    for r, (d, e) in enumerate(zip(self.c.devices, self.eff)))
 
     def linear(self, tokens: float) -> float:
@@ -236,7 +241,8 @@ class GpuSimulator:
             return 0.0
         frames, height, width = w.output
         images = w.images or w.batch
-        return max(stages.outside_seconds(d, e, w.shape.name, height, width, frames, w.batch // images, images)
+        return max(stages.outside_seconds(d, e, w.shape.name, height, width, frames, w.batch // images,
+                                          images if w.decode else 0)
                    * self.c.scale(r) for r, (d, e) in enumerate(zip(self.c.devices, self.eff)))
 
     # --- the event model --------------------------------------------------------------------------------------
@@ -409,7 +415,8 @@ class GpuSimulator:
         @cache                                          # a stage sees a few token counts, many times
         def stage_seconds(s: int, tokens: float) -> float:
             compute = max(layer_seconds(self.c.devices[x], self.eff[x], tokens / sp, w.tokens, w.shape.hidden,
-                                        w.shape.heads, w.shape.act_bytes) * self.c.scale(x) for x in groups[s])
+                                        w.shape.heads, w.shape.act_bytes, w.shape.cross_tokens) * self.c.scale(x)
+                          for x in groups[s])
             return layers[s] * (compute + exchange(groups[s], tokens))
 
         costs = pipefusion.Costs(stage_seconds, lambda a, b, n: sendrecv_seconds(f, n / sp, list(zip(groups[a],

@@ -32,6 +32,7 @@ class Anchor:
     frames: int = 1
     batch: int = 1                # sequences per step (2 with classifier-free guidance)
     outside: bool = True          # the time includes the text encoders and the VAE decode (simulator.stages)
+    decode: bool = True           # ... the VAE decode among them (False: the pipeline returned its latents)
 
 
 @dataclass(frozen=True)

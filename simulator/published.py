@@ -53,7 +53,8 @@ class PublishedSet:
 def _scenario(name: str, common: dict, row: dict) -> Scenario:
     data = dict(common, name=name, output_gather="step")        # xDiT's pipelines gather the output every step
     data["nodes"] = row.get("nodes", common.get("nodes"))
-    data["methods"] = [row["method"]]
+    data["methods"] = [row["method"] if "patches" not in row else    # PipeFusion with its published patch count
+                       {"name": f"{row['method']}-m{row['patches']}", "comm": "pipefusion", "patches": row["patches"]}]
     data["parallel"] = {k: row[k] for k in ("cfg_degree", "ulysses_degree") if k in row}
     return parse_scenario(data, f"{PUBLISHED_FILE.name}: {name}")
 
@@ -64,13 +65,15 @@ def predict_set(name: str, entry: dict) -> PublishedSet:
     for r in entry["rows"]:
         sc = _scenario(name, entry["scenario"], r)
         shape = workload_of(sc, sc.methods[0]).shape
+        decode = entry.get("decode", True)          # False: the published pipeline returned latents
         anchor = Anchor(model=shape.name, resolution=sc.resolution, height=sc.height, frames=sc.frames,
                         steps=sc.steps, batch=workload_of(sc, sc.methods[0]).batch // sc.images,
-                        seconds=float(entry["single_s"]), source=entry["source"])
+                        seconds=float(entry["single_s"]), source=entry["source"], decode=decode)
         cluster = gpu_cluster_of(sc)
         cluster = replace(cluster, devices=tuple(replace(d, anchors=(anchor,)) for d in cluster.devices))
-        pred = GpuSimulator(workload_of(sc, sc.methods[0]), cluster).run().latency_s
-        label = r["method"] + (f" cfg{r['cfg_degree']}" if "cfg_degree" in r else "") + \
+        pred = GpuSimulator(replace(workload_of(sc, sc.methods[0]), decode=decode), cluster).run().latency_s
+        label = r["method"] + (f" m{r['patches']}" if "patches" in r else "") + \
+            (f" cfg{r['cfg_degree']}" if "cfg_degree" in r else "") + \
             (f" u{r['ulysses_degree']}" if "ulysses_degree" in r else "")
         rows.append(Row(name, label, sc.world_size, float(r["seconds"]), pred))
     base = entry.get("baseline", "single")

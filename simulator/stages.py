@@ -34,12 +34,16 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  num_attention_heads=32, num_key_value_heads=8)       # HunyuanVideo's LLaVA-LLaMA-3-8B text model
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77)
+SD_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+              up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+              latent_channels=4, norm_num_groups=32)         # PixArt-alpha's vae/config.json (Stable Diffusion's VAE)
 PIPELINES = {   # model -> (VAE class, its config, spatial and temporal compression, the (frames, height, width) it is
     #                   counted at), text encoders (kind, tokens)
     "flux.1-dev": (("AutoencoderKL", FLUX_VAE, 8, 1, (1, 1024, 1024)), (("t5", 512), ("clip", 77))),
     "cogvideox-5b": (("AutoencoderKLCogVideoX", {}, 8, 4, (49, 480, 720)), (("t5", 226),)),
     # HunyuanVideo: its 256-token prompt follows a 95-token template the encoder also reads (crop_start 95)
     "hunyuanvideo": (("AutoencoderKLHunyuanVideo", {}, 8, 4, (129, 720, 1280)), (("llama", 351), ("clip", 77))),
+    "pixart-alpha": (("AutoencoderKL", SD_VAE, 8, 1, (1, 1024, 1024)), (("t5", 120),)),
 }
 VAE_ANCHORS = {     # one published decode per kind: a VAE with a temporal compression is a video VAE
     "image": dict(model="flux.1-dev", device="h200", height=1024, width=1024, frames=1, seconds=0.0899,

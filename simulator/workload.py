@@ -28,6 +28,8 @@ class ModelShape:
     out_channels: int = 64        # channels of an output token (packed latents)
     guidance_embeds: bool = False  # guidance-distilled (FLUX.1-dev): guidance is an input, no CFG batch
     frames_per_latent: int = 1    # video: frames per latent frame after the first (CogVideoX, HunyuanVideo: 4)
+    cross_tokens: int = 0         # text tokens each block reaches by cross-attention (PixArt); 0: the text joins the
+                                  # self-attention sequence as ``text_tokens`` (MMDiT: FLUX, CogVideoX, HunyuanVideo)
 
 
 # Published shapes (diffusers configs): FLUX.1-dev 19 double + 38 single blocks, 24 heads x 128;
@@ -39,13 +41,17 @@ COGVIDEOX_5B = ModelShape("cogvideox-5b", layers=42, hidden=3072, heads=48, text
 # 129 frames 720x1280 -> 33 x 45 x 80 = 118800 tokens.
 HUNYUAN_VIDEO = ModelShape("hunyuanvideo", layers=60, hidden=3072, heads=24, text_tokens=256, guidance_embeds=True,
                            frames_per_latent=4)
+# PixArt-alpha XL-2: 28 blocks, 16 heads x 72, self-attention over the image, cross-attention to 120 T5 tokens;
+# 1024 px -> 64 x 64 = 4096 tokens; an output token is 2x2 patches of 8 channels (learned sigma).
+PIXART_ALPHA = ModelShape("pixart-alpha", layers=28, hidden=1152, heads=16, text_tokens=0, cross_tokens=120,
+                          out_channels=32)
 TINY = ModelShape("tiny_flux_mnist", layers=4, hidden=128, heads=4, text_tokens=4, act_bytes=4, pixels_per_token=2,
                   out_channels=4)
 # The video DiT built from its config (runtime/video.py): 2 blocks, 4 heads x 16; no VAE, every frame a latent frame;
 # an output token is a 2x2 patch of 4 channels.
 TINY_VIDEO = ModelShape(TINY_VIDEO_NAME, layers=2, hidden=64, heads=4, text_tokens=4, act_bytes=4, pixels_per_token=2,
                         out_channels=16, frames_per_latent=1)
-SHAPES = {s.name: s for s in (FLUX_DEV, COGVIDEOX_5B, HUNYUAN_VIDEO, TINY, TINY_VIDEO)}
+SHAPES = {s.name: s for s in (FLUX_DEV, COGVIDEOX_5B, HUNYUAN_VIDEO, PIXART_ALPHA, TINY, TINY_VIDEO)}
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class Workload:
     gather_each_step: bool = True  # the output gathered after every step (xDiT); else once, after the last
     images: int = 0               # images (or videos) generated: the latents, gathered once (0: batch)
     output: tuple[int, int, int] | None = None   # (frames, height, width) in pixels of each output; None: unknown
+    decode: bool = True           # the VAE decodes the outputs (False: the pipeline returns its latents)
 
     @property
     def degrees(self) -> tuple[int, int]:

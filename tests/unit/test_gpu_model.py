@@ -281,3 +281,25 @@ def test_the_video_models_shape_gives_the_bytes_the_runtime_sends():
     b, image = 16, 4 * 64
     per_step = 3 * (2 * 2 * b * (image + 4) // 4 * 64 * 4 + b * image // 4 * 16 * 4)
     assert row.bytes_on_wire == 3 * 4 * per_step
+
+
+def test_cross_attention_text_stays_local_and_a_latent_output_skips_the_vae():
+    """PixArt reaches its 120 text tokens by cross-attention: they are not in the self-attention sequence, so none
+    of them is exchanged, and each block pays two more GEMMs and the cross-attention; a pipeline that returns its
+    latents (xDiT's PixArt benchmark) pays its text encoder and no VAE decode."""
+    from compactbed.simulator import stages
+
+    sc = parse_scenario(dict(name="p", nodes=8, model={"name": "pixart-alpha"}, resolution=1024, steps=20,
+                             guidance=4.5, labels=1, methods=["ulysses"],
+                             hardware={"device": "a100-sxm", "gpus_per_node": 8, "intra_node": "nvlink3"}))
+    w = workload_of(sc, sc.methods[0])
+    assert w.tokens == 4096 and w.batch == 2 and w.exchanged_tokens == 2 * 4096 // 8
+    dev = P.devices["a100-sxm"]
+    plain = layer_seconds(dev, 0.5, 4096, 4096, 1152, 16)
+    assert layer_seconds(dev, 0.5, 4096, 4096, 1152, 16, cross_tokens=120) > 1.08 * plain
+    decoded, latent = (GpuSimulator(replace(w, decode=d), gpu_cluster_of(sc)) for d in (True, False))
+    text = stages.outside_seconds(dev, latent.eff[0], "pixart-alpha", 1024, 1024, prompts=2, outputs=0)
+    assert text > 0 and latent.outside() == pytest.approx(text) and decoded.outside() > text + 0.1
+    sets = {s.name: s for s in published_sets(only=["xdit_pixart_a100_nvlink_4096"])}
+    assert {r.label for r in sets["xdit_pixart_a100_nvlink_4096"].rows} == {"pipefusion", "distrifusion", "ulysses",
+                                                                            "ring"}
