@@ -120,18 +120,29 @@ def results_folder(run: str) -> str:
     return str(Path(run).parents[2])
 
 
+DISTURBED = 1.25      # a reference generation this many times its run's fastest was disturbed, not the host's pace
+
+
+def undisturbed(seconds: list[float]) -> float:
+    """The median of the timings within :data:`DISTURBED` of the fastest: the same deterministic generation timed
+    again, so one much slower (another process's work on the shared cores, e.g. the previous run's teardown) is
+    left out instead of moving the median of two."""
+    fastest = min(seconds)
+    return float(np.median([s for s in seconds if s <= DISTURBED * fastest]))
+
+
 def reference_pace(run: MeasuredRun, device: DeviceProfile) -> float | None:
-    """How fast the host computed during a results folder's run: the median wall time of its single-process
-    reference generations (timed on one thread, like each rank, before the distributed runs, with no links
-    involved) over the modelled single-process compute of the same generation. None without reference timings on
-    one thread (``reference_threads``)."""
+    """How fast the host computed during a results folder's run: the undisturbed wall time (:func:`undisturbed`)
+    of its single-process reference generations (timed on one thread, like each rank, before the distributed runs,
+    with no links involved) over the modelled single-process compute of the same generation. None without
+    reference timings on one thread (``reference_threads``)."""
     if not run.reference_latency_s or run.reference_threads != 1:
         return None
     scenario = parse_recorded(run.scenario, run.folder)
     w = workload_of(scenario, scenario.methods[0])
     n = w.batch * w.tokens
     modelled = w.steps * (w.shape.layers * device.layer_seconds(n, n, w.shape.hidden, 1.0) + device.step_overhead_s)
-    return float(np.median(list(run.reference_latency_s.values()))) / modelled
+    return undisturbed(list(run.reference_latency_s.values())) / modelled
 
 
 def corun_factor(probe: dict | None) -> float | None:

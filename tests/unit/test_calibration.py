@@ -342,6 +342,17 @@ def test_host_factor_follows_the_single_process_reference_and_scales_predicted_c
     assert at_slow.predicted_s > at_base.predicted_s
 
 
+def test_a_disturbed_reference_generation_is_left_out_of_the_host_pace():
+    """The reference generation is the same deterministic work each seed: timings that agree give their median,
+    one far slower than the fastest (held_prof_k's wan run: 0.93 s then 0.098 s) is left out, not averaged in."""
+    from compactbed.simulator.points import DISTURBED, undisturbed
+
+    assert undisturbed([0.30, 0.33]) == pytest.approx(0.315)
+    assert undisturbed([0.9274, 0.0983]) == pytest.approx(0.0983)
+    assert undisturbed([0.2, 0.21, 0.2 * DISTURBED * 1.01]) == pytest.approx(0.205)
+    assert undisturbed([0.2, 0.21, 0.2 * DISTURBED]) == pytest.approx(0.21)
+
+
 def test_compute_fit_takes_out_the_hosts_drift(tmp_path):
     """Three runs of one shape on a host at 1.0x, 1.2x and 1.5x the model's time (layers and reference generation
     alike): with host factors every run's rows agree, and the profile is the median host's; stored with the rows,
