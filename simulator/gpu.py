@@ -208,16 +208,18 @@ class GpuSimulator:
     def attention(self, tokens: float, kv_tokens: float) -> float:
         return self.compute(tokens, kv_tokens) - self.linear(tokens)
 
-    def merge(self, kind: str) -> float:
-        """One memory-bound pass of the blockwise attention's output (:data:`MERGE_BYTES`), slowest rank."""
-        w = self.w
-        nbytes = w.local_tokens * w.shape.hidden * MERGE_BYTES[kind](w.shape.act_bytes)
+    def memory_pass(self, nbytes: float) -> float:
+        """Seconds of moving ``nbytes`` through HBM, slowest rank."""
         return max(nbytes / (d.hbm_gbs * 1e9) * self.c.scale(r) for r, d in enumerate(self.c.devices))
 
+    def merge(self, kind: str) -> float:
+        """One pass of the blockwise attention's output (:data:`MERGE_BYTES`)."""
+        w = self.w
+        return self.memory_pass(w.local_tokens * w.shape.hidden * MERGE_BYTES[kind](w.shape.act_bytes))
+
     def gather_copies(self, kind: str) -> float:
-        """The copies around a gathered attention (:data:`GATHER_COPIES`), slowest rank."""
-        nbytes = self.w.kv_bytes() * GATHER_COPIES[kind](self.w.world)
-        return max(nbytes / (d.hbm_gbs * 1e9) * self.c.scale(r) for r, d in enumerate(self.c.devices))
+        """The copies around a gathered attention (:data:`GATHER_COPIES`)."""
+        return self.memory_pass(self.w.kv_bytes() * GATHER_COPIES[kind](self.w.world))
 
     def codec(self, warm: bool) -> tuple[float, float]:
         """(encode, decode) of one layer's K/V, slowest rank."""

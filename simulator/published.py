@@ -64,14 +64,14 @@ def predict_set(name: str, entry: dict) -> PublishedSet:
     rows = []
     for r in entry["rows"]:
         sc = _scenario(name, entry["scenario"], r)
-        shape = workload_of(sc, sc.methods[0]).shape
         decode = entry.get("decode", True)          # False: the published pipeline returned latents
-        anchor = Anchor(model=shape.name, resolution=sc.resolution, height=sc.height, frames=sc.frames,
-                        steps=sc.steps, batch=workload_of(sc, sc.methods[0]).batch // sc.images,
-                        seconds=float(entry["single_s"]), source=entry["source"], decode=decode)
+        w = replace(workload_of(sc, sc.methods[0]), decode=decode)
+        anchor = Anchor(model=w.shape.name, resolution=sc.resolution, height=sc.height, frames=sc.frames,
+                        steps=sc.steps, batch=w.batch // sc.images, seconds=float(entry["single_s"]),
+                        source=entry["source"], decode=decode)
         cluster = gpu_cluster_of(sc)
         cluster = replace(cluster, devices=tuple(replace(d, anchors=(anchor,)) for d in cluster.devices))
-        pred = GpuSimulator(replace(workload_of(sc, sc.methods[0]), decode=decode), cluster).run().latency_s
+        pred = GpuSimulator(w, cluster).run().latency_s
         label = r["method"] + (f" m{r['patches']}" if "patches" in r else "") + \
             (f" cfg{r['cfg_degree']}" if "cfg_degree" in r else "") + \
             (f" u{r['ulysses_degree']}" if "ulysses_degree" in r else "")
