@@ -102,14 +102,18 @@ def new_results(scenario: Scenario, output: Path, link_mode: str) -> Path:
 
 
 def references(model: DiTModel, scenario: Scenario, results: Path, console: Console, meta: dict) -> dict:
-    """Every seed's single-process reference (``reference/seed<k>.npy``), its time recorded in ``meta``."""
+    """Every seed's single-process reference (``reference/seed<k>.npy``), its time recorded in ``meta``. An untimed
+    one-step generation runs first: the process's first call pays one-off costs (allocations, first dispatch) that
+    a host-speed probe must not."""
+    reference_images(model, scenario.model_copy(update={"steps": 1}), scenario.seeds[0])
     refs = {}
     for seed in scenario.seeds:
         refs[seed] = reference_images(model, scenario, seed)
         (results / "reference").mkdir(exist_ok=True)
         np.save(results / "reference" / f"seed{seed}.npy", refs[seed][0])
         console.print(f"single-process reference (seed {seed}): {refs[seed][1]:.2f} s")
-    meta |= dict(reference_latency_s={s: r[1] for s, r in refs.items()}, reference_threads=REFERENCE_THREADS)
+    meta |= dict(reference_latency_s={s: r[1] for s, r in refs.items()}, reference_threads=REFERENCE_THREADS,
+                 reference_warmup_steps=1)
     return refs
 
 
