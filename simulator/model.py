@@ -9,8 +9,8 @@ runtime executes it on gloo:
                  peer over separate links
   usp            both, on their sub-groups
   distrifusion   the all-gather of the previous step's K/V runs asynchronously, overlapping compute; a step
-                 waits only for what has not arrived by the time it needs it; on 2 ranks two gathers run at once
-                 (gloo's worker threads) and the async transfers have their own calibrated cost factor
+                 waits only for what has not arrived by the time it needs it; two gathers run at once (gloo's
+                 worker threads), and on 2 ranks the async transfers have their own calibrated cost factor
                  (``async_gathers_seconds``)
 Compressed methods send codec payloads and pay encode/decode time. Warmup steps are full precision (sync) or
 computed for the whole sequence on every rank with no communication (local). A hop's cost (round trip,
@@ -267,17 +267,17 @@ class Simulator:
 
     def async_gathers_seconds(self) -> float:
         """One step's DistriFusion refresh: L all-gathers, asynchronous. Queued back to back, they wait on lossy links
-        for the slowest connection's run of L messages, not L times for the slowest one. On a 2-rank ring (one pair,
-        both directions loaded) gloo's worker threads run :data:`GLOO_THREADS` of them at once, so their round trips
-        overlap that many at a time while their bytes share the pair: the transfers cost the calibrated
+        for the slowest connection's run of L messages, not L times for the slowest one. Gloo's worker threads run
+        :data:`GLOO_THREADS` of them at once, so their round trips overlap that many at a time while their bytes
+        share the links. On a 2-rank ring (one pair, both directions loaded) the transfers cost the calibrated
         ``async_transfer_factor`` x a synchronous gather's on the same path without loss, and the loss recovery
-        (what loss adds to them) in full, since it stalls the one connection each way for every gather on it.
-        Rings of more ranks are priced one gather after another."""
+        (what loss adds to them) in full, since it stalls the one connection each way for every gather on it; on
+        rings of more ranks the transfers cost what a synchronous gather's do."""
         everyone, L = list(range(self.w.world)), self.w.shape.layers
         latency = self.allgather_seconds(0.0, everyone, L)
         transfer = self.allgather_seconds(self.w.kv_wire_bytes(False), everyone, L) - latency
         if self.w.world != 2:
-            return L * (latency + transfer)
+            return math.ceil(L / GLOO_THREADS) * latency + L * transfer
         clean = transfer
         if any(spec.loss_pct for spec in self.c.links.values()):
             links = {k: v.model_copy(update={"loss_pct": 0.0}) for k, v in self.c.links.items()}

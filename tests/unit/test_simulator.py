@@ -107,10 +107,10 @@ def test_both_directions_penalty_grows_with_the_message():
     assert penalty(4e2) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_distrifusion_async_gathers_overlap_in_pairs_on_two_ranks():
-    """DistriFusion's refresh is L gathers per step. On a 2-rank ring gloo's two worker threads run two at once: the
-    round trips overlap in pairs and the async transfer factor scales the transfers (both directions loaded). Larger
-    rings pay L whole gathers, the factor left out."""
+def test_distrifusion_async_gathers_overlap_in_pairs():
+    """DistriFusion's refresh is L gathers per step. Gloo's two worker threads run two at once: the round trips
+    overlap in pairs on any ring. On a 2-rank ring the async transfer factor scales the transfers (both directions
+    loaded); larger rings pay a synchronous gather's transfers, the factor left out."""
     import dataclasses
     import math
 
@@ -124,7 +124,7 @@ def test_distrifusion_async_gathers_overlap_in_pairs_on_two_ranks():
         L = w.shape.layers
         latency, exch = base.allgather_seconds(0.0, list(range(nodes))), base.exchange_seconds(False)
         assert latency > 0.04 and exch > latency
-        pairs = math.ceil(L / 2) if nodes == 2 else L
+        pairs = math.ceil(L / 2)
         assert base.async_gathers_seconds() == pytest.approx(pairs * latency + L * (exch - latency))
         cheaper = Simulator(w, cluster_of(s), dataclasses.replace(CALIB, async_transfer_factor=0.5))
         k = 0.5 if nodes == 2 else 1.0
