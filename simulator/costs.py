@@ -78,7 +78,9 @@ class Calibration:
                                          #   (`scenario calibrate RESULTS --async-into`)
     congestion_control: str = "bbr"      # the TCP algorithm the hop constants were fitted under (the runs' host's)
     rtt_factor_by_algorithm: dict[str, float] = field(default_factory=dict)   # k_rtt of another algorithm over this
-                                         #   one's, measured by the link micro-benchmark in one run (testbed.linkbench)
+                                         #   one's: measured by the link micro-benchmark in one run (testbed.linkbench),
+                                         #   or fitted on whole runs under it (`scenario calibrate RESULTS --rtt-into`)
+    rtt_sources: list[str] = field(default_factory=list)   # the runs it was fitted on (empty: micro-benchmark)
     sources: list[str] = field(default_factory=list)
 
     # --- queries used by the model ------------------------------------------------------------------------

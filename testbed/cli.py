@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     only.add_argument("--async-into", metavar="CALIBRATION",
                       help="fit only DistriFusion's asynchronous transfer factor, on these results folders and the "
                            "runs already stored there, into that calibration folder")
+    only.add_argument("--rtt-into", metavar="CALIBRATION",
+                      help="fit only the round trips per hop of TCP algorithms other than the calibration's, on the "
+                           "whole runs under these folders made under them, into that calibration folder")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("dashboard", help="start the Dash app (what-if explorer and measured results) on localhost",

@@ -54,7 +54,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
-    from ..simulator.calibrate import async_into, calibrate, local_step_into
+    from ..simulator.calibrate import async_into, calibrate, local_step_into, rtt_into
 
     require_folders(args.results)
     try:
@@ -64,6 +64,9 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
         elif args.async_into:
             require_folders([args.async_into])
             async_into([Path(p) for p in args.results], Path(args.async_into), log=console.print)
+        elif args.rtt_into:
+            require_folders([args.rtt_into])
+            rtt_into([Path(p) for p in args.results], Path(args.rtt_into), log=console.print)
         else:
             calibrate([Path(p) for p in args.results], Path(args.out), log=console.print)
     except ValueError as e:

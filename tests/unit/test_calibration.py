@@ -506,3 +506,43 @@ def test_async_factor_is_fitted_into_a_calibration_leaving_the_rest(tmp_path):
     assert [r.folder for r in read_runs([into])] == [older.folder]
     with pytest.raises(ValueError, match="not a calibration folder"):
         async_into([df], tmp_path / "df", log=lambda s: None)
+
+
+def test_rtt_factor_is_fitted_into_a_calibration_from_runs_under_another_algorithm(tmp_path):
+    """``scenario calibrate --rtt-into``: the round trips per hop of an algorithm other than the calibration's are
+    refitted on the whole runs made under it (measured = simulated with a known factor), runs under the calibration's
+    own algorithm left out of it; every other constant stays, the folders it came from are recorded; a folder with
+    no such run, or that is not a calibration, is refused."""
+    import dataclasses
+    import json
+
+    import yaml
+    from compactbed.simulator.calibrate import rtt_into
+
+    def folder_of(name, algorithm, truth):
+        folder = tmp_path / name
+        folder.mkdir()
+        scenario = parse_scenario(dict(name=name, nodes=2, link={"rate_mbit": 50, "delay_ms": 20}, labels=8, steps=4,
+                                       methods=["ring", "compact-1bit"], seeds=[0, 1]), name)
+        (folder / "scenario.yaml").write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
+        (folder / "environment.json").write_text(json.dumps({"congestion_control": {"in_force": algorithm}}))
+        cluster = dataclasses.replace(cluster_of(scenario), congestion_control=algorithm)
+        rows = [dict(method=m.name, seed=k, links="shaped", status="ok", latency_s=Simulator(
+            workload_of(scenario, m), cluster, truth).run().latency_s) for m in scenario.methods for k in (0, 1)]
+        (folder / "summary.json").write_text(json.dumps({"rows": rows}))
+        return folder
+
+    into = tmp_path / "calib"
+    CALIB.save(into)
+    truth = dataclasses.replace(CALIB, rtt_factor_by_algorithm={"reno": 0.7})
+    own = folder_of("own", CALIB.congestion_control, truth)
+    with pytest.raises(ValueError, match="no run under a TCP algorithm other than"):
+        rtt_into([own], into, log=lambda s: None)
+    reno = folder_of("reno", "reno", truth)
+    assert rtt_into([own, reno], into, log=lambda s: None)["reno"] == pytest.approx(0.7, rel=1e-3)
+    again = Calibration.load(into)
+    assert again.rtt_sources == [str(reno)]
+    assert dataclasses.replace(again, rtt_factor_by_algorithm=CALIB.rtt_factor_by_algorithm, rtt_sources=[],
+                               devices=CALIB.devices) == CALIB
+    with pytest.raises(ValueError, match="not a calibration folder"):
+        rtt_into([reno], tmp_path / "reno", log=lambda s: None)
