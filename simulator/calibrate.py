@@ -129,7 +129,7 @@ def calibrate(results: list[Path], out: Path, cores: int | None = None, log=prin
         # other TCP algorithms' round trips, measured by the link micro-benchmark (testbed.linkbench --into)
         calib.congestion_control = earlier.congestion_control
         calib.rtt_factor_by_algorithm = dict(earlier.rtt_factor_by_algorithm)
-        calib.rtt_sources = list(earlier.rtt_sources)
+        calib.rtt_sources = dict(earlier.rtt_sources)
     device.codec_call_s = fit_codec_call(cpoints, calib)
     hpoints = hop_points(results, calib)
     hpoints += earlier_points(results, "hops.csv", hpoints, exclude)
@@ -243,9 +243,9 @@ def rtt_into(results: list[Path], into: Path, log=print) -> dict[str, float]:
         fit = least_squares(residual, x0=[before], bounds=([0.2], [5.0]), diff_step=1e-3, loss="soft_l1",
                             f_scale=0.1)
         residual(fit.x)
+        calib.rtt_sources[algorithm] = [r.folder for r in runs]
         log(f"{algorithm}: round trips per hop {calib.rtt_factor(algorithm):.3f} x the calibration's "
             f"({calib.congestion_control}; was {before:.3f}), from {len(cases)} cases of {len(runs)} runs")
-    calib.rtt_sources = [r.folder for runs in by_algorithm.values() for r in runs]
     calib.save(into)
     return dict(calib.rtt_factor_by_algorithm)
 

@@ -80,7 +80,8 @@ class Calibration:
     rtt_factor_by_algorithm: dict[str, float] = field(default_factory=dict)   # k_rtt of another algorithm over this
                                          #   one's: measured by the link micro-benchmark in one run (testbed.linkbench),
                                          #   or fitted on whole runs under it (`scenario calibrate RESULTS --rtt-into`)
-    rtt_sources: list[str] = field(default_factory=list)   # the runs it was fitted on (empty: micro-benchmark)
+    rtt_sources: dict[str, list[str]] = field(default_factory=dict)   # per algorithm, the runs it was fitted on
+                                         #   (none: the micro-benchmark's)
     sources: list[str] = field(default_factory=list)
 
     # --- queries used by the model ------------------------------------------------------------------------

@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no point measured under both {calib.congestion_control} (the calibration's) and "
                              f"another algorithm: nothing written")
         calib.rtt_factor_by_algorithm |= factors
+        calib.rtt_sources = {k: v for k, v in calib.rtt_sources.items() if k not in factors}
         calib.save(a.into)
         print("round trips per hop against " + calib.congestion_control + ": " +
               ", ".join(f"{k} {v:.3f}x" for k, v in sorted(factors.items())) + f" -> {a.into}/calibration.json")

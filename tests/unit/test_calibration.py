@@ -541,8 +541,8 @@ def test_rtt_factor_is_fitted_into_a_calibration_from_runs_under_another_algorit
     reno = folder_of("reno", "reno", truth)
     assert rtt_into([own, reno], into, log=lambda s: None)["reno"] == pytest.approx(0.7, rel=1e-3)
     again = Calibration.load(into)
-    assert again.rtt_sources == [str(reno)]
-    assert dataclasses.replace(again, rtt_factor_by_algorithm=CALIB.rtt_factor_by_algorithm, rtt_sources=[],
+    assert again.rtt_sources == {"reno": [str(reno)]}
+    assert dataclasses.replace(again, rtt_factor_by_algorithm=CALIB.rtt_factor_by_algorithm, rtt_sources={},
                                devices=CALIB.devices) == CALIB
     with pytest.raises(ValueError, match="not a calibration folder"):
         rtt_into([reno], tmp_path / "reno", log=lambda s: None)
