@@ -28,6 +28,7 @@ from .fit import (
     fit_local_step,
     identified,
     refine_hops_on_runs,
+    refine_rtt_factor_on_runs,
 )
 from .points import (
     codec_points,
@@ -211,17 +212,10 @@ def async_into(results: list[Path], into: Path, log=print) -> float:
 
 def rtt_into(results: list[Path], into: Path, log=print) -> dict[str, float]:
     """Fit only the round trips per hop of each TCP algorithm other than the calibration's own
-    (``rtt_factor_by_algorithm``) on the whole runs under ``results`` made under it, and write them into the
-    calibration folder ``into`` with the folders they came from (``rtt_sources``); every other constant, and the
-    stored runs, stay. Bounded least squares (scipy) of each (run, link pass, method)'s relative error, median over
-    its seeds, under a soft-L1 loss: a run whose one reference was disturbed (its compute mispriced) does not pull
-    the round trips to make up for it. Whole runs carry what a link micro-benchmark does not: the
-    ranks' CPU contention and their links' topology and connection reuse under that algorithm."""
-    from scipy.optimize import least_squares
-
-    from .model import Simulator
-    from .predict import measured_cases
-
+    (``rtt_factor_by_algorithm``, :func:`.fit.refine_rtt_factor_on_runs`) on the whole runs under ``results`` made
+    under it, and write them into the calibration folder ``into`` with the folders they came from
+    (``rtt_sources``); every other constant, and the stored runs, stay. Whole runs carry what a link
+    micro-benchmark does not: the ranks' CPU contention and their links' topology and connection reuse."""
     if not is_calibration(into):
         raise ValueError(f"{into} is not a calibration folder (no calibration.json)")
     calib = Calibration.load(into)
@@ -233,19 +227,11 @@ def rtt_into(results: list[Path], into: Path, log=print) -> dict[str, float]:
         raise ValueError(f"no run under a TCP algorithm other than the calibration's ({calib.congestion_control}) "
                          "under " + ", ".join(map(str, results)))
     for algorithm, runs in sorted(by_algorithm.items()):
-        cases = measured_cases(runs, calib=calib)
-
-        def residual(x, algorithm=algorithm, cases=cases):
-            calib.rtt_factor_by_algorithm[algorithm] = float(x[0])
-            return np.array([Simulator(c.workload, c.cluster, calib).run().latency_s / c.median_s - 1 for c in cases])
-
         before = calib.rtt_factor(algorithm)
-        fit = least_squares(residual, x0=[before], bounds=([0.2], [5.0]), diff_step=1e-3, loss="soft_l1",
-                            f_scale=0.1)
-        residual(fit.x)
+        cases = refine_rtt_factor_on_runs(runs, calib, algorithm)
         calib.rtt_sources[algorithm] = [r.folder for r in runs]
         log(f"{algorithm}: round trips per hop {calib.rtt_factor(algorithm):.3f} x the calibration's "
-            f"({calib.congestion_control}; was {before:.3f}), from {len(cases)} cases of {len(runs)} runs")
+            f"({calib.congestion_control}; was {before:.3f}), from {cases} cases of {len(runs)} runs")
     calib.save(into)
     return dict(calib.rtt_factor_by_algorithm)
 

@@ -244,10 +244,34 @@ def refine_hops_on_runs(results: list, calib: Calibration, free: list[bool] | No
     def residual(x):
         for n, v in zip(names, x):
             setattr(calib, n, float(v))
-        return np.array([Simulator(c.workload, c.cluster, calib).run().latency_s / c.median_s - 1 for c in cases])
+        return relative_errors(cases, calib)
 
     x0 = np.clip([getattr(calib, n) for n in names], lo, hi)
     fit = least_squares(residual, x0=x0, x_scale=scale, bounds=(lo, hi), diff_step=1e-3)
+    residual(fit.x)
+    return len(cases)
+
+
+def relative_errors(cases: list, calib: Calibration) -> np.ndarray:
+    """Each measured case's predicted latency over its measured one (median over seeds), less 1."""
+    return np.array([Simulator(c.workload, c.cluster, calib).run().latency_s / c.median_s - 1 for c in cases])
+
+
+def refine_rtt_factor_on_runs(runs: list, calib: Calibration, algorithm: str) -> int:
+    """Fit ``algorithm``'s round trips per hop (``calib.rtt_factor_by_algorithm``, in place) so that the simulator
+    reproduces whole runs made under it, every other constant held: bounded least squares (scipy) of each case's
+    relative error under a soft-L1 loss, so that a run whose one reference was disturbed (its compute mispriced)
+    does not pull the round trips to make up for it. Returns the number of cases fitted."""
+    from scipy.optimize import least_squares
+
+    cases = measured_cases(runs, calib=calib)
+
+    def residual(x):
+        calib.rtt_factor_by_algorithm[algorithm] = float(x[0])
+        return relative_errors(cases, calib)
+
+    fit = least_squares(residual, x0=[calib.rtt_factor(algorithm)], bounds=([0.2], [5.0]), diff_step=1e-3,
+                        loss="soft_l1", f_scale=0.1)
     residual(fit.x)
     return len(cases)
 

@@ -276,8 +276,9 @@ class Simulator:
         everyone, L = list(range(self.w.world)), self.w.shape.layers
         latency = self.allgather_seconds(0.0, everyone, L)
         transfer = self.allgather_seconds(self.w.kv_wire_bytes(False), everyone, L) - latency
+        round_trips = math.ceil(L / GLOO_THREADS) * latency
         if self.w.world != 2:
-            return math.ceil(L / GLOO_THREADS) * latency + L * transfer
+            return round_trips + L * transfer
         clean = transfer
         if any(spec.loss_pct for spec in self.c.links.values()):
             links = {k: v.model_copy(update={"loss_pct": 0.0}) for k, v in self.c.links.items()}
@@ -285,7 +286,7 @@ class Simulator:
             clean = min(transfer, without.allgather_seconds(self.w.kv_wire_bytes(False), everyone, L)
                         - without.allgather_seconds(0.0, everyone, L))
         k = self.calib.async_transfer_factor
-        return math.ceil(L / GLOO_THREADS) * latency + L * (k * clean + transfer - clean)
+        return round_trips + L * (k * clean + transfer - clean)
 
     def exchange_seconds(self, warm: bool) -> float:
         """Communication of one layer for the method (all ranks); the same for every step of a kind."""
