@@ -153,6 +153,15 @@ def corun_factor(probe: dict | None) -> float | None:
     return float(np.median(probe["together_s"])) / probe["alone_s"]
 
 
+def exchange_floor(probe: dict | None) -> float | None:
+    """Seconds one exchange adds beside computing ranks on the run's host, whatever the link: in the host probe's
+    rounds, the forwards with a ring hop after every attention layer less those without, per hop (median round; at
+    least 0). None without that part of the probe."""
+    if not probe or not probe.get("exchange_rounds") or not probe.get("exchanges"):
+        return None
+    return max(float(np.median([b - a for a, b in probe["exchange_rounds"]])), 0.0) / probe["exchanges"]
+
+
 def host_factors(runs: list[MeasuredRun], device: DeviceProfile) -> dict[str, float]:
     """Each run's host speed relative to the calibration runs' median (1.2 = computed 20% slower):
     :func:`reference_pace` / ``device.reference_pace``, keyed by results folder. Runs without reference timings, or

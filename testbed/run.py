@@ -118,9 +118,9 @@ def references(model: DiTModel, scenario: Scenario, results: Path, console: Cons
 
 
 def host_probe(model: DiTModel, scenario: Scenario, console: Console, meta: dict) -> None:
-    """The host's compute with every rank on it (:mod:`.hostprobe`), recorded in ``meta`` as ``corun``; a probe
-    that fails is reported and recorded as missing."""
-    from ..simulator.points import corun_factor
+    """The host's compute and exchanges with every rank on it (:mod:`.hostprobe`), recorded in ``meta`` as
+    ``corun``; a probe that fails is reported and recorded as missing."""
+    from ..simulator.points import corun_factor, exchange_floor
     from .hostprobe import corun_probe
 
     try:
@@ -129,9 +129,12 @@ def host_probe(model: DiTModel, scenario: Scenario, console: Console, meta: dict
         console.print(f"[yellow]host probe failed:[/] {type(e).__name__}: {e}")
         meta["corun"] = None
         return
-    factor = corun_factor(probe)
+    factor, floor = corun_factor(probe), exchange_floor(probe)
     console.print(f"host probe: one forward on a rank's share {probe['alone_s'] * 1e3:.1f} ms alone, "
-                  f"{factor:.2f}x that with {probe['ranks']} ranks at once")
+                  f"{factor:.2f}x that with {probe['ranks']} ranks at once"
+                  + (f"; an exchange beside them adds {floor * 1e3:.2f} ms over loopback" if floor is not None else ""))
+    if probe.get("exchange_error"):
+        console.print(f"[yellow]host probe: the exchange part failed:[/] {probe['exchange_error']}")
     meta["corun"] = probe
 
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from compactbed.netem.cluster import check_backend, list_namespaces
-from compactbed.simulator.points import corun_factor
+from compactbed.simulator.points import corun_factor, exchange_floor
 from compactbed.testbed.cli import main
 
 pytestmark = pytest.mark.slow
@@ -32,9 +32,11 @@ def test_run_writes_a_complete_results_folder(tmp_path, monkeypatch, capsys):
         assert (results / name).is_file(), name
     summary = json.loads((results / "summary.json").read_text())
     rows = summary["rows"]
-    probe = summary["corun"]            # the host probe: one forward alone and in each rank at once
+    probe = summary["corun"]            # the host probe: one forward alone, in each rank at once, and exchanging
     assert probe["ranks"] == 2 and len(probe["together_s"]) == 2 and probe["alone_s"] > 0
     assert "host probe:" in out and corun_factor(probe) > 0.5
+    assert len(probe["exchange_rounds"]) == 3 and probe["exchanges"] == 4 and "exchange_error" not in probe
+    assert exchange_floor(probe) > 0 and "an exchange beside them adds" in out
     emulated = check_backend().backend is not None
     passes = {"shaped", "bound", "ideal"} if emulated else {"loopback"}
     assert {r["links"] for r in rows} == passes and all(r["status"] == "ok" for r in rows)
