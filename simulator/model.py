@@ -14,7 +14,9 @@ runtime executes it on gloo:
                  (``async_gathers_seconds``)
 Compressed methods send codec payloads and pay encode/decode time. Warmup steps are full precision (sync) or
 computed for the whole sequence on every rank with no communication (local). A hop's cost (round trip,
-transfer, loss, jitter) comes from the calibrated hop model (``calibration.hop_seconds``). A collective occupies
+transfer, loss, jitter) comes from the calibrated hop model (``calibration.hop_seconds``), and an exchange takes
+no less than the run's host probe measured one to add beside computing ranks over loopback
+(``Cluster.exchange_floor_s``: an all-gather's operations, a direct round, a pipeline send). A collective occupies
 the links it uses (resources), so an asynchronous gather and the next synchronous exchange contend.
 Where ranks outnumber the host's cores (the emulation host), ring and patch steps follow every rank on its own:
 it computes on the cores shared with whichever ranks compute at the same time (processor sharing) from the moment
@@ -61,6 +63,8 @@ class Cluster:
                                   # them with the other group)
     fresh_processes: bool = False  # the generation is its processes' first job (the runtime keeps ranks across
                                    # jobs: only a launch's first job starts cold)
+    exchange_floor_s: float = 0.0  # the least one exchange costs on the host beside computing ranks, whatever the
+                                   # link (the run's host probe, points.exchange_floor); 0: not probed
 
     @property
     def world(self) -> int:
@@ -211,7 +215,8 @@ class Simulator:
         send starts only once the receiver's ready notice is in (gloo's rendezvous): a hop's latency (its cost for
         an empty message) is that notice's way back plus the data's way there, half each. So a rank that enters
         late holds up its predecessor's sends too, and a slow hop holds up the ranks after it; a half's transfer
-        overlaps the next half's notice. With equal entries on uniform links: (P-1) x one hop for small messages,
+        overlaps the next half's notice; an operation completes no sooner than the host's exchange floor after it
+        was posted. With equal entries on uniform links: (P-1) x one hop for small messages,
         (P-1) transfers plus one latency for large ones."""
         ranks = list(range(len(entry))) if ranks is None else ranks
         p = len(ranks)
@@ -233,7 +238,8 @@ class Simulator:
                 start = max(posted[r], posted[nxt] + latency[r] / 2, link_free[r])
                 sent[r] = link_free[r] = start + half[r]
                 arrived[nxt] = start + latency[r] / 2 + half[r]
-            done = [done[1], [max(a, t) for a, t in zip(arrived, sent)]]
+            floor = [t + self.c.exchange_floor_s for t in posted]          # the host's least per exchange
+            done = [done[1], [max(a, t, f) for a, t, f in zip(arrived, sent, floor)]]
         return [max(a, b) for a, b in zip(*done)]
 
     def alltoall_seconds(self, nbytes: float, ranks: list[int]) -> float:
@@ -250,8 +256,9 @@ class Simulator:
             return 0.0
         share = (p - 1) if self.c.shared_uplink else 1          # P-1 sends through one uplink
         active = self.c.world * (p - 1) if self.c.forwarding else 0
-        return max(self.links.seconds(self.c.links[(a, b)], share * per_peer, True, active, p * (p - 1), per_peer)
-                   for a in ranks for b in ranks if a != b)
+        return max([self.c.exchange_floor_s] + [
+            self.links.seconds(self.c.links[(a, b)], share * per_peer, True, active, p * (p - 1), per_peer)
+            for a in ranks for b in ranks if a != b])
 
     def hidden_seconds(self, rank: int) -> float:
         """What of a direct ring exchange runs behind this rank's compute: its own attention block (its queries
@@ -491,7 +498,8 @@ class Simulator:
             return layers[s] * (compute + exchange(groups[s], tokens))
 
         def send_seconds(a: int, b: int, nbytes: float) -> float:
-            return max(self.links.seconds(self.c.links[(x, y)], nbytes / sp) for x, y in zip(groups[a], groups[b]))
+            return max([self.c.exchange_floor_s] + [self.links.seconds(self.c.links[(x, y)], nbytes / sp)
+                                                    for x, y in zip(groups[a], groups[b])])
 
         costs = pipefusion.Costs(stage_seconds, send_seconds,
                                  lambda s, tokens: pipefusion.stage_exchange_bytes(w, layers[s], tokens))

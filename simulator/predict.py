@@ -13,7 +13,7 @@ from .costs import Calibration
 from .gpu import GpuSimulator, gpu_cluster_of
 from .hardware import shipped
 from .model import Cluster, Prediction, Simulator, cluster_of
-from .points import corun_factor, host_factors
+from .points import corun_factor, exchange_floor, host_factors
 from .runs import read_runs
 from .workload import Workload, workload_of
 
@@ -110,6 +110,7 @@ class Case:
     spread: float = 0.0            # (max - min) / median of the repeats
     host_factor: float = 1.0       # compute scaled by the host's speed during the run (see measured_cases)
     corun: float | None = None     # the run's host probe: slowdown with every rank computing at once
+    exchange_floor_s: float | None = None   # the run's host probe: the least an exchange costs on its host
 
     @property
     def error(self) -> float:
@@ -128,6 +129,7 @@ class MeasuredCase:
     latencies: list[float]
     host_factor: float = 1.0       # the host's speed during the run vs the calibration's (compute scaled by it)
     corun: float | None = None     # the run's host probe: a rank's slowdown with every rank computing at once
+    exchange_floor_s: float | None = None   # the run's host probe: the least an exchange costs on its host
 
     @property
     def median_s(self) -> float:
@@ -169,7 +171,7 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
             if row.ok and row.links != "loopback":
                 measured.setdefault((row.links, row.method), []).append(row)
         host = host_factors([run], calib.devices[device]).get(run.folder, 1.0) if calib else 1.0
-        corun = corun_factor(run.corun)
+        corun, floor = corun_factor(run.corun), exchange_floor(run.corun)
         for (links, method), rows in measured.items():
             latencies = [r.latency_s for r in rows]
             fresh = 2 * sum(not r.launch_job for r in rows) > len(rows)
@@ -177,9 +179,9 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
             cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale),
                               links=as_probed(cluster.links, run.off_profile, calib),
                               congestion_control=run.congestion_control,
-                              fresh_processes=fresh)
+                              fresh_processes=fresh, exchange_floor_s=floor or 0.0)
             cases.append(MeasuredCase(Path(run.folder), links, method, workload_of(scenario, methods[method]),
-                                      cluster, latencies, host, corun))
+                                      cluster, latencies, host, corun, floor))
     return cases
 
 
@@ -191,7 +193,7 @@ def validate(results: list, calib: Calibration, device: str = "cpu") -> list[Cas
         median = m.median_s
         out.append(Case(str(m.folder), m.links, m.method, m.cluster.world, median, pred.latency_s,
                         len(m.latencies), (max(m.latencies) - min(m.latencies)) / median, m.host_factor,
-                        m.corun))
+                        m.corun, m.exchange_floor_s))
     return out
 
 

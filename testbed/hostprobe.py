@@ -9,8 +9,9 @@ once with an exchange after every attention layer (one ring hop over gloo on loo
 to the next rank, receive from the previous, as ring attention does), alternated with rounds without; what that
 adds per exchange (median round) is the least an exchange costs on this host beside computing ranks (waking the
 ranks, gloo's threads), whatever the link. Recorded in the run's summary as ``corun`` and reported by ``scenario
-simcheck`` (:func:`..simulator.points.corun_factor`, :func:`..simulator.points.exchange_floor`); the simulator does
-not price compute with the co-run factor yet (docs/VALIDATION.md, host probe).
+simcheck`` (:func:`..simulator.points.corun_factor`, :func:`..simulator.points.exchange_floor`); the simulator prices
+each exchange of the run at no less than that floor, and does not price compute with the co-run factor yet
+(docs/VALIDATION.md, host probe).
 """
 
 from __future__ import annotations

@@ -84,20 +84,23 @@ def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
         raise CommandError("no complete measured emulated runs in those folders")
     t = Table(title="simulator vs measured (held-out runs: not used for calibration)")
     for col in ("results", "links", "method", "ranks", "runs", "measured s", "spread", "host", "co-run",
-                "predicted s", "error"):
+                "exchange", "predicted s", "error"):
         t.add_column(col, justify="left" if col in ("results", "method", "links") else "right")
     for c in cases:
         t.add_row(Path(c.results).parent.name + "/" + Path(c.results).name, c.links, c.method, str(c.world),
                   str(c.repeats), f"{c.measured_s:.2f}", f"{c.spread:.0%}" if c.repeats > 1 else "-",
-                  f"{c.host_factor:.2f}x", f"{c.corun:.2f}x" if c.corun else "-", f"{c.predicted_s:.2f}",
-                  f"{c.error:+.1%}")
+                  f"{c.host_factor:.2f}x", f"{c.corun:.2f}x" if c.corun else "-",
+                  f"{c.exchange_floor_s * 1e3:.1f} ms" if c.exchange_floor_s is not None else "-",
+                  f"{c.predicted_s:.2f}", f"{c.error:+.1%}")
     console.print(t)
     console.print(f"MAPE over {len(cases)} cases: {mape(cases):.1%} (measured: median over each case's seeds; "
                   "spread: (max - min) / median)")
     console.print("host: the run's single-process reference generation (timed before the distributed runs, no "
                   "links) against the calibration runs', relative to the model; the predicted compute is scaled "
                   "by it. co-run: the run's host probe, a rank's slowdown with every rank computing at once (-: not "
-                  "probed); recorded for the model, which still prices compute by ranks / cores")
+                  "probed); recorded for the model, which still prices compute by ranks / cores. exchange: what the "
+                  "probe measured one exchange to add beside computing ranks over loopback; the model prices each "
+                  "exchange at no less")
     return 0
 
 

@@ -442,7 +442,8 @@ def test_rtt_factors_recover_an_algorithms_round_trips_from_paired_micro_benchma
 def test_a_runs_host_probe_is_read_with_it_and_reported_per_case(tmp_path):
     """The probe's slowdown is its median rank's; a run that recorded one reports it with each case (simcheck's
     co-run column) and is predicted as a run without one (the local step stays priced by the calibrated factor:
-    held_prof_c judged the probe's pricing worse, see docs/VALIDATION.md)."""
+    held_prof_c judged the probe's pricing worse, see docs/VALIDATION.md). Its exchange rounds set the floor of
+    every exchange (simcheck's exchange column)."""
     import json
 
     from compactbed.simulator.points import corun_factor, exchange_floor
@@ -459,11 +460,16 @@ def test_a_runs_host_probe_is_read_with_it_and_reported_per_case(tmp_path):
     plain = _results_folder(tmp_path, "plain", data, 1.0, 0.2)
     probed = _results_folder(tmp_path, "probed", data, 1.0, 0.2)
     summary = json.loads((probed / "summary.json").read_text())
-    (probed / "summary.json").write_text(json.dumps(summary | {"corun": {"ranks": 2, "calls": 5, "alone_s": 0.01,
-                                                                          "together_s": [0.017, 0.019]}}))
+    probe = {"ranks": 2, "calls": 5, "alone_s": 0.01, "together_s": [0.017, 0.019]}
+    (probed / "summary.json").write_text(json.dumps(summary | {"corun": probe}))
     (with_probe,), (without,) = validate([probed], CALIB), validate([plain], CALIB)
     assert with_probe.corun == pytest.approx(1.8) and without.corun is None
-    assert with_probe.predicted_s == without.predicted_s
+    assert with_probe.predicted_s == without.predicted_s and with_probe.exchange_floor_s is None
+    # its exchange rounds: 0.2 s more per forward of 4 hops = a 50 ms floor, above this link's hop: priced
+    probe |= {"exchange_rounds": [[0.02, 0.22]] * 3, "exchanges": 4}
+    (probed / "summary.json").write_text(json.dumps(summary | {"corun": probe}))
+    (floored,) = validate([probed], CALIB)
+    assert floored.exchange_floor_s == pytest.approx(0.05) and floored.predicted_s > without.predicted_s
 
 
 def test_async_factor_is_fitted_into_a_calibration_leaving_the_rest(tmp_path):

@@ -197,6 +197,27 @@ def test_oversubscribed_hosts_pay_a_scheduling_wait_per_hop():
         assert Simulator(w, cluster_of(s), waiting).run().comm_s - base == pytest.approx(hops * extra_per_hop)
 
 
+def test_an_exchange_costs_no_less_than_the_hosts_probed_floor():
+    """A probed floor of 20 ms per exchange (``Cluster.exchange_floor_s``): on a fast link each operation of the
+    ring's all-gather takes it (two in flight: P-1 floors) and a direct round takes one; on a link slower than the
+    floor every cost is the link's alone."""
+    import dataclasses
+
+    for link, floored in (({"rate_mbit": 1000, "delay_ms": 0.1}, True), ({"rate_mbit": 10, "delay_ms": 50}, False)):
+        s = sc(link=link)
+        w, ring = workload_of(s, METHOD_PRESETS["ring"]), [0, 1, 2, 3]
+        n = w.kv_wire_bytes(False)
+        base = Simulator(w, cluster_of(s), CALIB)
+        probed = Simulator(w, dataclasses.replace(cluster_of(s), exchange_floor_s=0.02), CALIB)
+        if floored:
+            assert base.allgather_seconds(n, ring) < 0.02 and base.one_round_seconds(n, ring) < 0.02
+            assert probed.allgather_seconds(n, ring) == pytest.approx(3 * 0.02)
+            assert probed.one_round_seconds(n, ring) == pytest.approx(0.02)
+        else:
+            assert probed.allgather_seconds(n, ring) == base.allgather_seconds(n, ring)
+            assert probed.one_round_seconds(n, ring) == base.one_round_seconds(n, ring)
+
+
 def test_ring_all_gather_on_a_link_mix():
     """gloo's ring: a receiver posts each round's receive only once the previous one is in, and a send starts on
     the receiver's notice, so every round waits for the slowest hop; a slow link's transfers queue one after
