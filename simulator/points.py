@@ -153,16 +153,14 @@ def corun_factor(probe: dict | None) -> float | None:
     return float(np.median(probe["together_s"])) / probe["alone_s"]
 
 
-def exchange_floor(probe: dict | None, kind: str = "ring") -> float | None:
-    """Seconds one exchange of ``kind`` (``ring``: a hop; ``round``: to every peer at once) adds beside computing
-    ranks on the run's host, whatever the link: in the host probe's rounds, the forwards with that exchange after
-    every attention layer less those without, per exchange (median round; at least 0). None without that part of
-    the probe (runs probed before rounds were probed have ring hops only)."""
-    column = {"ring": 1, "round": 2}[kind]
-    rounds = (probe or {}).get("exchange_rounds") or []
-    if not rounds or not probe.get("exchanges") or any(len(r) <= column for r in rounds):
+def exchange_floor(probe: dict | None) -> float | None:
+    """Seconds one exchange adds beside computing ranks on the run's host, whatever the link: in the host probe's
+    rounds, the forwards with a ring hop after every attention layer less those without, per hop (median round; at
+    least 0). None without that part of the probe. (``held_prof_p``'s runs also timed a round to every peer, a third
+    column, read by nothing: docs/VALIDATION.md.)"""
+    if not probe or not probe.get("exchange_rounds") or not probe.get("exchanges"):
         return None
-    return max(float(np.median([r[column] - r[0] for r in rounds])), 0.0) / probe["exchanges"]
+    return max(float(np.median([r[1] - r[0] for r in probe["exchange_rounds"]])), 0.0) / probe["exchanges"]
 
 
 def host_factors(runs: list[MeasuredRun], device: DeviceProfile) -> dict[str, float]:
