@@ -62,10 +62,11 @@ def predict_latencies(scenario: Scenario, calib: Calibration, device: str | None
     return {m.name: Simulator(workload_of(scenario, m), c, calib).run().latency_s for m in scenario.methods}
 
 
-def predict(scenario: Scenario, calib: Calibration, device: str | None = None, timeline: bool = False
-            ) -> tuple[list[PredictedRow], dict[str, Prediction]]:
+def predict(scenario: Scenario, calib: Calibration, device: str | None = None, timeline: bool = False,
+            exchange_floor_s: float = 0.0) -> tuple[list[PredictedRow], dict[str, Prediction]]:
     """The scenario's table, predicted: on its ``hardware`` (or the GPU ``device``) by the GPU-cluster model, else on
-    a profile of the calibration (default: the emulation host, ``cpu``)."""
+    a profile of the calibration (default: the emulation host, ``cpu``), every exchange at no less than
+    ``exchange_floor_s`` (this host's, from its host probe: ``testbed.hostprobe``)."""
     rows, details = [], {}
     if on_gpus(scenario, device):
         shaped, bound = gpu_cluster_of(scenario, device), gpu_cluster_of(scenario, device, unlimited_rate=True)
@@ -77,7 +78,8 @@ def predict(scenario: Scenario, calib: Calibration, device: str | None = None, t
         if device not in calib.devices:
             raise ScenarioError(f"no device profile {device!r}: the calibration has {', '.join(calib.devices)}, the "
                                 f"shipped GPU profiles are {', '.join(shipped().devices)}")
-        shaped, bound = cluster_of(scenario, device), cluster_of(scenario, device, unlimited_rate=True)
+        shaped, bound = (replace(cluster_of(scenario, device, unlimited_rate=lifted), exchange_floor_s=exchange_floor_s)
+                         for lifted in (False, True))
 
         def simulate(w, cluster, timeline=False):
             return Simulator(w, cluster, calib, timeline=timeline).run()

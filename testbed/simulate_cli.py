@@ -38,7 +38,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
     scenario = load_scenario(args.scenario)
     calib = calibration(args)
-    rows, _ = predict(scenario, calib, args.device)
+    floor = _probed_floor(scenario, args, console) if args.probe_host else 0.0
+    rows, _ = predict(scenario, calib, args.device, exchange_floor_s=floor)
     t = Table(title=f"{scenario.name}: predicted ({scenario.world_size} ranks, "
                     f"{describe_hardware(scenario, args.device)})")
     for col in ("method", "latency s", f"vs {UNCOMPRESSED_BASELINE}", "vs distrifusion", "bound s", "x bound",
@@ -51,6 +52,25 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
                   f"{r.bytes_on_wire / 1e6:.2f}", f"{r.bytes_uncompressed / max(r.bytes_on_wire, 1):.1f}")
     console.print(t)
     return 0
+
+
+def _probed_floor(scenario, args: argparse.Namespace, console: Console) -> float:
+    """This host's exchange floor for the scenario's ranks (its host probe, as ``scenario run`` records it)."""
+    from ..runtime.models import load_for
+    from ..simulator.points import exchange_floor
+    from ..simulator.predict import on_gpus
+    from .hostprobe import corun_probe
+
+    if on_gpus(scenario, args.device):
+        raise CommandError("--probe-host measures this machine as the emulation host; this scenario is predicted on "
+                           "GPUs (drop --probe-host, or pass --device cpu)")
+    with console.status(f"probing this host with {scenario.world_size} ranks"):
+        floor = exchange_floor(corun_probe(load_for(scenario.model), scenario))
+    if floor is None:
+        raise CommandError("the host probe measured no exchange (one rank, or its exchange part failed)")
+    console.print(f"host probe: an exchange beside {scenario.world_size} computing ranks adds {floor * 1e3:.2f} ms "
+                  "over loopback; every exchange is priced at no less")
+    return floor
 
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:

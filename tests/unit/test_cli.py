@@ -46,6 +46,24 @@ def test_gpu_scenarios_are_validated_predicted_and_published_sets_printed(repo, 
     assert "no published set nope; known: compactfusion_pcie" in capsys.readouterr().err
 
 
+def test_predict_can_probe_this_host_for_the_exchange_floor(repo, tmp_path, capsys):
+    """--probe-host times this machine's exchanges beside the scenario's computing ranks (the tiny model, 2 ranks)
+    and prices every exchange at no less; a GPU scenario refuses it."""
+    f = tmp_path / "lan.yaml"
+    f.write_text("name: lan\nnodes: 2\nlink: ethernet_1g\nlabels: 2\nsteps: 4\nmethods: [ring]\n")
+    assert main(["predict", str(f)]) == 0
+    plain = capsys.readouterr().out
+    assert main(["predict", str(f), "--probe-host"]) == 0
+    out = capsys.readouterr().out
+    assert "host probe: an exchange beside 2 computing ranks adds" in out and "ring" in out
+
+    def ring_s(text):
+        return float(next(line for line in text.splitlines() if "│ ring" in line).split("│")[2])
+    assert ring_s(out) > ring_s(plain)
+    assert main(["predict", str(repo / "scenarios" / "gpu_2x8_h100.yaml"), "--probe-host"]) == 1
+    assert "--probe-host measures this machine as the emulation host" in capsys.readouterr().err
+
+
 def test_bad_scenario_one_reason_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nnodes: 2\nmethods: [ring]\nsteps: -3\n")

@@ -218,6 +218,19 @@ def test_an_exchange_costs_no_less_than_the_hosts_probed_floor():
             assert probed.one_round_seconds(n, ring) == base.one_round_seconds(n, ring)
 
 
+def test_predict_prices_every_exchange_at_no_less_than_a_given_floor():
+    """``predict(..., exchange_floor_s)`` (``scenario predict --probe-host``): on a fast link a ring's comm becomes
+    its exchanges times the floor."""
+    s = sc(nodes=2, link={"rate_mbit": 1000, "delay_ms": 0.1}, labels=2, methods=["ring"])
+    w = workload_of(s, METHOD_PRESETS["ring"])
+    exchanges = s.steps * w.shape.layers + 1                     # one hop per layer on 2 ranks + the output gather
+    (plain,), _ = predict(s, CALIB)
+    (floored,), _ = predict(s, CALIB, exchange_floor_s=0.05)
+    assert plain.comm_s < exchanges * 0.02
+    assert floored.comm_s == pytest.approx(exchanges * 0.05, rel=0.05)
+    assert floored.bound_s > plain.bound_s
+
+
 def test_ring_all_gather_on_a_link_mix():
     """gloo's ring: a receiver posts each round's receive only once the previous one is in, and a send starts on
     the receiver's notice, so every round waits for the slowest hop; a slow link's transfers queue one after
