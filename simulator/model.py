@@ -229,6 +229,7 @@ class Simulator:
         half = [(self.links.seconds(spec, nbytes, both_ways, active, p, consecutive=consecutive) - lat) / 2
                 for spec, lat in zip(links, latency)]
         done = [list(entry), list(entry)]           # operations i-2 and i-1 completed (posts of i and i+1)
+        floor = self.c.exchange_floor_s             # the host's least per operation after its post
         link_free = list(entry)
         for _ in range(2 * (p - 1)):
             posted = done[0]
@@ -238,8 +239,7 @@ class Simulator:
                 start = max(posted[r], posted[nxt] + latency[r] / 2, link_free[r])
                 sent[r] = link_free[r] = start + half[r]
                 arrived[nxt] = start + latency[r] / 2 + half[r]
-            floor = [t + self.c.exchange_floor_s for t in posted]          # the host's least per exchange
-            done = [done[1], [max(a, t, f) for a, t, f in zip(arrived, sent, floor)]]
+            done = [done[1], [max(a, t, q + floor) for a, t, q in zip(arrived, sent, posted)]]
         return [max(a, b) for a, b in zip(*done)]
 
     def alltoall_seconds(self, nbytes: float, ranks: list[int]) -> float:

@@ -131,7 +131,6 @@ class MeasuredCase:
     latencies: list[float]
     host_factor: float = 1.0       # the host's speed during the run vs the calibration's (compute scaled by it)
     corun: float | None = None     # the run's host probe: a rank's slowdown with every rank computing at once
-    exchange_floor_s: float | None = None   # the run's host probe: the least an exchange costs on its host
 
     @property
     def median_s(self) -> float:
@@ -183,7 +182,7 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
                               congestion_control=run.congestion_control,
                               fresh_processes=fresh, exchange_floor_s=floor or 0.0)
             cases.append(MeasuredCase(Path(run.folder), links, method, workload_of(scenario, methods[method]),
-                                      cluster, latencies, host, corun, floor))
+                                      cluster, latencies, host, corun))
     return cases
 
 
@@ -195,7 +194,7 @@ def validate(results: list, calib: Calibration, device: str = "cpu") -> list[Cas
         median = m.median_s
         out.append(Case(str(m.folder), m.links, m.method, m.cluster.world, median, pred.latency_s,
                         len(m.latencies), (max(m.latencies) - min(m.latencies)) / median, m.host_factor,
-                        m.corun, m.exchange_floor_s))
+                        m.corun, m.cluster.exchange_floor_s or None))
     return out
 
 

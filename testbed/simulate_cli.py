@@ -65,9 +65,10 @@ def _probed_floor(scenario, args: argparse.Namespace, console: Console) -> float
         raise CommandError("--probe-host measures this machine as the emulation host; this scenario is predicted on "
                            "GPUs (drop --probe-host, or pass --device cpu)")
     with console.status(f"probing this host with {scenario.world_size} ranks"):
-        floor = exchange_floor(corun_probe(load_for(scenario.model), scenario))
+        probe = corun_probe(load_for(scenario.model), scenario)
+    floor = exchange_floor(probe)
     if floor is None:
-        raise CommandError("the host probe measured no exchange (one rank, or its exchange part failed)")
+        raise CommandError("the host probe measured no exchange: " + probe.get("exchange_error", "one rank"))
     console.print(f"host probe: an exchange beside {scenario.world_size} computing ranks adds {floor * 1e3:.2f} ms "
                   "over loopback; every exchange is priced at no less")
     return floor
