@@ -138,11 +138,17 @@ def reference_pace(run: MeasuredRun, device: DeviceProfile) -> float | None:
     reference timings on one thread (``reference_threads``)."""
     if not run.reference_latency_s or run.reference_threads != 1:
         return None
-    scenario = parse_recorded(run.scenario, run.folder)
+    return generation_pace(parse_recorded(run.scenario, run.folder), list(run.reference_latency_s.values()), device)
+
+
+def generation_pace(scenario: Scenario, seconds: list[float], device: DeviceProfile) -> float:
+    """Timings of the scenario's single-process reference generation on one thread (``testbed.run``'s), undisturbed
+    (:func:`undisturbed`), over its modelled compute: a host's pace, which ``device.reference_pace`` is the
+    calibration runs' median of."""
     w = workload_of(scenario, scenario.methods[0])
     n = w.batch * w.tokens
     modelled = w.steps * (w.shape.layers * device.layer_seconds(n, n, w.shape.hidden, 1.0) + device.step_overhead_s)
-    return undisturbed(list(run.reference_latency_s.values())) / modelled
+    return undisturbed(seconds) / modelled
 
 
 def corun_factor(probe: dict | None) -> float | None:

@@ -63,9 +63,10 @@ def predict_latencies(scenario: Scenario, calib: Calibration, device: str | None
 
 
 def predict(scenario: Scenario, calib: Calibration, device: str | None = None, timeline: bool = False,
-            exchange_floor_s: float = 0.0) -> tuple[list[PredictedRow], dict[str, Prediction]]:
+            exchange_floor_s: float = 0.0, host_factor: float = 1.0) -> tuple[list[PredictedRow], dict[str, Prediction]]:
     """The scenario's table, predicted: on its ``hardware`` (or the GPU ``device``) by the GPU-cluster model, else on
-    a profile of the calibration (default: the emulation host, ``cpu``), every exchange at no less than
+    a profile of the calibration (default: the emulation host, ``cpu``), its compute scaled by ``host_factor`` (this
+    host's pace against the calibration runs', :func:`.points.generation_pace`) and every exchange at no less than
     ``exchange_floor_s`` (this host's, from its host probe: ``testbed.hostprobe``)."""
     rows, details = [], {}
     if on_gpus(scenario, device):
@@ -78,8 +79,9 @@ def predict(scenario: Scenario, calib: Calibration, device: str | None = None, t
         if device not in calib.devices:
             raise ScenarioError(f"no device profile {device!r}: the calibration has {', '.join(calib.devices)}, the "
                                 f"shipped GPU profiles are {', '.join(shipped().devices)}")
-        shaped, bound = (replace(cluster_of(scenario, device, unlimited_rate=lifted), exchange_floor_s=exchange_floor_s)
-                         for lifted in (False, True))
+        shaped, bound = (replace(c, exchange_floor_s=exchange_floor_s,
+                                 compute_scale=tuple(k * host_factor for k in c.compute_scale))
+                         for c in (cluster_of(scenario, device, unlimited_rate=lifted) for lifted in (False, True)))
 
         def simulate(w, cluster, timeline=False):
             return Simulator(w, cluster, calib, timeline=timeline).run()

@@ -217,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a shipped GPU profile (overrides the scenario's hardware.device) or cpu, the emulation "
                         "host's calibrated profile (default: the scenario's hardware, else cpu)")
     s.add_argument("--probe-host", action="store_true",
-                   help="emulated scenarios: first time what an exchange costs on this machine beside the scenario's "
-                        "computing ranks (the host probe `scenario run` records, about 5-10 s) and price every "
-                        "exchange at no less, as simcheck does for a run")
+                   help="emulated scenarios: first measure this machine as `scenario run` does (its pace, from the "
+                        "single-process reference generation, and what an exchange costs beside the scenario's "
+                        "computing ranks; about 5-15 s), then scale compute by that pace and price every exchange at "
+                        "no less, as simcheck does for a run")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("published", help="predict published GPU tables (CompactFusion, xDiT) side by side",

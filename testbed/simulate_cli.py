@@ -38,8 +38,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
     scenario = load_scenario(args.scenario)
     calib = calibration(args)
-    floor = _probed_floor(scenario, args, console) if args.probe_host else 0.0
-    rows, _ = predict(scenario, calib, args.device, exchange_floor_s=floor)
+    floor, host = _probe_host(scenario, calib, args, console) if args.probe_host else (0.0, 1.0)
+    rows, _ = predict(scenario, calib, args.device, exchange_floor_s=floor, host_factor=host)
     t = Table(title=f"{scenario.name}: predicted ({scenario.world_size} ranks, "
                     f"{describe_hardware(scenario, args.device)})")
     for col in ("method", "latency s", f"vs {UNCOMPRESSED_BASELINE}", "vs distrifusion", "bound s", "x bound",
@@ -54,24 +54,38 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _probed_floor(scenario, args: argparse.Namespace, console: Console) -> float:
-    """This host's exchange floor for the scenario's ranks (its host probe, as ``scenario run`` records it)."""
+def _probe_host(scenario, calib, args: argparse.Namespace, console: Console) -> tuple[float, float]:
+    """This host as ``scenario run`` measures it: its exchange floor for the scenario's ranks (the host probe) and
+    its pace (the scenario's single-process reference generation, timed per seed after one untimed step, against
+    the calibration runs'). Returns (floor seconds, host factor)."""
     from ..runtime.models import load_for
-    from ..simulator.points import exchange_floor
+    from ..simulator.points import exchange_floor, generation_pace
     from ..simulator.predict import on_gpus
     from .hostprobe import corun_probe
+    from .run import reference_images
 
     if on_gpus(scenario, args.device):
         raise CommandError("--probe-host measures this machine as the emulation host; this scenario is predicted on "
                            "GPUs (drop --probe-host, or pass --device cpu)")
+    profile = calib.devices[args.device or "cpu"]
+    if not profile.reference_pace:
+        raise CommandError(f"the calibration's {args.device or 'cpu'} profile has no reference pace to compare "
+                           "this host with (recalibrate from runs with reference timings)")
+    model = load_for(scenario.model)
+    with console.status(f"timing the single-process reference ({len(scenario.seeds)} seeds)"):
+        reference_images(model, scenario.model_copy(update={"steps": 1}), scenario.seeds[0])
+        seconds = [reference_images(model, scenario, seed)[1] for seed in scenario.seeds]
+    host = generation_pace(scenario, seconds, profile) / profile.reference_pace
     with console.status(f"probing this host with {scenario.world_size} ranks"):
-        probe = corun_probe(load_for(scenario.model), scenario)
+        probe = corun_probe(model, scenario)
     floor = exchange_floor(probe)
     if floor is None:
         raise CommandError("the host probe measured no exchange: " + probe.get("exchange_error", "one rank"))
+    console.print(f"host pace: the reference generation took {min(seconds):.2f}-{max(seconds):.2f} s, {host:.2f}x "
+                  "the calibration host's time; compute is scaled by it")
     console.print(f"host probe: an exchange beside {scenario.world_size} computing ranks adds {floor * 1e3:.2f} ms "
                   "over loopback; every exchange is priced at no less")
-    return floor
+    return floor, host
 
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:

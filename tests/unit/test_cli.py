@@ -46,9 +46,9 @@ def test_gpu_scenarios_are_validated_predicted_and_published_sets_printed(repo, 
     assert "no published set nope; known: compactfusion_pcie" in capsys.readouterr().err
 
 
-def test_predict_can_probe_this_host_for_the_exchange_floor(repo, tmp_path, capsys):
-    """--probe-host times this machine's exchanges beside the scenario's computing ranks (the tiny model, 2 ranks)
-    and prices every exchange at no less; a GPU scenario refuses it."""
+def test_predict_can_probe_this_host_for_its_pace_and_exchange_floor(repo, tmp_path, capsys):
+    """--probe-host times this machine's reference generation (its pace, which scales compute) and its exchanges
+    beside the scenario's computing ranks (the tiny model, 2 ranks), priced at no less; a GPU scenario refuses it."""
     f = tmp_path / "lan.yaml"
     f.write_text("name: lan\nnodes: 2\nlink: ethernet_1g\nlabels: 2\nsteps: 4\nmethods: [ring]\n")
     assert main(["predict", str(f)]) == 0
@@ -56,6 +56,12 @@ def test_predict_can_probe_this_host_for_the_exchange_floor(repo, tmp_path, caps
     assert main(["predict", str(f), "--probe-host"]) == 0
     out = capsys.readouterr().out
     assert "host probe: an exchange beside 2 computing ranks adds" in out and "ring" in out
+    host = float(out.split("the calibration host's time")[0].rsplit(",", 1)[1].strip().rstrip("x"))
+    assert 0.2 < host < 20
+
+    def compute_s(text):
+        return float(next(line for line in text.splitlines() if "│ ring" in line).split("│")[7])
+    assert compute_s(out) == pytest.approx(host * compute_s(plain), rel=0.05, abs=0.01)
 
     def ring_s(text):
         return float(next(line for line in text.splitlines() if "│ ring" in line).split("│")[2])

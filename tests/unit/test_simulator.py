@@ -231,6 +231,17 @@ def test_predict_prices_every_exchange_at_no_less_than_a_given_floor():
     assert floored.bound_s > plain.bound_s
 
 
+def test_predict_scales_compute_by_a_given_host_factor():
+    """``predict(..., host_factor)`` (``scenario predict --probe-host``, the host's measured pace): a host twice as
+    slow computes twice as long; the links' costs stay."""
+    s = sc(nodes=2, link={"rate_mbit": 10, "delay_ms": 20}, labels=2, methods=["ring"])
+    (plain,), _ = predict(s, CALIB)
+    (slow,), _ = predict(s, CALIB, host_factor=2.0)
+    assert slow.compute_s == pytest.approx(2 * plain.compute_s, rel=1e-6)
+    assert slow.latency_s > plain.latency_s + 0.5 * plain.compute_s
+    assert slow.bytes_on_wire == plain.bytes_on_wire
+
+
 def test_ring_all_gather_on_a_link_mix():
     """gloo's ring: a receiver posts each round's receive only once the previous one is in, and a send starts on
     the receiver's notice, so every round waits for the slowest hop; a slow link's transfers queue one after
