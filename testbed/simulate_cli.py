@@ -67,10 +67,11 @@ def _probe_host(scenario, calib, args: argparse.Namespace, console: Console) -> 
     if on_gpus(scenario, args.device):
         raise CommandError("--probe-host measures this machine as the emulation host; this scenario is predicted on "
                            "GPUs (drop --probe-host, or pass --device cpu)")
-    profile = calib.devices[args.device or "cpu"]
-    if not profile.reference_pace:
-        raise CommandError(f"the calibration's {args.device or 'cpu'} profile has no reference pace to compare "
-                           "this host with (recalibrate from runs with reference timings)")
+    name = args.device or "cpu"
+    profile = calib.devices.get(name)
+    if profile is None or not profile.reference_pace:
+        raise CommandError(f"the calibration has no {name} profile with a reference pace to compare this host with "
+                           f"(its profiles: {', '.join(calib.devices)}; recalibrate from runs with reference timings)")
     model = load_for(scenario.model)
     with console.status(f"timing the single-process reference ({len(scenario.seeds)} seeds)"):
         reference_images(model, scenario.model_copy(update={"steps": 1}), scenario.seeds[0])
