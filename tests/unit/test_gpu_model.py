@@ -154,7 +154,8 @@ def test_profiles_round_trip_through_their_files(tmp_path):
         assert len(entry.source) > 20, entry.name
     assert {"h100-sxm", "h200", "a100-sxm", "a100-pcie", "l40", "l40s", "l20", "h20", "rtx4090"} <= set(P.devices)
     assert {"nvlink3", "nvlink4", "pcie4", "pcie4_p2p", "pcie5", "pcie5_p2p", "ethernet_10g", "ethernet_25g",
-            "ethernet_100g", "roce_200g", "roce_400g", "ib_hdr", "ib_ndr"} <= set(P.links)
+            "ethernet_100g", "ethernet_200g", "ethernet_400g", "roce_10g", "roce_25g", "roce_100g", "roce_200g",
+            "roce_400g", "ib_hdr", "ib_ndr"} <= set(P.links)
     bad = tmp_path / "bad.yaml"
     bad.write_text("x: {scope: bus, busbw_gbs: 1, latency_us: 1, source: s}")
     with pytest.raises(ValueError, match="scope is intra or nic"):
