@@ -63,7 +63,8 @@ def predict_latencies(scenario: Scenario, calib: Calibration, device: str | None
 
 
 def predict(scenario: Scenario, calib: Calibration, device: str | None = None, timeline: bool = False,
-            exchange_floor_s: float = 0.0, host_factor: float = 1.0) -> tuple[list[PredictedRow], dict[str, Prediction]]:
+            exchange_floor_s: float = 0.0, host_factor: float = 1.0
+            ) -> tuple[list[PredictedRow], dict[str, Prediction]]:
     """The scenario's table, predicted: on its ``hardware`` (or the GPU ``device``) by the GPU-cluster model, else on
     a profile of the calibration (default: the emulation host, ``cpu``), its compute scaled by ``host_factor`` (this
     host's pace against the calibration runs', :func:`.points.generation_pace`) and every exchange at no less than
