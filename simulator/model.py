@@ -70,6 +70,12 @@ class Cluster:
     def world(self) -> int:
         return len(self.compute_scale)
 
+    def on_host(self, pace: float, exchange_floor_s: float) -> "Cluster":
+        """This cluster as a measured host runs it: compute scaled by the host's pace against the calibration's
+        (``points.host_factors``), every exchange at no less than the host's floor (``points.exchange_floor``)."""
+        return replace(self, compute_scale=tuple(k * pace for k in self.compute_scale),
+                       exchange_floor_s=exchange_floor_s)
+
     def subset(self, ranks: list[int]) -> "Cluster":
         """The cluster of ``ranks`` alone (renumbered from 0), still sharing the host with every rank of this one."""
         return replace(self, compute_scale=tuple(self.compute_scale[r] for r in ranks),

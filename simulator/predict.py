@@ -80,9 +80,8 @@ def predict(scenario: Scenario, calib: Calibration, device: str | None = None, t
         if device not in calib.devices:
             raise ScenarioError(f"no device profile {device!r}: the calibration has {', '.join(calib.devices)}, the "
                                 f"shipped GPU profiles are {', '.join(shipped().devices)}")
-        shaped, bound = (replace(c, exchange_floor_s=exchange_floor_s,
-                                 compute_scale=tuple(k * host_factor for k in c.compute_scale))
-                         for c in (cluster_of(scenario, device, unlimited_rate=lifted) for lifted in (False, True)))
+        shaped, bound = (cluster_of(scenario, device, unlimited_rate=lifted).on_host(host_factor, exchange_floor_s)
+                         for lifted in (False, True))
 
         def simulate(w, cluster, timeline=False):
             return Simulator(w, cluster, calib, timeline=timeline).run()
@@ -180,10 +179,8 @@ def measured_cases(results: list, device: str = "cpu", calib: Calibration | None
             latencies = [r.latency_s for r in rows]
             fresh = 2 * sum(not r.launch_job for r in rows) > len(rows)
             cluster = cluster_of(scenario, device, unlimited_rate=links == "bound", ideal=links == "ideal")
-            cluster = replace(cluster, compute_scale=tuple(k * host for k in cluster.compute_scale),
-                              links=as_probed(cluster.links, run.off_profile, calib),
-                              congestion_control=run.congestion_control,
-                              fresh_processes=fresh, exchange_floor_s=floor or 0.0)
+            cluster = replace(cluster.on_host(host, floor or 0.0), congestion_control=run.congestion_control,
+                              links=as_probed(cluster.links, run.off_profile, calib), fresh_processes=fresh)
             cases.append(MeasuredCase(Path(run.folder), links, method, workload_of(scenario, methods[method]),
                                       cluster, latencies, host, corun))
     return cases

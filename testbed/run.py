@@ -101,14 +101,21 @@ def new_results(scenario: Scenario, output: Path, link_mode: str) -> Path:
     return results
 
 
-def references(model: DiTModel, scenario: Scenario, results: Path, console: Console, meta: dict) -> dict:
-    """Every seed's single-process reference (``reference/seed<k>.npy``), its time recorded in ``meta``. An untimed
-    one-step generation runs first: the process's first call pays one-off costs (allocations, first dispatch) that
-    a host-speed probe must not."""
+def timed_references(model: DiTModel, scenario: Scenario) -> Iterator[tuple[int, tuple[np.ndarray, float]]]:
+    """(seed, (images, seconds)) of every seed's single-process reference, after an untimed one-step generation: the
+    process's first call pays one-off costs (allocations, first dispatch) that a host-speed probe must not. The
+    host's pace is measured this way by a run and by ``scenario predict --probe-host`` alike."""
     reference_images(model, scenario.model_copy(update={"steps": 1}), scenario.seeds[0])
-    refs = {}
     for seed in scenario.seeds:
-        refs[seed] = reference_images(model, scenario, seed)
+        yield seed, reference_images(model, scenario, seed)
+
+
+def references(model: DiTModel, scenario: Scenario, results: Path, console: Console, meta: dict) -> dict:
+    """Every seed's single-process reference (``reference/seed<k>.npy``, :func:`timed_references`), its time
+    recorded in ``meta``."""
+    refs = {}
+    for seed, ref in timed_references(model, scenario):
+        refs[seed] = ref
         (results / "reference").mkdir(exist_ok=True)
         np.save(results / "reference" / f"seed{seed}.npy", refs[seed][0])
         console.print(f"single-process reference (seed {seed}): {refs[seed][1]:.2f} s")

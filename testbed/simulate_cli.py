@@ -62,7 +62,7 @@ def _probe_host(scenario, calib, args: argparse.Namespace, console: Console) -> 
     from ..simulator.points import exchange_floor, generation_pace
     from ..simulator.predict import on_gpus
     from .hostprobe import corun_probe
-    from .run import reference_images
+    from .run import timed_references
 
     if on_gpus(scenario, args.device):
         raise CommandError("--probe-host measures this machine as the emulation host; this scenario is predicted on "
@@ -74,8 +74,7 @@ def _probe_host(scenario, calib, args: argparse.Namespace, console: Console) -> 
                            f"(its profiles: {', '.join(calib.devices)}; recalibrate from runs with reference timings)")
     model = load_for(scenario.model)
     with console.status(f"timing the single-process reference ({len(scenario.seeds)} seeds)"):
-        reference_images(model, scenario.model_copy(update={"steps": 1}), scenario.seeds[0])
-        seconds = [reference_images(model, scenario, seed)[1] for seed in scenario.seeds]
+        seconds = [s for _, (_, s) in timed_references(model, scenario)]
     host = generation_pace(scenario, seconds, profile) / profile.reference_pace
     with console.status(f"probing this host with {scenario.world_size} ranks"):
         probe = corun_probe(model, scenario)

@@ -59,13 +59,11 @@ def test_predict_can_probe_this_host_for_its_pace_and_exchange_floor(repo, tmp_p
     host = float(out.split("the calibration host's time")[0].rsplit(",", 1)[1].strip().rstrip("x"))
     assert 0.2 < host < 20
 
-    def compute_s(text):
-        return float(next(line for line in text.splitlines() if "│ ring" in line).split("│")[7])
-    assert compute_s(out) == pytest.approx(host * compute_s(plain), rel=0.05, abs=0.01)
-
-    def ring_s(text):
-        return float(next(line for line in text.splitlines() if "│ ring" in line).split("│")[2])
-    assert ring_s(out) > ring_s(plain)
+    def ring(text, column):
+        return float(next(line for line in text.splitlines() if "│ ring" in line).split("│")[column])
+    compute, comm = 7, 8
+    assert ring(out, compute) == pytest.approx(host * ring(plain, compute), rel=0.05, abs=0.01)
+    assert ring(out, comm) > ring(plain, comm)
     assert main(["predict", str(repo / "scenarios" / "gpu_2x8_h100.yaml"), "--probe-host"]) == 1
     assert "--probe-host measures this machine as the emulation host" in capsys.readouterr().err
 
