@@ -56,9 +56,10 @@ def test_run_writes_a_complete_results_folder(tmp_path, monkeypatch, capsys):
         assert len(probes) == 2 and all(abs(p["rate_error"]) < 0.05 for p in probes)
         shaped = {r["method"]: r for r in rows if r["links"] == "shaped"}
         assert all(r["latency_bound_s"] and r["over_bound"] for r in shaped.values())
-        # the ideal pass: no shaping, no added delay; ring pays for the links most
+        # the ideal pass: no shaping, no added delay; ring pays for the links most. Compact-1bit's few KB per
+        # step cost less than this host's drift between passes, so its own ratio is not asserted above 1.
         assert all(r["latency_ideal_s"] and r["over_ideal"] for r in rows if r["links"] != "ideal")
-        assert shaped["ring"]["over_ideal"] > shaped["compact-1bit"]["over_ideal"] > 1
+        assert shaped["ring"]["over_ideal"] > max(1.0, shaped["compact-1bit"]["over_ideal"])
         assert {ns for ns in list_namespaces() if ns.startswith("cbed-")} == before   # all torn down
         env = json.loads((results / "environment.json").read_text())
         cc = env["congestion_control"]          # the default asked for, and what the namespaces allowed
