@@ -48,6 +48,38 @@ class PublishedSet:
     not_modelled: dict[str, float]
     published_best: str
     predicted_best: str
+    rerun_of: str | None = None         # another set that published the same configuration
+
+
+@dataclass
+class Disagreement:
+    """How far two publications of the same configuration lie apart, on the rows (method, GPUs) both give: the
+    spread that no single prediction can stay within a tolerance of both across."""
+
+    set: str
+    rerun_of: str
+    rows: int
+    latency: list[float]                # this set's seconds over the other's, less 1, per shared row
+    speedup: list[float]                # the same for speedups (each over its own baseline)
+
+    @property
+    def latency_max(self) -> float:
+        return max(abs(x) for x in self.latency)
+
+    @property
+    def speedup_max(self) -> float:
+        return max(abs(x) for x in self.speedup)
+
+
+def disagreement(rerun: PublishedSet, original: PublishedSet) -> Disagreement:
+    """Compare a set's published rows with those of the set it reruns, row by row."""
+    theirs = {(r.label, r.nodes): r for r in original.rows}
+    pairs = [(r, theirs[(r.label, r.nodes)]) for r in rerun.rows if (r.label, r.nodes) in theirs]
+    if not pairs:
+        raise ValueError(f"{rerun.name} reruns {original.name} but the two share no row (method and GPUs)")
+    return Disagreement(rerun.name, original.name, len(pairs), [a.published_s / b.published_s - 1 for a, b in pairs],
+                        [a.published_speedup / b.published_speedup - 1 for a, b in pairs
+                         if a.published_speedup and b.published_speedup])
 
 
 def _scenario(name: str, common: dict, row: dict) -> Scenario:
@@ -88,7 +120,8 @@ def predict_set(name: str, entry: dict) -> PublishedSet:
                 row.predicted_speedup = ref.predicted_s / row.predicted_s
     best = (min(rows, key=lambda x: x.published_s), min(rows, key=lambda x: x.predicted_s))
     return PublishedSet(name, entry.get("title", name), entry["source"], rows, entry.get("not_modelled") or {},
-                        f"{best[0].label} ({best[0].nodes})", f"{best[1].label} ({best[1].nodes})")
+                        f"{best[0].label} ({best[0].nodes})", f"{best[1].label} ({best[1].nodes})",
+                        entry.get("rerun_of"))
 
 
 def published_sets(path: Path = PUBLISHED_FILE, only: list[str] | None = None) -> list[PublishedSet]:
@@ -96,4 +129,13 @@ def published_sets(path: Path = PUBLISHED_FILE, only: list[str] | None = None) -
     unknown = sorted(set(only or ()) - set(raw))
     if unknown:
         raise KeyError(f"no published set {', '.join(unknown)}; known: {', '.join(raw)}")
+    dangling = [f"{n} (rerun_of: {e['rerun_of']})" for n, e in raw.items() if e.get("rerun_of", n) not in raw]
+    if dangling:
+        raise KeyError(f"{path.name}: rerun_of names no set: {', '.join(dangling)}")
     return [predict_set(name, entry) for name, entry in raw.items() if not only or name in only]
+
+
+def disagreements(sets: list[PublishedSet]) -> list[Disagreement]:
+    """Every rerun among ``sets`` whose original is among them too."""
+    by_name = {s.name: s for s in sets}
+    return [disagreement(s, by_name[s.rerun_of]) for s in sets if s.rerun_of in by_name]

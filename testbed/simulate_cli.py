@@ -142,7 +142,7 @@ def cmd_simcheck(args: argparse.Namespace, console: Console) -> int:
 def cmd_published(args: argparse.Namespace, console: Console) -> int:
     import numpy as np
 
-    from ..simulator.published import published_sets
+    from ..simulator.published import disagreements, published_sets
 
     try:
         sets = published_sets(only=args.sets or None)
@@ -169,6 +169,11 @@ def cmd_published(args: argparse.Namespace, console: Console) -> int:
                   f" (max {max(abs(r.error) for r in rows):.1%}); speedup error mean {np.mean(speed):.1%} (max "
                   f"{max(speed):.1%}); fastest right in {sum(s.published_best == s.predicted_best for s in sets)} "
                   f"of {len(sets)}")
+    for d in disagreements(sets):
+        console.print(f"{d.set} publishes {d.rows} rows of {d.rerun_of}'s configuration anew: latency "
+                      f"{', '.join(f'{x:+.0%}' for x in d.latency)} (max {d.latency_max:.0%}), speedup "
+                      f"{', '.join(f'{x:+.0%}' for x in d.speedup)} (max {d.speedup_max:.0%}) against it "
+                      "(no prediction is within a tolerance of both where they differ by more than about twice it)")
     return 0
 
 

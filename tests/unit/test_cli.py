@@ -42,6 +42,9 @@ def test_gpu_scenarios_are_validated_predicted_and_published_sets_printed(repo, 
     assert main(["published", "compactfusion_pcie"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "source: CompactFusion (arXiv 2507.17511) Table 1" in out and "fastest: published compact-1bit" in out
+    assert main(["published", "xdit_flux_h100", "xdit_flux_h100_rerun"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "xdit_flux_h100_rerun publishes 5 rows of xdit_flux_h100's configuration anew: latency +15%" in out
     assert main(["published", "nope"]) == 1
     assert "no published set nope; known: compactfusion_pcie" in capsys.readouterr().err
 

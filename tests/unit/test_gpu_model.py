@@ -10,7 +10,7 @@ from compactbed.simulator.gpu import GpuSimulator, efficiency, gpu_cluster_of, l
 from compactbed.simulator.hardware import (Anchor, read_devices, read_links, shipped, write_devices,
                                            write_links)
 from compactbed.simulator.predict import predict
-from compactbed.simulator.published import published_sets
+from compactbed.simulator.published import disagreement, disagreements, published_sets
 from compactbed.simulator.workload import FLUX_DEV, image_tokens, workload_of
 
 from .simulated import CALIB
@@ -176,6 +176,23 @@ def test_published_sets_are_predicted_from_their_single_device_time_only():
     l20 = replace(P.devices["l20"], anchors=(a,))
     assert efficiency(replace(l20, anchors=(replace(a, seconds=46.32),)), "flux.1-dev")[0] == pytest.approx(
         efficiency(l20, "flux.1-dev")[0] / 2, rel=1e-3)
+
+
+def test_two_publications_of_one_configuration_are_compared_row_by_row(tmp_path):
+    """A rerun set is set against the set it reruns on the rows both publish: its seconds and speedups over theirs."""
+    sets = {s.name: s for s in published_sets(only=["xdit_flux_h100_compiled", "xdit_flux_h100_compiled_rerun"])}
+    (d,) = disagreements(list(sets.values()))
+    assert (d.set, d.rerun_of, d.rows) == ("xdit_flux_h100_compiled_rerun", "xdit_flux_h100_compiled", 5)
+    assert d.latency[0] == pytest.approx(4.01 / 2.68 - 1)          # Ulysses on 2 GPUs: 4.01 s against 2.68 s
+    assert d.speedup[0] == pytest.approx((3.88 / 4.01) / (4.30 / 2.68) - 1)
+    assert d.latency_max == pytest.approx(2.85 / 1.80 - 1)
+    original, rerun = sets["xdit_flux_h100_compiled"], sets["xdit_flux_h100_compiled_rerun"]
+    with pytest.raises(ValueError, match="share no row"):
+        disagreement(replace(rerun, rows=rerun.rows[:1]), replace(original, rows=original.rows[1:]))
+    bad = tmp_path / "published.yaml"
+    bad.write_text("a: {rerun_of: b, rows: []}\n")
+    with pytest.raises(KeyError, match="rerun_of names no set: a"):
+        published_sets(bad)
 
 
 def test_the_text_encoders_and_vae_add_alike_to_every_configuration_and_are_part_of_the_anchor():
