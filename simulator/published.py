@@ -58,17 +58,20 @@ class Disagreement:
 
     set: str
     rerun_of: str
-    rows: int
     latency: list[float]                # this set's seconds over the other's, less 1, per shared row
     speedup: list[float]                # the same for speedups (each over its own baseline)
 
     @property
+    def rows(self) -> int:
+        return len(self.latency)
+
+    @property
     def latency_max(self) -> float:
-        return max(abs(x) for x in self.latency)
+        return max(map(abs, self.latency))
 
     @property
     def speedup_max(self) -> float:
-        return max(abs(x) for x in self.speedup)
+        return max(map(abs, self.speedup), default=0.0)
 
 
 def disagreement(rerun: PublishedSet, original: PublishedSet) -> Disagreement:
@@ -77,7 +80,7 @@ def disagreement(rerun: PublishedSet, original: PublishedSet) -> Disagreement:
     pairs = [(r, theirs[(r.label, r.nodes)]) for r in rerun.rows if (r.label, r.nodes) in theirs]
     if not pairs:
         raise ValueError(f"{rerun.name} reruns {original.name} but the two share no row (method and GPUs)")
-    return Disagreement(rerun.name, original.name, len(pairs), [a.published_s / b.published_s - 1 for a, b in pairs],
+    return Disagreement(rerun.name, original.name, [a.published_s / b.published_s - 1 for a, b in pairs],
                         [a.published_speedup / b.published_speedup - 1 for a, b in pairs
                          if a.published_speedup and b.published_speedup])
 
